@@ -1,0 +1,87 @@
+"""Throughput of one training step of the paper's FC_BVAE (c = 50, batch 2048, M = 1) against the GEMM rate.
+
+Prints examples/s and the step's achieved FLOP/s as a fraction of torch's dense matmul FLOP/s, both measured in
+this run, interleaved in rounds so machine noise hits both alike; the medians over rounds are reported.
+
+    python benchmarks/bench_train_step.py [--rounds 7] [--steps 5] [--threads N]
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from discvae import build_model
+
+B, D, H, C = 2048, 784, 1024, 50
+
+
+def step_flops() -> float:
+    """Multiply-adds x 2 of the step's GEMMs: forward, weight gradients, and the input gradients autograd needs
+    (not for the data x, nor for the sampled z, which carries no gradient)."""
+    layers = [(D, H), (H, C), (C, H), (H, D)]  # encoder 784-1024-50, decoder 50-1024-784
+    fwd = sum(2 * B * i * o for i, o in layers)
+    input_grads = 2 * B * H * C + 2 * B * H * D  # encoder layer 2, decoder layer 2
+    return 2 * fwd + input_grads
+
+
+def gemm_shapes():
+    """The (m, k, n) products of a step: forward, dW = dY^T X and dX = dY W per layer."""
+    shapes = []
+    for i, o in [(D, H), (H, C), (C, H), (H, D)]:
+        shapes += [(B, i, o), (o, B, i)]
+    shapes += [(B, C, H), (B, D, H)]
+    return shapes
+
+
+def time_it(fn, reps: int) -> float:
+    fn()
+    start = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    return (time.perf_counter() - start) / reps
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    model = build_model("fc", (1, 28, 28), "bernoulli", C)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    x = torch.rand(B, 1, 28, 28)
+
+    def step():
+        loss = model(x, "importance", num_samples=1).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    mats = [(torch.randn(m, k), torch.randn(k, n)) for m, k, n in gemm_shapes()]
+    gemm_flops = sum(2 * m * k * n for m, k, n in gemm_shapes())
+
+    def gemms():
+        for a, b in mats:
+            torch.mm(a, b)
+
+    step_t, gemm_t = [], []
+    for _ in range(args.rounds):
+        step_t.append(time_it(step, args.steps))
+        gemm_t.append(time_it(gemms, args.steps))
+    t_step, t_gemm = statistics.median(step_t), statistics.median(gemm_t)
+    achieved, peak = step_flops() / t_step, gemm_flops / t_gemm
+    print(f"threads              {torch.get_num_threads()}")
+    print(f"step time            {t_step * 1e3:.1f} ms  ({B / t_step:,.0f} examples/s)")
+    print(f"step GEMM FLOPs      {step_flops() / 1e9:.2f} GFLOP -> {achieved / 1e9:.1f} GFLOP/s")
+    print(f"torch GEMM rate      {peak / 1e9:.1f} GFLOP/s (same shapes, {gemm_flops / 1e9:.2f} GFLOP)")
+    print(f"fraction of GEMM     {achieved / peak:.2f}   (target >= 0.6)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,219 @@
+"""Latent families q(z|x) = exp(eta^T T(z) - A(eta)) (paper eq. 4), in log space.
+
+Every family takes the encoder's flat output ``params`` of shape ``[..., param_dim]`` and works with flat
+latent vectors ``z`` of shape ``[..., dim]`` (what the decoder reads):
+
+* :class:`Bernoulli`   -- c independent bits, z in {0,1}^c, eta = logits (eq. 19).
+* :class:`Categorical` -- G independent one-hot groups of c classes, z in {e_1..e_c}^G flattened to G*c (eq. 27).
+* :class:`Gaussian`    -- N(mu, diag sigma^2) from (mu, log sigma^2), the reparameterised baseline (section II).
+
+Each has ``sample(n)`` (shape ``[n, ..., dim]``, no gradient), ``log_prob(z)``, ``entropy()``, ``kl_to_prior()``
+(closed form, against the uniform prior or N(0, I)), ``prior_log_prob(z)``, ``prior_sample`` and, for the discrete
+families, ``enumerate()`` of all states. ``proposal(xi)`` builds the same family with other natural parameters
+(the importance-sampling proposal q_I of eq. 20 / 28).
+"""
+from __future__ import annotations
+
+import itertools
+import math
+
+import torch
+import torch.nn.functional as F
+
+from .errors import InputError
+
+MAX_ENUMERATE = 2**20
+
+
+class Bernoulli:
+    """Independent bits with logits ``eta``: log q(z) = eta.z - sum softplus(eta) (eq. 19, A = 1^T ln(1+e^eta))."""
+
+    discrete = True
+
+    def __init__(self, logits: torch.Tensor):
+        self.logits = logits
+
+    @staticmethod
+    def param_dim(dim: int, groups: int = 1) -> int:
+        return dim
+
+    @property
+    def dim(self) -> int:
+        return self.logits.shape[-1]
+
+    @property
+    def probs(self) -> torch.Tensor:
+        return torch.sigmoid(self.logits)
+
+    @property
+    def mean(self) -> torch.Tensor:
+        return self.probs
+
+    def mode(self) -> torch.Tensor:
+        return (self.logits > 0).to(self.logits.dtype)
+
+    def proposal(self, xi: torch.Tensor) -> "Bernoulli":
+        return Bernoulli(xi.expand_as(self.logits))
+
+    def sample(self, n: int = 1) -> torch.Tensor:
+        with torch.no_grad():
+            p = self.probs.expand(n, *self.logits.shape)
+            return (torch.rand_like(p) < p).to(p.dtype)
+
+    def log_prob(self, z: torch.Tensor) -> torch.Tensor:
+        return (z * self.logits - F.softplus(self.logits)).sum(-1)
+
+    def entropy(self) -> torch.Tensor:
+        """Per-bit H = softplus(eta) - sigmoid(eta) eta, summed over bits (nats)."""
+        return (F.softplus(self.logits) - self.probs * self.logits).sum(-1)
+
+    def kl_to_prior(self) -> torch.Tensor:
+        """KL(q || Bernoulli(1/2)^c) = c ln 2 - H(q)."""
+        return self.dim * math.log(2.0) - self.entropy()
+
+    def prior_log_prob(self, z: torch.Tensor) -> torch.Tensor:
+        return torch.full(z.shape[:-1], -self.dim * math.log(2.0), dtype=z.dtype, device=z.device)
+
+    def prior_sample(self, n: int) -> torch.Tensor:
+        return torch.randint(0, 2, (n, self.dim), device=self.logits.device).to(self.logits.dtype)
+
+    def enumerate(self) -> torch.Tensor:
+        """All 2^c states, shape ``[2^c, c]`` (bit i of row k is bit i of k, most significant first)."""
+        _check_enumerable(2**self.dim)
+        k = torch.arange(2**self.dim, device=self.logits.device)
+        shifts = torch.arange(self.dim - 1, -1, -1, device=self.logits.device)
+        return ((k[:, None] >> shifts) & 1).to(self.logits.dtype)
+
+
+class Categorical:
+    """G independent one-hot groups of c classes; log q(z) = sum_g z_g . log_softmax(eta_g) (eq. 27)."""
+
+    discrete = True
+
+    def __init__(self, logits: torch.Tensor, groups: int = 1):
+        if logits.shape[-1] % groups:
+            raise InputError(f"categorical logits of size {logits.shape[-1]} do not split into {groups} groups")
+        self.groups = groups
+        self.classes = logits.shape[-1] // groups
+        self.logits = logits
+        self._grouped = logits.unflatten(-1, (groups, self.classes))
+
+    @staticmethod
+    def param_dim(dim: int, groups: int = 1) -> int:
+        return dim * groups
+
+    @property
+    def dim(self) -> int:
+        return self.groups * self.classes
+
+    @property
+    def log_probs(self) -> torch.Tensor:
+        """``[..., G, c]`` normalised log-probabilities."""
+        return torch.log_softmax(self._grouped, -1)
+
+    @property
+    def probs(self) -> torch.Tensor:
+        return torch.softmax(self._grouped, -1)
+
+    @property
+    def mean(self) -> torch.Tensor:
+        return self.probs.flatten(-2)
+
+    def mode(self) -> torch.Tensor:
+        return F.one_hot(self._grouped.argmax(-1), self.classes).to(self.logits.dtype).flatten(-2)
+
+    def proposal(self, xi: torch.Tensor) -> "Categorical":
+        return Categorical(xi.expand_as(self.logits), self.groups)
+
+    def sample(self, n: int = 1) -> torch.Tensor:
+        """Gumbel-max: argmax(eta - ln E), E ~ Exp(1)."""
+        with torch.no_grad():
+            g = self._grouped.expand(n, *self._grouped.shape)
+            e = torch.empty_like(g).exponential_()
+            return F.one_hot((g - e.log()).argmax(-1), self.classes).to(g.dtype).flatten(-2)
+
+    def log_prob(self, z: torch.Tensor) -> torch.Tensor:
+        return (z.unflatten(-1, (self.groups, self.classes)) * self.log_probs).sum((-2, -1))
+
+    def entropy(self) -> torch.Tensor:
+        lp = self.log_probs
+        return -(lp.exp() * lp).sum((-2, -1))
+
+    def kl_to_prior(self) -> torch.Tensor:
+        """KL(q || uniform) = G ln c - H(q)."""
+        return self.groups * math.log(self.classes) - self.entropy()
+
+    def prior_log_prob(self, z: torch.Tensor) -> torch.Tensor:
+        return torch.full(z.shape[:-1], -self.groups * math.log(self.classes), dtype=z.dtype, device=z.device)
+
+    def prior_sample(self, n: int) -> torch.Tensor:
+        k = torch.randint(0, self.classes, (n, self.groups), device=self.logits.device)
+        return F.one_hot(k, self.classes).to(self.logits.dtype).flatten(-2)
+
+    def enumerate(self) -> torch.Tensor:
+        """All c^G states, shape ``[c^G, G*c]`` (group 0 varies slowest)."""
+        _check_enumerable(self.classes**self.groups)
+        eye = torch.eye(self.classes, dtype=self.logits.dtype, device=self.logits.device)
+        idx = torch.tensor(list(itertools.product(range(self.classes), repeat=self.groups)),
+                           device=self.logits.device)
+        return eye[idx].flatten(-2)
+
+
+class Gaussian:
+    """Diagonal Gaussian from ``params = [mu, log sigma^2]``; the prior is N(0, I)."""
+
+    discrete = False
+
+    def __init__(self, params: torch.Tensor):
+        self.loc, self.logvar = params.chunk(2, -1)
+
+    @staticmethod
+    def param_dim(dim: int, groups: int = 1) -> int:
+        return 2 * dim
+
+    @property
+    def dim(self) -> int:
+        return self.loc.shape[-1]
+
+    @property
+    def mean(self) -> torch.Tensor:
+        return self.loc
+
+    def mode(self) -> torch.Tensor:
+        return self.loc
+
+    def rsample(self, n: int = 1) -> torch.Tensor:
+        """z = mu + sigma * eps, eps ~ N(0, I) (eq. 8)."""
+        eps = torch.randn(n, *self.loc.shape, dtype=self.loc.dtype, device=self.loc.device)
+        return self.loc + (0.5 * self.logvar).exp() * eps
+
+    def sample(self, n: int = 1) -> torch.Tensor:
+        with torch.no_grad():
+            return self.rsample(n)
+
+    def log_prob(self, z: torch.Tensor) -> torch.Tensor:
+        return -0.5 * ((z - self.loc) ** 2 / self.logvar.exp() + self.logvar + math.log(2 * math.pi)).sum(-1)
+
+    def entropy(self) -> torch.Tensor:
+        return 0.5 * (self.logvar + 1.0 + math.log(2 * math.pi)).sum(-1)
+
+    def kl_to_prior(self) -> torch.Tensor:
+        """KL(N(mu, sigma^2) || N(0, 1)) = 1/2 sum(mu^2 + sigma^2 - 1 - ln sigma^2)."""
+        return 0.5 * (self.loc**2 + self.logvar.exp() - 1.0 - self.logvar).sum(-1)
+
+    def prior_log_prob(self, z: torch.Tensor) -> torch.Tensor:
+        return -0.5 * (z**2 + math.log(2 * math.pi)).sum(-1)
+
+    def prior_sample(self, n: int) -> torch.Tensor:
+        return torch.randn(n, self.dim, dtype=self.loc.dtype, device=self.loc.device)
+
+    def enumerate(self) -> torch.Tensor:
+        raise InputError("a Gaussian latent cannot be enumerated")
+
+
+FAMILIES = {"bernoulli": Bernoulli, "categorical": Categorical, "gaussian": Gaussian}
+
+
+def _check_enumerable(n_states: int) -> None:
+    if n_states > MAX_ENUMERATE:
+        raise InputError(f"{n_states} latent states are too many to enumerate (limit {MAX_ENUMERATE})")

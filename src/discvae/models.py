@@ -1,0 +1,132 @@
+"""The VAE and the architectures of Table I."""
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+from .distributions import FAMILIES
+from .errors import InputError
+from .estimators import ESTIMATORS
+from .likelihoods import LIKELIHOODS
+
+ARCHS = ("fc", "cnn")
+
+
+class Terms(NamedTuple):
+    """Batch means, in nats per example: ``loss`` carries the gradient, the others are values."""
+
+    loss: torch.Tensor
+    neg_elbo: torch.Tensor
+    expected_ll: torch.Tensor
+    kl: torch.Tensor
+
+
+class VAE(nn.Module):
+    """q(z|x) from ``encoder`` (natural parameters, eq. 4), p(x|z) from ``decoder`` and ``likelihood``.
+
+    The negative ELBO is -E_q[ln p(x|z)] + KL(q(z|x) || p(z)) (eq. 1-2): the KL in closed form, the expectation by
+    the estimator chosen per call.
+    """
+
+    def __init__(self, encoder: nn.Module, decoder: nn.Module, latent: str, latent_dim: int, groups: int = 1,
+                 likelihood: str = "bernoulli"):
+        super().__init__()
+        if latent not in FAMILIES:
+            raise InputError(f"unknown latent {latent!r}; choose one of {', '.join(FAMILIES)}")
+        if likelihood not in LIKELIHOODS:
+            raise InputError(f"unknown likelihood {likelihood!r}; choose one of {', '.join(LIKELIHOODS)}")
+        self.encoder, self.decoder = encoder, decoder
+        self.latent, self.latent_dim, self.groups = latent, latent_dim, groups
+        self.likelihood = LIKELIHOODS[likelihood]
+
+    def posterior(self, x: torch.Tensor):
+        params = self.encoder(x)
+        if self.latent == "categorical":
+            return FAMILIES["categorical"](params, self.groups)
+        return FAMILIES[self.latent](params)
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """Decoder outputs (logits) for ``z`` of shape ``[..., dim]``, as ``[..., D]``: one call for all rows."""
+        return self.decoder(z.reshape(-1, z.shape[-1])).reshape(*z.shape[:-1], -1)
+
+    def log_likelihood(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """ln p(x|z) for ``x`` ``[B, ...]`` and ``z`` ``[M, B or 1, dim]``, shape ``[M, B]``."""
+        return self.likelihood.log_prob(x.flatten(1), self.decode(z))
+
+    def forward(self, x: torch.Tensor, estimator: str = "importance", **options) -> Terms:
+        q = self.posterior(x)
+        expected_ll = ESTIMATORS[estimator](q, lambda z: self.log_likelihood(x, z), **options)
+        kl = q.kl_to_prior()
+        ell, kl_mean = expected_ll.mean(), kl.mean()
+        return Terms(kl_mean - ell, (kl_mean - ell).detach(), ell.detach(), kl_mean.detach())
+
+
+def _conv_plan(size: int, layers: int) -> list[int]:
+    """Spatial sizes through ``layers`` 3x3 stride-2 padding-1 convolutions: s -> ceil(s / 2)."""
+    sizes = [size]
+    for _ in range(layers):
+        sizes.append(math.ceil(sizes[-1] / 2))
+    return sizes
+
+
+class _Unflatten(nn.Module):
+    def __init__(self, shape):
+        super().__init__()
+        self.shape = tuple(shape)
+
+    def forward(self, h):
+        return h.reshape(h.shape[0], *self.shape)
+
+
+def fc(input_shape, param_dim: int, latent_dim: int, hidden: int = 1024):
+    """FC_BVAE / FC_CVAE of Table I: D -> 1024 ReLU -> params; dim -> 1024 ReLU -> D (logits)."""
+    d = math.prod(input_shape)
+    encoder = nn.Sequential(nn.Flatten(), nn.Linear(d, hidden), nn.ReLU(), nn.Linear(hidden, param_dim))
+    decoder = nn.Sequential(nn.Linear(latent_dim, hidden), nn.ReLU(), nn.Linear(hidden, d))
+    return encoder, decoder
+
+
+def cnn(input_shape, param_dim: int, latent_dim: int):
+    """CNN_BVAE / CNN_CVAE of Table I, for any image size.
+
+    Encoder: Conv 3x3x32/2, 3x3x64/2, 3x3x128/2 (padding 1, ReLU), flatten, FC params; 28 -> 14 -> 7 -> 4.
+    Decoder (Table I leaves the sizes open; our choice): FC dim -> 128 x s4 x s4 with s4 = ceil(s3 / 2) (2x2, 512
+    units for 28x28) and ReLU, then ConvT 3x3x64/2, 3x3x64/2, 3x3x32/2 (ReLU), 3x3x1/2 (logits), padding 1 and an
+    output padding of 1 or 0 chosen so each layer mirrors the encoder: 2 -> 4 -> 7 -> 14 -> 28 exactly.
+    """
+    if len(input_shape) != 3:
+        raise InputError(f"the cnn architecture needs images [C, H, W], got data of shape {tuple(input_shape)}")
+    ch = input_shape[0]
+    hs, ws = _conv_plan(input_shape[1], 4), _conv_plan(input_shape[2], 4)
+    encoder = nn.Sequential(
+        nn.Conv2d(ch, 32, 3, 2, 1), nn.ReLU(), nn.Conv2d(32, 64, 3, 2, 1), nn.ReLU(),
+        nn.Conv2d(64, 128, 3, 2, 1), nn.ReLU(), nn.Flatten(), nn.Linear(128 * hs[3] * ws[3], param_dim))
+    widths = [128, 64, 64, 32, ch]
+    layers = [nn.Linear(latent_dim, 128 * hs[4] * ws[4]), nn.ReLU(), _Unflatten((128, hs[4], ws[4]))]
+    for i in range(4):
+        t_h, t_w = hs[3 - i], ws[3 - i]
+        pad = (t_h - 2 * hs[4 - i] + 1, t_w - 2 * ws[4 - i] + 1)
+        layers.append(nn.ConvTranspose2d(widths[i], widths[i + 1], 3, 2, 1, output_padding=pad))
+        if i < 3:
+            layers.append(nn.ReLU())
+    layers.append(nn.Flatten())
+    return encoder, nn.Sequential(*layers)
+
+
+def build_model(arch: str, input_shape, latent: str = "bernoulli", latent_dim: int = 50, groups: int = 1,
+                likelihood: str = "bernoulli") -> VAE:
+    """A VAE with the Table I architecture ``arch`` for data of shape ``input_shape`` ([C, H, W] or [D])."""
+    if arch not in ARCHS:
+        raise InputError(f"unknown architecture {arch!r}; choose one of {', '.join(ARCHS)}")
+    if latent not in FAMILIES:
+        raise InputError(f"unknown latent {latent!r}; choose one of {', '.join(FAMILIES)}")
+    if latent_dim < 1 or groups < 1 or (latent == "categorical" and latent_dim < 2):
+        raise InputError(f"latent size {latent_dim} x {groups} groups is not valid for a {latent} latent")
+    family = FAMILIES[latent]
+    param_dim = family.param_dim(latent_dim, groups)
+    dim = latent_dim * groups if latent == "categorical" else latent_dim
+    encoder, decoder = (fc if arch == "fc" else cnn)(tuple(input_shape), param_dim, dim)
+    return VAE(encoder, decoder, latent, latent_dim, groups, likelihood)

@@ -1,0 +1,64 @@
+"""Architectures of Table I: shapes for 28x28 and 8x8 inputs, every latent family."""
+import pytest
+import torch
+
+from discvae import InputError, build_model
+
+
+@pytest.mark.parametrize("arch,shape", [("fc", (1, 28, 28)), ("fc", (1, 8, 8)), ("cnn", (1, 28, 28)),
+                                        ("cnn", (1, 8, 8)), ("cnn", (3, 13, 10))])
+@pytest.mark.parametrize("latent,dim,groups,param_dim,z_dim", [("bernoulli", 50, 1, 50, 50),
+                                                               ("categorical", 10, 20, 200, 200),
+                                                               ("gaussian", 8, 1, 16, 8)])
+def test_shapes(arch, shape, latent, dim, groups, param_dim, z_dim):
+    model = build_model(arch, shape, latent, dim, groups)
+    x = torch.rand(5, *shape)
+    q = model.posterior(x)
+    assert q.sample(3).shape == (3, 5, z_dim)
+    assert model.encoder(x).shape == (5, param_dim)
+    out = model.decode(q.sample(3))
+    assert out.shape == (3, 5, torch.Size(shape).numel())
+    assert model.log_likelihood(x, q.sample(2)).shape == (2, 5)
+    terms = model(x, "reparam" if latent == "gaussian" else "importance", num_samples=2)
+    assert terms.loss.shape == () and torch.isfinite(terms.loss)
+    terms.loss.backward()
+    assert all(p.grad is not None for p in model.parameters())
+
+
+def test_cnn_layers_of_table_1():
+    model = build_model("cnn", (1, 28, 28), "bernoulli", 50)
+    convs = [m for m in model.encoder if isinstance(m, torch.nn.Conv2d)]
+    assert [(c.out_channels, c.kernel_size, c.stride) for c in convs] == [(32, (3, 3), (2, 2)), (64, (3, 3), (2, 2)),
+                                                                           (128, (3, 3), (2, 2))]
+    deconvs = [m for m in model.decoder if isinstance(m, torch.nn.ConvTranspose2d)]
+    assert [d.out_channels for d in deconvs] == [64, 64, 32, 1]
+    h = torch.rand(2, 50)
+    sizes = []
+    for m in model.decoder:
+        h = m(h)
+        if isinstance(m, torch.nn.ConvTranspose2d):
+            sizes.append(tuple(h.shape[-2:]))
+    assert sizes == [(4, 4), (7, 7), (14, 14), (28, 28)]
+
+
+def test_fc_layers_of_table_1():
+    model = build_model("fc", (1, 28, 28), "categorical", 100)
+    widths = [(m.in_features, m.out_features) for m in [*model.encoder, *model.decoder] if hasattr(m, "in_features")]
+    assert widths == [(784, 1024), (1024, 100), (100, 1024), (1024, 784)]
+
+
+def test_shared_state_decoding_matches_per_row():
+    """The likelihood's matmul path for z shared by the batch equals decoding it for every row."""
+    for lik in ("bernoulli", "gaussian"):
+        model = build_model("fc", (1, 8, 8), "categorical", 5, likelihood=lik).double()
+        x = torch.rand(4, 1, 8, 8, dtype=torch.float64)
+        z = torch.eye(5, dtype=torch.float64)[:, None, :]
+        assert torch.allclose(model.log_likelihood(x, z), model.log_likelihood(x, z.expand(5, 4, 5)))
+
+
+@pytest.mark.parametrize("kwargs,match", [({"arch": "mlp"}, "architecture"), ({"latent": "poisson"}, "latent"),
+                                          ({"latent_dim": 0}, "not valid"), ({"likelihood": "beta"}, "likelihood")])
+def test_bad_model_arguments(kwargs, match):
+    args = {"arch": "fc", "input_shape": (1, 8, 8), **kwargs}
+    with pytest.raises(InputError, match=match):
+        build_model(**args)
