@@ -20,14 +20,17 @@ def read_metrics(run):
 
 def test_training_on_mnist_lowers_the_loss(tmp_path, shared_data):
     data = subset(load_dataset("mnist", shared_data), 8192, 1000)
-    cfg = Config(dataset="mnist", data_dir=str(shared_data), epochs=4, batch_size=256, out=str(tmp_path / "run"))
+    cfg = Config(dataset="mnist", data_dir=str(shared_data), epochs=6, batch_size=256, grad_var_every=2,
+                 out=str(tmp_path / "run"))
     train(cfg, progress=False, data=data)
     rows = read_metrics(tmp_path / "run")
-    assert [int(r["epoch"]) for r in rows] == [1, 2, 3, 4]
+    assert [int(r["epoch"]) for r in rows] == [1, 2, 3, 4, 5, 6]
     test_loss = [float(r["test_neg_elbo"]) for r in rows]
     train_loss = [float(r["train_neg_elbo"]) for r in rows]
     assert train_loss[-1] < train_loss[0] - 20, train_loss
-    assert test_loss[-1] < min(test_loss[:-1]) - 3, test_loss
+    assert test_loss[-1] < test_loss[0] - 6, test_loss  # seeds 0-2 measured: 8.6, 13.6, 13.9 nats lower
+    grad_var = [r["grad_encoder_var"] for r in rows]
+    assert all(v == "" for v in grad_var[::2]) and all(float(v) > 0 for v in grad_var[1::2])
     for r in rows:  # -ELBO = -E[ln p(x|z)] + KL
         assert abs(float(r["test_neg_elbo"]) - (-float(r["test_expected_ll"]) + float(r["test_kl"]))) < 1e-3
     assert {p.name for p in (tmp_path / "run").iterdir()} == {"config.json", "metrics.csv", "checkpoint.pt"}
@@ -50,11 +53,11 @@ def test_resume_after_interruption_is_exact(tmp_path, monkeypatch, latent):
     calls = {"n": 0}
     real_binarize = train_module.binarize
 
-    def crash_in_epoch_2(x, mode):
+    def crash_in_epoch_2(x, mode, *args):
         calls["n"] += 1
-        if calls["n"] == 8 + 2 + 3:  # 8 batches per epoch, 2 test batches, then 3 batches into epoch 2
+        if calls["n"] == 1 + 8 + 2 + 3:  # fixed batch, 8 batches, 2 test batches, 3 batches into epoch 2
             raise KeyboardInterrupt
-        return real_binarize(x, mode)
+        return real_binarize(x, mode, *args)
 
     monkeypatch.setattr(train_module, "binarize", crash_in_epoch_2)
     with pytest.raises(KeyboardInterrupt):

@@ -54,6 +54,8 @@ def _add_train(sub):
     p.add_argument("--batch-size", type=int, help=f"(default {d.batch_size})")
     p.add_argument("--lr", type=float, help=f"Adam learning rate (default {d.lr})")
     p.add_argument("--seed", type=int, help=f"fixes every random number (default {d.seed})")
+    p.add_argument("--grad-var-every", type=int, help="record gradient variance every N epochs (default 1, 0: never)")
+    p.add_argument("--grad-var-repeats", type=int, help="independent gradient estimates R for it (default 16)")
     p.add_argument("--device", help="auto, cpu or cuda (default auto)")
     p.add_argument("--out", help="run directory (default runs/DATASET-ARCH-LATENTDIM-ESTIMATOR-sSEED)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out where it stopped")

@@ -58,13 +58,13 @@ LIKELIHOODS = {"bernoulli": BernoulliLikelihood, "gaussian": GaussianLikelihood}
 BINARIZE = ("none", "dynamic", "threshold")
 
 
-def binarize(x: torch.Tensor, mode: str) -> torch.Tensor:
+def binarize(x: torch.Tensor, mode: str, generator: torch.Generator | None = None) -> torch.Tensor:
     """``none``: grey values as they are (the paper); ``dynamic``: x ~ Bernoulli(x) on each call;
     ``threshold``: x > 0.5."""
     if mode == "none":
         return x
     if mode == "dynamic":
-        return torch.bernoulli(x)
+        return torch.bernoulli(x, generator=generator)
     if mode == "threshold":
         return (x > 0.5).to(x.dtype)
     raise InputError(f"unknown binarization {mode!r}; choose one of {', '.join(BINARIZE)}")

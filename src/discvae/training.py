@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 from .data import Dataset, load_dataset
 from .errors import InputError
 from .estimators import ESTIMATORS
+from .gradients import gradient_variance
 from .likelihoods import BINARIZE, binarize
 from .models import VAE, build_model
 from .runs import (
@@ -31,7 +32,7 @@ from .runs import (
     write_json,
 )
 
-RESUMABLE = ("epochs", "device", "data_dir", "download", "out")  # may change when a run is resumed
+RESUMABLE = ("epochs", "device", "data_dir", "download", "out", "grad_var_every", "grad_var_repeats")  # may change when a run is resumed
 
 
 @dataclass
@@ -53,6 +54,8 @@ class Config:
     batch_size: int = 2048
     lr: float = 1e-3
     seed: int = 0
+    grad_var_every: int = 1
+    grad_var_repeats: int = 16
     device: str = "auto"
     out: str = "runs/mnist"
 
@@ -72,6 +75,8 @@ class Config:
             raise InputError(f"unknown estimator {self.estimator!r}; choose one of {', '.join(ESTIMATORS)}")
         if self.binarize not in BINARIZE:
             raise InputError(f"unknown binarization {self.binarize!r}; choose one of {', '.join(BINARIZE)}")
+        if self.grad_var_every < 0 or self.grad_var_repeats < 2:
+            raise InputError("--grad-var-every must be >= 0 (0: never) and --grad-var-repeats >= 2")
         if self.estimator_options.get("num_samples", 1) < 1:
             raise InputError("--num-samples must be at least 1")
         resolve_device(self.device)
@@ -179,6 +184,8 @@ def train(cfg: Config, resume: bool = False, progress: bool = True, data: Datase
     write_json(out / CONFIG, dataclasses.asdict(cfg))
 
     n = len(x_train)
+    # the fixed mini-batch of the gradient-variance diagnostic (Fig. 5), binarised once with its own generator
+    x_fixed = binarize(x_train[:cfg.batch_size], cfg.binarize, torch.Generator(device).manual_seed(cfg.seed))
     for epoch in range(state.epoch, cfg.epochs):
         model.train()
         start, sums = time.perf_counter(), torch.zeros(3, dtype=torch.float64)
@@ -199,9 +206,14 @@ def train(cfg: Config, resume: bool = False, progress: bool = True, data: Datase
         train_terms = dict(zip(("neg_elbo", "expected_ll", "kl"), (sums / n).tolist(), strict=True))
         test_terms = elbo_terms(model, x_test, cfg.batch_size, cfg.binarize)
         state.epoch = epoch + 1
+        grad_var = {}
+        if cfg.grad_var_every and state.epoch % cfg.grad_var_every == 0:
+            grad_var = gradient_variance(model, x_fixed, cfg.estimator, cfg.grad_var_repeats,
+                                         **cfg.estimator_options)
         state.history.append({"epoch": state.epoch, "step": state.step, "time": round(state.elapsed, 3),
                               **{f"train_{k}": v for k, v in train_terms.items()},
-                              **{f"test_{k}": v for k, v in test_terms.items()}})
+                              **{f"test_{k}": v for k, v in test_terms.items()},
+                              **{f"grad_{k}": v for k, v in grad_var.items()}})
         save_checkpoint(out / CHECKPOINT, state.state_dict(cfg))
         write_csv(out / METRICS, state.history)
         if progress:
