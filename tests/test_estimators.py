@@ -1,9 +1,9 @@
 """The estimators against the exact gradient of E_q[ln p(x|z)], computed by enumerating every z."""
 import pytest
 import torch
-from helpers import Z_MAX, estimated_grads, exact_expected_ll, exact_grad, tiny_data, tiny_model, z_scores
 
 from discvae.estimators import importance
+from helpers import Z_MAX, estimated_grads, exact_expected_ll, exact_grad, tiny_data, tiny_model, z_scores
 
 MODELS = [("bernoulli", 3, 1), ("categorical", 4, 1), ("categorical", 3, 2)]
 

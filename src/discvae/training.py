@@ -32,7 +32,8 @@ from .runs import (
     write_json,
 )
 
-RESUMABLE = ("epochs", "device", "data_dir", "download", "out", "grad_var_every", "grad_var_repeats")  # may change when a run is resumed
+# what may change when a run is resumed
+RESUMABLE = ("epochs", "device", "data_dir", "download", "out", "grad_var_every", "grad_var_repeats")
 
 
 @dataclass
