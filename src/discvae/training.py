@@ -201,7 +201,7 @@ def train(cfg: Config, resume: bool = False, progress: bool = True, data: Datase
             state.optimizer.step()
             state.step += 1
             sums += torch.tensor([terms.neg_elbo.item(), terms.expected_ll.item(), terms.kl.item()]) * len(x)
-            bar.set_postfix(loss=f"{terms.neg_elbo.item():.2f}")
+            bar.set_postfix(loss=f"{terms.neg_elbo.item():.2f}", refresh=False)
         state.elapsed += time.perf_counter() - start
         model.eval()
         train_terms = dict(zip(("neg_elbo", "expected_ll", "kl"), (sums / n).tolist(), strict=True))
