@@ -62,3 +62,19 @@ def test_bad_model_arguments(kwargs, match):
     args = {"arch": "fc", "input_shape": (1, 8, 8), **kwargs}
     with pytest.raises(InputError, match=match):
         build_model(**args)
+
+
+@pytest.mark.parametrize("arch,hidden", [("linear", []), ("nonlinear", [200, 200])])
+def test_benchmark_architectures_of_the_estimator_literature(arch, hidden):
+    """The 200-bit 'linear' (784-200 / 200-784) and 'nonlinear' (two hidden layers of 200, LeakyReLU) models."""
+    model = build_model(arch, (1, 28, 28), "bernoulli", 200)
+    for net, n_in, n_out in ((model.encoder, 784, 200), (model.decoder, 200, 784)):
+        linears = [m for m in net.modules() if isinstance(m, torch.nn.Linear)]
+        sizes = [n_in, *hidden, n_out]
+        assert [(m.in_features, m.out_features) for m in linears] == list(zip(sizes[:-1], sizes[1:], strict=True))
+        assert sum(isinstance(m, torch.nn.LeakyReLU) for m in net.modules()) == len(hidden)
+    x = torch.rand(5, 1, 28, 28)
+    assert model.posterior(x).logits.shape == (5, 200)
+    terms = model(x, "disarm", num_samples=2)
+    terms.loss.backward()
+    assert torch.isfinite(terms.loss) and all(p.grad is not None for p in model.parameters())

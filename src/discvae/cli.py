@@ -1,4 +1,4 @@
-"""The ``discvae`` command: ``train``, ``reconstruct``.
+"""The ``discvae`` command: ``train``, ``reconstruct``, ``evaluate``, ``plot``, ``reproduce``.
 
 Bad input ends with one line on stderr and exit status 2.
 """
@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import shlex
 import sys
 from pathlib import Path
 
@@ -27,7 +28,9 @@ class _Parser(argparse.ArgumentParser):
 
 
 # CLI flag -> key of Config.estimator_options; each estimator function takes these keywords.
-ESTIMATOR_FLAGS = {"num_samples": "num_samples", "proposal": "proposal", "baseline": "baseline"}
+ESTIMATOR_FLAGS = {"num_samples": "num_samples", "proposal": "proposal", "baseline": "baseline", "tau": "tau"}
+# CLI flag -> key of Config.estimator_schedule: [start, end, rate] of an annealed option
+SCHEDULE_FLAGS = {"tau_anneal": "tau"}
 
 
 def _add_train(sub):
@@ -50,6 +53,9 @@ def _add_train(sub):
                    help="importance proposal q_I: xi = eta (default, eq. 23/29) or uniform (xi = 0)")
     p.add_argument("--baseline", choices=BASELINES, help="control variate of the importance estimator: none "
                    "(default, the paper), mean (over the rest of the batch) or loo (over the other M-1 samples)")
+    p.add_argument("--tau", type=float, help="temperature of gumbel / st-gumbel (default 1)")
+    p.add_argument("--tau-anneal", type=float, nargs=3, metavar=("START", "END", "RATE"),
+                   help="anneal tau as max(END, START exp(-RATE step)) (Jang et al. 2017); overrides --tau")
     p.add_argument("--epochs", type=int, help=f"(default {d.epochs})")
     p.add_argument("--batch-size", type=int, help=f"(default {d.batch_size})")
     p.add_argument("--lr", type=float, help=f"Adam learning rate (default {d.lr})")
@@ -68,18 +74,21 @@ def cmd_train(args) -> None:
     resume = given.pop("resume", False)
     quiet = given.pop("quiet", False)
     options = {ESTIMATOR_FLAGS[k]: given.pop(k) for k in list(given) if k in ESTIMATOR_FLAGS}
+    schedule = {SCHEDULE_FLAGS[k]: given.pop(k) for k in list(given) if k in SCHEDULE_FLAGS}
     fields = {f.name for f in dataclasses.fields(Config)}
     if resume:
         if "out" not in given:
             raise InputError("--resume needs --out RUN_DIR")
         saved = read_config(given["out"])
         fixed = sorted(k for k in given if k in fields and k not in RESUMABLE and given[k] != saved.get(k))
-        if fixed or options:
-            raise InputError(f"--resume continues the saved configuration; cannot change {', '.join(fixed or options)}")
+        if fixed or options or schedule:
+            raise InputError("--resume continues the saved configuration; cannot change "
+                             f"{', '.join(fixed or [*options, *schedule])}")
         cfg = Config.from_dict({**saved, **{k: v for k, v in given.items() if k in fields}})
     else:
         cfg = Config(**{k: v for k, v in given.items() if k in fields})
         cfg.estimator_options = {"num_samples": 1, **options}
+        cfg.estimator_schedule = schedule
         if "out" not in given:
             name = Path(cfg.dataset).stem if cfg.dataset.endswith((".npy", ".npz")) else cfg.dataset
             cfg.out = f"runs/{name}-{cfg.arch}-{cfg.latent}{cfg.latent_dim}-{cfg.estimator}-s{cfg.seed}"
@@ -112,10 +121,141 @@ def cmd_reconstruct(args) -> None:
     print(out)
 
 
+def _add_evaluate(sub):
+    p = sub.add_parser("evaluate", help="test-set -ELBO, IWAE bound, exact ln p(x), latent usage -> eval.json",
+                       description="Evaluate a run on its test set (and with --train-set its training set): "
+                       "negative ELBO and its terms, the K-sample IWAE bound on ln p(x), the exact ln p(x) when the "
+                       "latent has few enough states, and latent usage. Prints a table and writes RUN_DIR/eval.json.")
+    p.add_argument("run_dir")
+    p.add_argument("--k", type=int, default=1000, help="importance samples of the IWAE bound (default 1000)")
+    p.add_argument("--chunk", type=int, default=100, help="samples drawn at a time (default 100)")
+    p.add_argument("--batch-size", type=int, default=500, help="images at a time (default 500)")
+    p.add_argument("--train-set", action="store_true", help="also evaluate the training set")
+    p.add_argument("--seed", type=int, default=0, help="seeds the samples and a dynamic binarisation (default 0)")
+    p.set_defaults(func=cmd_evaluate)
+
+
+def cmd_evaluate(args) -> None:
+    from .evaluation import EVAL, evaluate_run
+
+    result = evaluate_run(args.run_dir, args.k, args.chunk, args.batch_size, args.train_set, args.seed)
+    splits = [s for s in ("test", "train") if s in result]
+    keys = [k for k in result["test"] if k != "seconds"] + ["seconds"]
+    print(f"{'':28s}" + "".join(f"{s:>14s}" for s in splits))
+    for key in keys:
+        label = f"iwae (K={result['k']})" if key == "iwae" else key
+        print(f"{label:28s}" + "".join(f"{result[s][key]:14.4f}" if isinstance(result[s][key], float)
+                                       else f"{result[s][key]:14d}" for s in splits))
+    print(Path(args.run_dir) / EVAL)
+
+
+def _add_plot(sub):
+    p = sub.add_parser("plot", help="convergence curves and image grids of one or more runs (paper Fig. 4-7)")
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    p.add_argument("--out", help="folder for the PNGs (default the first RUN_DIR)")
+    p.add_argument("--n", type=int, default=16, help="images per row (default 16)")
+    p.add_argument("--rows", type=int, default=2, help="rows of reconstructions and samples (default 2)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_plot)
+
+
+def cmd_plot(args) -> None:
+    from .figures import plot_runs
+
+    for path in plot_runs(args.run_dirs, args.out, args.n, args.rows, args.seed):
+        print(path)
+
+
+def _add_reproduce(sub):
+    from .reproduce import GRID
+
+    p = sub.add_parser("reproduce", help="train, evaluate and plot the paper's experiment grid -> report.md",
+                       description="Train (or resume) the paper's models in OUT/NAME with its settings, evaluate "
+                       "them, plot them and write OUT/report.md. Models: " + ", ".join(GRID) + ".")
+    p.add_argument("--out", required=True, help="folder of the runs and the report")
+    p.add_argument("--only", help="comma-separated subset of the models")
+    p.add_argument("--epochs", type=int, default=300, help="train each run to at least this many epochs (default "
+                   "300, the paper's)")
+    p.add_argument("--dataset", choices=("digits",), help="run every model on the embedded 8x8 digits (quick)")
+    p.add_argument("--data-dir", help="folder holding mnist/ and fashion-mnist/")
+    p.add_argument("--k", type=int, default=1000, help="IWAE samples (default 1000)")
+    p.add_argument("--chunk", type=int, default=100, help="IWAE samples drawn at a time (default 100)")
+    p.add_argument("--grad-var-every", type=int, default=5, help="record gradient variance every N epochs "
+                   "(default 5)")
+    p.add_argument("--reevaluate", action="store_true", help="evaluate again even if eval.json is current")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_reproduce)
+
+
+def cmd_reproduce(args) -> None:
+    from .reproduce import reproduce
+
+    if args.epochs < 1:
+        raise InputError("--epochs must be at least 1")
+    flags = {"only": args.only, "epochs": args.epochs, "dataset": args.dataset, "data-dir": args.data_dir,
+             "k": args.k, "chunk": args.chunk, "grad-var-every": args.grad_var_every}
+    command = shlex.join(["discvae", "reproduce", "--out", args.out] + [
+        t for key, v in flags.items() if v is not None for t in (f"--{key}", str(v))])
+    print(reproduce(args.out, args.only, args.epochs, args.dataset, args.data_dir, args.k, args.chunk,
+                    args.grad_var_every, args.reevaluate, not args.quiet, command))
+
+
+def _add_compare(sub):
+    d = Config()
+    p = sub.add_parser("compare", help="several estimators side by side: bias, variance, training curves",
+                       description="Run several gradient estimators on the same model, data, seed and budget "
+                       "(M decoder evaluations per data point and step) and write report.md, bias_variance.png, "
+                       "curves.png and results.json into --out. Restarting with the same arguments resumes.")
+    p.add_argument("estimators", nargs="+", metavar="ESTIMATOR",
+                   help="NAME or NAME:key=value:... (e.g. importance:num_samples=1, gumbel:tau=0.5)")
+    p.add_argument("--out", required=True, help="report directory")
+    p.add_argument("--dataset", default="digits", help="(default digits)")
+    p.add_argument("--data-dir")
+    p.add_argument("--arch", choices=ARCHS, default=d.arch)
+    p.add_argument("--latent", choices=("bernoulli", "categorical"), default=d.latent)
+    p.add_argument("--latent-dim", type=int, default=d.latent_dim)
+    p.add_argument("--groups", type=int, default=1)
+    p.add_argument("--binarize", choices=BINARIZE, default=d.binarize)
+    p.add_argument("--num-samples", type=int, default=2, help="decoder evaluations per data point M (default 2)")
+    p.add_argument("--epochs", type=int, default=10,
+                   help="epochs per estimator (default 10; 0: bias and variance only)")
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--eval-every", type=int, default=5, help="epochs between test IWAE bounds (default 5)")
+    p.add_argument("--iwae-k", type=int, default=100, help="samples of the bound during training (default 100)")
+    p.add_argument("--iwae-n", type=int, default=1000, help="test points for it (default 1000)")
+    p.add_argument("--final-k", type=int, default=1000, help="samples of the final bound (default 1000)")
+    p.add_argument("--final-n", type=int, default=10000, help="test points for it (default 10000)")
+    p.add_argument("--grad-var-every", type=int, default=5, help="epochs between gradient variances (default 5)")
+    p.add_argument("--grad-var-repeats", type=int, default=16)
+    p.add_argument("--bias-latent-dim", type=int, default=10,
+                   help="bits/classes of the enumerable bias model when the run's latent is too large (default 10)")
+    p.add_argument("--bias-epochs", type=int, default=1, help="epochs of exact training of it (default 1)")
+    p.add_argument("--bias-batch", type=int, default=100)
+    p.add_argument("--bias-repeats", type=int, default=200, help="independent estimates R (default 200)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_compare)
+
+
+def cmd_compare(args) -> None:
+    from .compare import compare, parse_spec
+
+    specs = [parse_spec(s, args.num_samples) for s in args.estimators]
+    base = Config(dataset=args.dataset, data_dir=args.data_dir, arch=args.arch, latent=args.latent,
+                  latent_dim=args.latent_dim, groups=args.groups, binarize=args.binarize, epochs=args.epochs,
+                  batch_size=args.batch_size, lr=args.lr, seed=args.seed, grad_var_every=args.grad_var_every,
+                  grad_var_repeats=args.grad_var_repeats, device=args.device, out=args.out).check()
+    compare(base, specs, args.out, args.eval_every, args.iwae_k, args.iwae_n, args.final_k, args.final_n,
+            args.bias_latent_dim, args.bias_epochs, args.bias_batch, args.bias_repeats, progress=not args.quiet)
+    print(Path(args.out) / "report.md")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="discvae", description="Variational autoencoders with discrete latent variables.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    for add in (_add_train, _add_reconstruct):
+    for add in (_add_train, _add_reconstruct, _add_evaluate, _add_plot, _add_reproduce, _add_compare):
         add(sub)
     return parser
 

@@ -52,6 +52,17 @@ class Bernoulli:
     def mode(self) -> torch.Tensor:
         return (self.logits > 0).to(self.logits.dtype)
 
+    @property
+    def num_states(self) -> int:
+        return 2**self.dim
+
+    def relaxed_sample(self, n: int, tau: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """Binary concrete (Maddison et al. 2017): y = eta + L with logistic noise L = ln E1 - ln E2 (E ~ Exp(1)),
+        ``soft = sigmoid(y / tau)`` (differentiable) and ``hard = [y > 0]``, an exact sample of q."""
+        e = torch.empty(2, n, *self.logits.shape, dtype=self.logits.dtype, device=self.logits.device).exponential_()
+        y = self.logits + (e[0].log() - e[1].log())
+        return torch.sigmoid(y / tau), (y > 0).to(y.dtype)
+
     def proposal(self, xi: torch.Tensor) -> "Bernoulli":
         return Bernoulli(xi.expand_as(self.logits))
 
@@ -61,7 +72,7 @@ class Bernoulli:
             return (torch.rand_like(p) < p).to(p.dtype)
 
     def log_prob(self, z: torch.Tensor) -> torch.Tensor:
-        return (z * self.logits - F.softplus(self.logits)).sum(-1)
+        return _dot(z, self.logits) - F.softplus(self.logits).sum(-1)
 
     def entropy(self) -> torch.Tensor:
         """Per-bit H = softplus(eta) - sigmoid(eta) eta, summed over bits (nats)."""
@@ -79,8 +90,8 @@ class Bernoulli:
 
     def enumerate(self) -> torch.Tensor:
         """All 2^c states, shape ``[2^c, c]`` (bit i of row k is bit i of k, most significant first)."""
-        _check_enumerable(2**self.dim)
-        k = torch.arange(2**self.dim, device=self.logits.device)
+        _check_enumerable(self.num_states)
+        k = torch.arange(self.num_states, device=self.logits.device)
         shifts = torch.arange(self.dim - 1, -1, -1, device=self.logits.device)
         return ((k[:, None] >> shifts) & 1).to(self.logits.dtype)
 
@@ -122,6 +133,18 @@ class Categorical:
     def mode(self) -> torch.Tensor:
         return F.one_hot(self._grouped.argmax(-1), self.classes).to(self.logits.dtype).flatten(-2)
 
+    @property
+    def num_states(self) -> int:
+        return self.classes**self.groups
+
+    def relaxed_sample(self, n: int, tau: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """Concrete / Gumbel-softmax per group (Jang et al. 2017): y = eta - ln E (E ~ Exp(1)), ``soft =
+        softmax(y / tau)`` computed as exp(log_softmax) and ``hard = one_hot(argmax y)``, an exact sample of q."""
+        y = self._grouped - torch.empty(n, *self._grouped.shape, dtype=self.logits.dtype,
+                                        device=self.logits.device).exponential_().log()
+        soft = torch.log_softmax(y / tau, -1).exp()
+        return soft.flatten(-2), F.one_hot(y.argmax(-1), self.classes).to(y.dtype).flatten(-2)
+
     def proposal(self, xi: torch.Tensor) -> "Categorical":
         return Categorical(xi.expand_as(self.logits), self.groups)
 
@@ -133,7 +156,7 @@ class Categorical:
             return F.one_hot((g - e.log()).argmax(-1), self.classes).to(g.dtype).flatten(-2)
 
     def log_prob(self, z: torch.Tensor) -> torch.Tensor:
-        return (z.unflatten(-1, (self.groups, self.classes)) * self.log_probs).sum((-2, -1))
+        return _dot(z, self.log_probs.flatten(-2))
 
     def entropy(self) -> torch.Tensor:
         lp = self.log_probs
@@ -152,7 +175,7 @@ class Categorical:
 
     def enumerate(self) -> torch.Tensor:
         """All c^G states, shape ``[c^G, G*c]`` (group 0 varies slowest)."""
-        _check_enumerable(self.classes**self.groups)
+        _check_enumerable(self.num_states)
         eye = torch.eye(self.classes, dtype=self.logits.dtype, device=self.logits.device)
         idx = torch.tensor(list(itertools.product(range(self.classes), repeat=self.groups)),
                            device=self.logits.device)
@@ -212,6 +235,14 @@ class Gaussian:
 
 
 FAMILIES = {"bernoulli": Bernoulli, "categorical": Categorical, "gaussian": Gaussian}
+
+
+def _dot(z: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """sum_i z[..., i] a[..., i]; states ``z`` of shape ``[S, 1, dim]`` shared by a batch ``a`` ``[B, dim]`` give
+    ``[S, B]`` by one matmul (what ``exact`` needs) instead of an ``[S, B, dim]`` product."""
+    if z.dim() == 3 and z.shape[1] == 1 and a.dim() == 2:
+        return z.squeeze(1) @ a.T
+    return (z * a).sum(-1)
 
 
 def _check_enumerable(n_states: int) -> None:

@@ -5,11 +5,19 @@ distribution ``q`` (see :mod:`discvae.distributions`, gradients flowing to the e
 black box ``f``: ``f(z)`` takes ``z`` of shape ``[M, B', dim]`` (``B'`` the batch size, or 1 for a state shared by
 the batch) and returns ``[M, B]``. The returned ``surrogate`` has shape ``[B]``: its *value* is the estimate of
 E_q[f(z)] and its *gradient* is the estimated gradient. Nothing else knows which estimator runs.
+
+Unbiased for grad E_q[f]: ``importance`` (any baseline), ``rloo``, ``disarm``, ``exact``. ``vimco`` is unbiased for
+the gradient of a different objective, the M-sample IWAE bound. ``gumbel``, ``st-gumbel`` and ``straight-through``
+are biased. ``num_samples`` M counts decoder evaluations per data point (``disarm``: M / 2 antithetic pairs;
+``exact`` ignores it and decodes each of the S latent states once per batch).
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
+from .distributions import Bernoulli
 from .errors import InputError
 
 BASELINES = ("none", "mean", "loo")
@@ -69,4 +77,111 @@ def reparam(q, f, num_samples: int = 1) -> torch.Tensor:
     return f(q.rsample(num_samples)).mean(0)
 
 
-ESTIMATORS = {"importance": importance, "reparam": reparam}
+def _need_samples(name: str, num_samples: int, pairs: bool = False) -> None:
+    if pairs and (num_samples < 2 or num_samples % 2):
+        raise InputError(f"{name} needs an even --num-samples (2 per antithetic pair), got {num_samples}")
+    if num_samples < 2:
+        raise InputError(f"{name} needs --num-samples of at least 2, got {num_samples}")
+
+
+def rloo(q, f, num_samples: int = 2) -> torch.Tensor:
+    """REINFORCE leave-one-out (Kool et al. 2019): the score function with baseline b_m = mean_{j != m} f(z_j),
+    (1/M) sum_m (f(z_m) - b_m) grad ln q(z_m), z_m ~ q; unbiased, M >= 2. Same as ``importance(baseline="loo")``."""
+    _need_samples("rloo", num_samples)
+    return importance(q, f, num_samples, baseline="loo")
+
+
+def vimco(q, f, num_samples: int = 2) -> torch.Tensor:
+    """VIMCO (Mnih & Rezende 2016) for the M-sample IWAE bound L = ln (1/M) sum_m w_m, z_m ~ q,
+    ln w_m = f(z_m) + ln p(z_m) - ln q(z_m).
+
+    Gradient: sum_m w~_m grad ln w_m + sum_m (L - L_-m) grad ln q(z_m), w~ = softmax(ln w), where L_-m replaces
+    ln w_m by the mean of the other ln w_j (the per-sample leave-one-out baseline). Returns L + KL(q || p): the
+    model's loss KL - surrogate is then -L, so training maximises the IWAE bound (reported as "-ELBO"); unbiased
+    for grad L, not for grad E_q[f]. M >= 2.
+    """
+    _need_samples("vimco", num_samples)
+    m = num_samples
+    z = q.sample(m)
+    log_q = q.log_prob(z)
+    log_w = f(z) + q.prior_log_prob(z) - log_q  # [M, B], gradient through f and ln q (z fixed)
+    bound = torch.logsumexp(log_w, 0) - math.log(m)
+    lw = log_w.detach()
+    loo_mean = (lw.sum(0, keepdim=True) - lw) / (m - 1)  # [M, B]
+    eye = torch.eye(m, dtype=torch.bool, device=lw.device)[:, :, None]
+    swapped = torch.where(eye, loo_mean[:, None, :], lw[None, :, :])  # row m: ln w with entry m replaced
+    bound_loo = torch.logsumexp(swapped, 1) - math.log(m)  # [M, B]
+    score = ((bound.detach() - bound_loo) * (log_q - log_q.detach())).sum(0)
+    return bound + score + q.kl_to_prior()
+
+
+def disarm(q, f, num_samples: int = 2) -> torch.Tensor:
+    """DisARM (Dong, Mnih & Tucker 2020) for Bernoulli latents: M / 2 antithetic pairs b = [u < sigma(eta)],
+    b' = [1 - u < sigma(eta)] sharing u ~ U(0, 1)^c. Encoder gradient per pair and bit
+    g_i = 1/2 (f(b) - f(b')) (b_i - b'_i) sigma(|eta_i|) d eta_i; value and decoder gradient (f(b) + f(b')) / 2.
+    Unbiased; M even."""
+    if not isinstance(q, Bernoulli):
+        raise InputError("disarm needs a bernoulli latent (use rloo or exact for categoricals)")
+    _need_samples("disarm", num_samples, pairs=True)
+    with torch.no_grad():
+        p = q.probs.expand(num_samples // 2, *q.logits.shape)
+        u = torch.rand_like(p)
+        b, b_anti = (u < p).to(p.dtype), (1 - u < p).to(p.dtype)
+    fb, fa = f(torch.cat([b, b_anti])).chunk(2)
+    eta = q.logits
+    direction = ((b - b_anti) * torch.sigmoid(eta.abs()).detach() * (eta - eta.detach())).sum(-1)
+    return (0.5 * (fb + fa) + 0.5 * (fb - fa).detach() * direction).mean(0)
+
+
+def _relaxed(q, num_samples: int, tau: float) -> tuple[torch.Tensor, torch.Tensor]:
+    if not getattr(q, "discrete", False):
+        raise InputError("relaxed estimators need a bernoulli or categorical latent")
+    if not tau > 0:
+        raise InputError(f"the temperature tau must be positive, got {tau}")
+    return q.relaxed_sample(num_samples, tau)
+
+
+def gumbel(q, f, num_samples: int = 1, tau: float = 1.0) -> torch.Tensor:
+    """Concrete / Gumbel-softmax relaxation (Jang et al. 2017; Maddison et al. 2017): (1/M) sum_m f(z~_m) with
+    z~_m = softmax((eta + g_m) / tau) per group (binary concrete sigmoid((eta + L) / tau) for bits), gradients
+    pathwise. BIASED: it estimates the relaxed objective E[f(z~)], whose value and gradient reach E_q[f(z)] only as
+    tau -> 0, where the gradient's variance grows without bound."""
+    soft, _ = _relaxed(q, num_samples, tau)
+    return f(soft).mean(0)
+
+
+def st_gumbel(q, f, num_samples: int = 1, tau: float = 1.0) -> torch.Tensor:
+    """Straight-through Gumbel-softmax (Jang et al. 2017): the forward pass decodes the hard sample z = argmax
+    (an exact sample of q, so the value is unbiased), the backward pass the relaxed one: z + z~ - sg(z~). The
+    gradient is BIASED for every tau."""
+    soft, hard = _relaxed(q, num_samples, tau)
+    return f(hard + soft - soft.detach()).mean(0)
+
+
+def straight_through(q, f, num_samples: int = 1) -> torch.Tensor:
+    """Straight-through (Bengio et al. 2013; as in VQ-VAE): decode z ~ q, backpropagate as if z were its mean:
+    z + E_q[z] - sg(E_q[z]), i.e. grad = (df/dz)(z) dE_q[z]/d eta. Value unbiased, gradient BIASED."""
+    if not getattr(q, "discrete", False):
+        raise InputError("straight-through needs a bernoulli or categorical latent")
+    mean = q.mean
+    return f(q.sample(num_samples) + mean - mean.detach()).mean(0)
+
+
+EXACT_MAX_STATES = 4096
+
+
+def exact(q, f, num_samples: int = 1) -> torch.Tensor:
+    """sum_z q(z|x) f(z) over every latent state z (S = c^G for categoricals, 2^c for bits; at most
+    EXACT_MAX_STATES = 4096): each state is decoded once for the whole batch (f sees z of shape [S, 1, dim]).
+    Exact value and gradient, zero variance; ``num_samples`` is ignored."""
+    if not getattr(q, "discrete", False):
+        raise InputError("exact needs a bernoulli or categorical latent")
+    if q.num_states > EXACT_MAX_STATES:
+        raise InputError(f"exact would sum over {q.num_states:.3g} latent states; the limit is {EXACT_MAX_STATES} "
+                         "(e.g. one categorical of up to 4096 classes, or at most 12 bits)")
+    states = q.enumerate()[:, None, :]  # [S, 1, dim]
+    return (q.log_prob(states).exp() * f(states)).sum(0)
+
+
+ESTIMATORS = {"importance": importance, "reparam": reparam, "rloo": rloo, "vimco": vimco, "disarm": disarm,
+              "gumbel": gumbel, "st-gumbel": st_gumbel, "straight-through": straight_through, "exact": exact}

@@ -1,5 +1,7 @@
-"""Image grids and PNG output (matplotlib, written atomically)."""
+"""Image grids, convergence curves and the figures of ``discvae plot`` (matplotlib, PNGs written atomically)."""
 from __future__ import annotations
+
+from pathlib import Path
 
 import matplotlib
 
@@ -7,8 +9,14 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from PIL import Image  # noqa: E402
 
-from .runs import atomic_path  # noqa: E402
+from .errors import InputError  # noqa: E402
+from .evaluation import fixed_binarization  # noqa: E402
+from .runs import METRICS, atomic_path, read_csv  # noqa: E402
+from .training import load_run  # noqa: E402
+
+MAX_TEMPLATES = 400  # decode every latent state when there are at most this many
 
 
 def image_grid(rows: list[torch.Tensor], pad: int = 1) -> np.ndarray:
@@ -47,3 +55,104 @@ def reconstructions(model, x: torch.Tensor) -> torch.Tensor:
     """Decoder means for one z ~ q(z|x) per image (as the paper's Fig. 4), shaped like ``x``."""
     z = model.posterior(x).sample(1)
     return model.likelihood.mean(model.decode(z))[0].reshape(x.shape)
+
+
+@torch.no_grad()
+def decoded(model, z: torch.Tensor, shape) -> torch.Tensor:
+    """Decoder means for latent vectors ``z`` ``[n, dim]``, as images of ``shape`` ([C, H, W] or [D])."""
+    return model.likelihood.mean(model.decode(z)).reshape(len(z), *shape)
+
+
+def prior_samples(model, n: int, shape) -> torch.Tensor:
+    """Decoder means for ``n`` draws z ~ p(z) (uniform bits or classes, or N(0, I))."""
+    return decoded(model, model.posterior(torch.zeros(1, *shape)).prior_sample(n), shape)
+
+
+def templates(model, shape) -> torch.Tensor:
+    """Every latent state decoded: for a categorical with c classes, the c "templates" (all c^G for G groups)."""
+    return decoded(model, model.posterior(torch.zeros(1, *shape)).enumerate(), shape)
+
+
+CURVES = (("neg_elbo", "negative ELBO (nats)", False), ("expected_ll", "E_q ln p(x|z) (nats)", False),
+          ("grad_var", "gradient variance per parameter", True))
+CURVE_FIGSIZE, CURVE_DPI = (12.0, 6.5), 80  # -> 960 x 520 pixels
+
+
+def convergence(path, histories: dict[str, list[dict]]) -> None:
+    """Paper Fig. 5: negative ELBO, expected log-likelihood (test solid, train dashed) and the gradient variance
+    (encoder solid, decoder dashed, log axis), against epoch (top) and training wall time (bottom), one colour per
+    run of ``histories`` (label -> rows of metrics.csv)."""
+    fig, axes = plt.subplots(2, len(CURVES), figsize=CURVE_FIGSIZE, dpi=CURVE_DPI, squeeze=False)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for n, (label, rows) in enumerate(histories.items()):
+        color = colors[n % len(colors)]
+        cols = {k: np.array([r.get(k, np.nan) for r in rows], dtype=float) for k in rows[0]} if rows else {}
+        for row, (xkey, xlabel) in enumerate((("epoch", "epoch"), ("time", "training wall time (s)"))):
+            if not cols:
+                continue
+            for col, (key, ylabel, log) in enumerate(CURVES):
+                ax = axes[row, col]
+                pairs = (("grad_encoder_var", "encoder"), ("grad_decoder_var", "decoder")) if key == "grad_var" \
+                    else ((f"test_{key}", "test"), (f"train_{key}", "train"))
+                for style, (column, part) in zip(("-", "--"), pairs, strict=True):
+                    y = cols.get(column)
+                    if y is None:
+                        continue
+                    ok = np.isfinite(y)
+                    ax.plot(cols[xkey][ok], y[ok], style, color=color, lw=1.2,
+                            label=f"{label} ({part})" if row == 0 else None)
+                ax.set(xlabel=xlabel, ylabel=ylabel)
+                if log:
+                    ax.set_yscale("log")
+                ax.grid(alpha=0.3)
+    for ax in axes[0]:
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.canvas.draw()
+    pixels = np.asarray(fig.canvas.buffer_rgba())[..., :3]
+    plt.close(fig)
+    with atomic_path(path) as tmp:  # a 64-colour palette keeps the PNG small
+        Image.fromarray(pixels).quantize(64).save(tmp, format="png", optimize=True)
+
+
+def plot_runs(run_dirs: list, out=None, n: int = 16, rows: int = 2, seed: int = 0) -> list[Path]:
+    """Write the figures of ``run_dirs`` into ``out`` (default the first run directory); returns their paths.
+
+    ``convergence.png`` overlays every run (Fig. 5). Per run ``NAME-reconstructions.png`` (``rows`` pairs of rows:
+    ``n`` fixed test images above their reconstructions from one z ~ q(z|x), Fig. 4, 6, 7), ``NAME-samples.png``
+    (``rows`` x ``n`` images decoded from z ~ p(z)) and, for a categorical latent with at most ``MAX_TEMPLATES``
+    states, ``NAME-templates.png`` (every state decoded, ``n`` per row). With several runs on data of one shape
+    also ``reconstructions.png``: the test images above each run's reconstructions, in the order given.
+    """
+    if n < 1 or rows < 1:
+        raise InputError("--n and --rows must be at least 1")
+    out = Path(out or run_dirs[0])
+    names = [Path(r).resolve().name for r in run_dirs]
+    if len(set(names)) < len(names):
+        raise InputError(f"run directories need distinct names to label them: {', '.join(names)}")
+    written, histories, recons = [], {}, {}
+    for run, name in zip(run_dirs, names, strict=True):
+        cfg, model, data = load_run(run)
+        metrics = Path(run) / METRICS
+        histories[name] = read_csv(metrics) if metrics.is_file() else []
+        torch.manual_seed(seed)
+        x = fixed_binarization(data.x_test[: n * rows], cfg.binarize, seed)
+        shape = x.shape[1:]
+        x_hat = reconstructions(model, x)
+        recons[name] = (x, x_hat)
+        grids = {"reconstructions": [t for i in range(rows) for t in (x[i * n:(i + 1) * n], x_hat[i * n:(i + 1) * n])],
+                 "samples": list(prior_samples(model, n * rows, shape).split(n))}
+        if model.latent == "categorical" and model.latent_dim**model.groups <= MAX_TEMPLATES:
+            grids["templates"] = list(templates(model, shape).split(n))
+        for kind, grid in grids.items():
+            written.append(out / f"{name}-{kind}.png")
+            save_grid(written[-1], grid)
+    written.insert(0, out / "convergence.png")
+    convergence(written[0], histories)
+    pairs = list(recons.values())
+    if len(pairs) > 1 and all(torch.equal(p[0], pairs[0][0]) for p in pairs):
+        written.append(out / "reconstructions.png")
+        save_grid(written[-1], [t for i in range(rows) for t in
+                                (pairs[0][0][i * n:(i + 1) * n], *(p[1][i * n:(i + 1) * n] for p in pairs))])
+    return written

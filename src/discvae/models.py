@@ -12,7 +12,7 @@ from .errors import InputError
 from .estimators import ESTIMATORS
 from .likelihoods import LIKELIHOODS
 
-ARCHS = ("fc", "cnn")
+ARCHS = ("fc", "cnn", "linear", "nonlinear")
 
 
 class Terms(NamedTuple):
@@ -89,6 +89,25 @@ def fc(input_shape, param_dim: int, latent_dim: int, hidden: int = 1024):
     return encoder, decoder
 
 
+def linear(input_shape, param_dim: int, latent_dim: int):
+    """The 'linear' benchmark model of the estimator literature (ARM, DisARM; 200 bits): D -> params and
+    dim -> D (logits), each one affine map."""
+    d = math.prod(input_shape)
+    return nn.Sequential(nn.Flatten(), nn.Linear(d, param_dim)), nn.Linear(latent_dim, d)
+
+
+def nonlinear(input_shape, param_dim: int, latent_dim: int, hidden: int = 200, slope: float = 0.2):
+    """The 'nonlinear' benchmark model: D -> 200 -> 200 -> params and dim -> 200 -> 200 -> D, LeakyReLU
+    (negative slope 0.2, our choice)."""
+    d = math.prod(input_shape)
+
+    def mlp(n_in, n_out):
+        return [nn.Linear(n_in, hidden), nn.LeakyReLU(slope), nn.Linear(hidden, hidden), nn.LeakyReLU(slope),
+                nn.Linear(hidden, n_out)]
+
+    return nn.Sequential(nn.Flatten(), *mlp(d, param_dim)), nn.Sequential(*mlp(latent_dim, d))
+
+
 def cnn(input_shape, param_dim: int, latent_dim: int):
     """CNN_BVAE / CNN_CVAE of Table I, for any image size.
 
@@ -128,5 +147,6 @@ def build_model(arch: str, input_shape, latent: str = "bernoulli", latent_dim: i
     family = FAMILIES[latent]
     param_dim = family.param_dim(latent_dim, groups)
     dim = latent_dim * groups if latent == "categorical" else latent_dim
-    encoder, decoder = (fc if arch == "fc" else cnn)(tuple(input_shape), param_dim, dim)
+    encoder, decoder = {"fc": fc, "cnn": cnn, "linear": linear, "nonlinear": nonlinear}[arch](
+        tuple(input_shape), param_dim, dim)
     return VAE(encoder, decoder, latent, latent_dim, groups, likelihood)

@@ -8,6 +8,7 @@ Everything one process owns lives in :class:`TrainState`.
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,6 +52,8 @@ class Config:
     binarize: str = "none"
     estimator: str = "importance"
     estimator_options: dict = field(default_factory=lambda: {"num_samples": 1})
+    # option -> [start, end, rate]: the option is max(end, start * exp(-rate * step)) (annealing, Jang et al. 2017)
+    estimator_schedule: dict = field(default_factory=dict)
     epochs: int = 300
     batch_size: int = 2048
     lr: float = 1e-3
@@ -80,6 +83,9 @@ class Config:
             raise InputError("--grad-var-every must be >= 0 (0: never) and --grad-var-repeats >= 2")
         if self.estimator_options.get("num_samples", 1) < 1:
             raise InputError("--num-samples must be at least 1")
+        for name, value in self.estimator_schedule.items():
+            if len(value) != 3 or not all(isinstance(v, (int, float)) and v >= 0 for v in value) or value[0] <= 0:
+                raise InputError(f"the schedule of {name} must be [start > 0, end >= 0, rate >= 0], got {value}")
         resolve_device(self.device)
         return self
 
@@ -112,12 +118,18 @@ def elbo_terms(model: VAE, x: torch.Tensor, batch_size: int = 2048, binarization
     return {"neg_elbo": neg_elbo, "expected_ll": ell, "kl": kl}
 
 
+def estimator_options(cfg: Config, step: int) -> dict:
+    """``cfg.estimator_options`` at training step ``step``, with each scheduled option set by its schedule."""
+    return {**cfg.estimator_options, **{name: max(end, start * math.exp(-rate * step))
+                                         for name, (start, end, rate) in cfg.estimator_schedule.items()}}
+
+
 def check_estimator(model: VAE, x: torch.Tensor, cfg: Config) -> None:
     """Fail before training starts if the estimator rejects its options or this latent family."""
     rng = torch.get_rng_state()
     try:
         with torch.no_grad():
-            model(x, cfg.estimator, **cfg.estimator_options)
+            model(x, cfg.estimator, **estimator_options(cfg, 0))
     except TypeError as err:
         raise InputError(f"estimator {cfg.estimator!r} does not take these options: {err}") from None
     finally:
@@ -195,7 +207,7 @@ def train(cfg: Config, resume: bool = False, progress: bool = True, data: Datase
                    disable=not progress)
         for i in bar:
             x = binarize(x_train[order[i:i + cfg.batch_size]], cfg.binarize)
-            terms = model(x, cfg.estimator, **cfg.estimator_options)
+            terms = model(x, cfg.estimator, **estimator_options(cfg, state.step))
             state.optimizer.zero_grad(set_to_none=True)
             terms.loss.backward()
             state.optimizer.step()
@@ -210,7 +222,7 @@ def train(cfg: Config, resume: bool = False, progress: bool = True, data: Datase
         grad_var = {}
         if cfg.grad_var_every and state.epoch % cfg.grad_var_every == 0:
             grad_var = gradient_variance(model, x_fixed, cfg.estimator, cfg.grad_var_repeats,
-                                         **cfg.estimator_options)
+                                         **estimator_options(cfg, state.step))
         state.history.append({"epoch": state.epoch, "step": state.step, "time": round(state.elapsed, 3),
                               **{f"train_{k}": v for k, v in train_terms.items()},
                               **{f"test_{k}": v for k, v in test_terms.items()},

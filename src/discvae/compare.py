@@ -1,0 +1,303 @@
+"""``discvae compare``: several gradient estimators on the same model, data, seed and budget, side by side.
+
+Two measurements, written into one directory (``report.md``, ``bias_variance.png``, ``curves.png``,
+``results.json``, and one run directory per estimator under ``runs/``):
+
+1. Bias and variance against the truth. A model of the same architecture and latent family, small enough to enumerate
+   (the run's own latent if it has at most ``EXACT_MAX_STATES`` states, else ``bias_latent_dim`` bits or classes), is
+   trained briefly with the ``exact`` estimator; on a fixed batch, the exact gradient of the loss (by enumeration)
+   is compared with R independent estimates of each estimator: the norm of the mean error over the encoder's (and
+   the decoder's) parameters next to its noise floor sqrt(tr Cov / R) (the size an unbiased estimator's mean error
+   has from noise alone), and the per-coordinate variance of the encoder gradient, also multiplied by the
+   decoder evaluations per data point (variance per function evaluation: lower is better at equal cost).
+2. Training curves. Each estimator trains the full model with :func:`discvae.training.train` (same seed, so the
+   same initialisation and mini-batch order) for the same number of epochs, in chunks of ``eval_every`` epochs;
+   after each chunk the test IWAE bound is measured. Curves of the test negative ELBO, the test IWAE bound and the
+   encoder-gradient variance against steps and training wall time, and a final table. ``epochs = 0`` skips this
+   stage (bias and variance only).
+
+Equal budget rule: every sampling estimator gets the same number ``M`` of decoder evaluations per data point and
+step (``num_samples = M``; ``disarm`` spends them as M / 2 antithetic pairs); ``exact`` decodes each of its S latent
+states once per batch (S / batch evaluations per data point). A spec ``NAME:key=value:...`` overrides options, e.g.
+``importance:num_samples=1`` (the paper's estimator) or ``gumbel:tau=0.5``. Runs are resumed where they stopped, so
+an interrupted comparison can simply be restarted with the same arguments.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+
+import torch
+
+from .data import Dataset, load_dataset
+from .errors import InputError
+from .estimators import ESTIMATORS, EXACT_MAX_STATES
+from .evaluation import fixed_binarization, iwae_bound
+from .figures import plt
+from .gradients import gradient_samples
+from .runs import CHECKPOINT, atomic_path, load_checkpoint, read_csv, write_csv, write_json
+from .training import Config, model_for, train
+
+IWAE_CSV = "iwae.csv"
+
+
+@dataclasses.dataclass
+class Spec:
+    """One estimator of the comparison: its label (the spec text), registry name and options."""
+
+    label: str
+    estimator: str
+    options: dict
+
+
+def _value(text: str):
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def parse_spec(text: str, num_samples: int) -> Spec:
+    """``NAME[:key=value[:key=value...]]``; ``num_samples`` defaults to the comparison's budget."""
+    name, *pairs = text.split(":")
+    if name not in ESTIMATORS:
+        raise InputError(f"unknown estimator {name!r} in {text!r}; choose from {', '.join(ESTIMATORS)}")
+    options = {"num_samples": num_samples}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise InputError(f"estimator spec {text!r}: options are key=value, separated by ':'")
+        options[key.replace("-", "_")] = _value(value)
+    return Spec(text, name, options)
+
+
+def evals_per_point(spec: Spec, q, batch_size: int) -> float:
+    """Decoder evaluations per data point and step: M, or S / batch for ``exact``."""
+    return q.num_states / batch_size if spec.estimator == "exact" else spec.options["num_samples"]
+
+
+def enumerable_config(cfg: Config, bias_latent_dim: int) -> Config:
+    """``cfg`` itself if its latent can be enumerated, else the same model with ``bias_latent_dim`` bits or
+    classes in one group."""
+    states = cfg.latent_dim**cfg.groups if cfg.latent == "categorical" else 2**cfg.latent_dim
+    if cfg.latent == "gaussian":
+        raise InputError("compare measures bias against enumeration: use a bernoulli or categorical latent")
+    if states <= EXACT_MAX_STATES:
+        return cfg
+    return dataclasses.replace(cfg, latent_dim=bias_latent_dim, groups=1)
+
+
+def bias_variance(model, x: torch.Tensor, specs: list[Spec], repeats: int) -> list[dict]:
+    """Per spec: encoder/decoder bias against the exact gradient of the loss on ``x`` with its noise floor, and the
+    encoder variance (plain and times evaluations per data point)."""
+    encoder = [p for p in model.encoder.parameters() if p.requires_grad]
+    decoder = [p for p in model.decoder.parameters() if p.requires_grad]
+    params = encoder + decoder
+    n_enc = sum(p.numel() for p in encoder)
+    truth = torch.cat([g.reshape(-1) for g in torch.autograd.grad(model(x, "exact").loss, params)])
+    q = model.posterior(x)
+    rows = []
+    for spec in specs:
+        samples = gradient_samples(lambda s=spec: model(x, s.estimator, **s.options).loss, params, repeats)
+        err, var = samples.mean(0) - truth, samples.var(0)
+        evals = evals_per_point(spec, q, len(x))
+        row = {"label": spec.label, "evals_per_point": evals}
+        for part, sl in (("encoder", slice(0, n_enc)), ("decoder", slice(n_enc, None))):
+            row[f"{part}_bias"] = err[sl].norm().item()
+            row[f"{part}_noise_floor"] = var[sl].sum().div(repeats).sqrt().item()
+            row[f"{part}_var"] = var[sl].mean().item()
+        row["encoder_var_per_eval"] = row["encoder_var"] * evals
+        row["truth_encoder_norm"] = truth[:n_enc].norm().item()
+        rows.append(row)
+    return rows
+
+
+def train_with_bounds(cfg: Config, data: Dataset, eval_every: int, x_eval: torch.Tensor, k: int,
+                      progress: bool) -> list[dict]:
+    """Train ``cfg`` to ``cfg.epochs`` in chunks of ``eval_every`` epochs, measuring the mean test IWAE bound after
+    each chunk; resumes a partial run and reuses the bounds already in its ``iwae.csv``."""
+    out = Path(cfg.out)
+    done = read_csv(out / IWAE_CSV) if (out / CHECKPOINT).exists() and (out / IWAE_CSV).exists() else []
+    for epoch in sorted({*range(eval_every, cfg.epochs, eval_every), cfg.epochs}):
+        if done and epoch <= done[-1]["epoch"]:
+            continue
+        state = train(dataclasses.replace(cfg, epochs=epoch), resume=(out / CHECKPOINT).exists(), progress=progress,
+                      data=data)
+        torch.manual_seed(cfg.seed + epoch)
+        last = state.history[-1]
+        bound = iwae_bound(state.model.eval(), x_eval, k).mean().item()
+        done.append({"epoch": last["epoch"], "step": last["step"], "time": last["time"], "test_iwae": bound})
+        write_csv(out / IWAE_CSV, done)
+    return done
+
+
+def _plot(path, fn) -> None:
+    fig = fn()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+
+
+def _bias_figure(rows: list[dict]):
+    """Bars on log axes; a zero (exact) is drawn at a tenth of the smallest non-zero value and labelled 0."""
+    fig, axes = plt.subplots(1, 2, figsize=(11, 0.5 * len(rows) + 1.6))
+    y = list(range(len(rows)))
+    panels = [("encoder_bias", "tab:red", "encoder gradient: ||mean error|| vs exact"),
+              ("encoder_var_per_eval", "tab:blue", "encoder variance x decoder evals / point")]
+    for ax, (key, color, title) in zip(axes, panels, strict=True):
+        values = [r[key] for r in rows]
+        low = min([v for v in values if v > 0], default=1.0) / 10
+        ax.barh(y, [max(v, low) for v in values], color=color)
+        for i, v in enumerate(values):
+            if v <= 0:
+                ax.text(low, i, " 0", va="center")
+        ax.set_xscale("log")
+        ax.set_yticks(y, [r["label"] for r in rows])
+        ax.invert_yaxis()
+        ax.set_title(title)
+    axes[0].scatter([r["encoder_noise_floor"] for r in rows], y, color="k", marker="|", s=200, zorder=3,
+                    label="noise floor of an unbiased estimator")
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def _curves_figure(curves: dict[str, dict]):
+    fig, axes = plt.subplots(2, 3, figsize=(15, 8))
+    for label, c in curves.items():
+        m, b = c["metrics"], c["bounds"]
+        for row, x in enumerate(("step", "time")):
+            axes[row, 0].plot([r[x] for r in m], [r["test_neg_elbo"] for r in m], marker=".", label=label)
+            axes[row, 1].plot([r[x] for r in b], [-r["test_iwae"] for r in b], marker=".", label=label)
+            pts = [(r[x], r["grad_encoder_var"]) for r in m if not math.isnan(r.get("grad_encoder_var", math.nan))]
+            if pts:
+                axes[row, 2].plot(*zip(*pts, strict=True), marker=".", label=label)
+    for row, x in enumerate(("training step", "training wall time (s)")):
+        for col, title in enumerate(("test -ELBO (nats)", "test -IWAE bound (nats)", "encoder gradient variance")):
+            axes[row, col].set_xlabel(x)
+            axes[row, col].set_title(title)
+        axes[row, 2].set_yscale("log")
+    axes[0, 0].legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def _fmt(v: float) -> str:
+    return f"{v:.3g}" if v == v else "-"
+
+
+def report_markdown(title: str, settings: dict, bias_rows: list[dict], final: list[dict]) -> str:
+    s = settings
+    lines = [f"# {title}", "", "## Settings", ""]
+    lines += [f"- {k}: `{v}`" for k, v in s.items()]
+    lines += ["", "Equal budget: every sampling estimator has the same M decoder evaluations per data point and step "
+              "(disarm: M/2 antithetic pairs); exact decodes each latent state once per batch.", "",
+              "## Bias and variance against the exact gradient", "",
+              f"Model: {s['bias_model']}, fixed batch of {s['bias_batch']} training points, "
+              f"{s['bias_repeats']} independent estimates each. Bias = norm of the mean error; noise floor = "
+              "sqrt(tr Cov / R), the size an unbiased estimator's mean error has from noise alone. vimco estimates "
+              "the gradient of the IWAE bound, a different objective, so its 'bias' here is that difference.", "",
+              "| estimator | evals/point | encoder bias | noise floor | decoder bias | noise floor | encoder var | "
+              "var x evals |", "|---|---|---|---|---|---|---|---|"]
+    for r in bias_rows:
+        lines.append(f"| {r['label']} | {_fmt(r['evals_per_point'])} | {_fmt(r['encoder_bias'])} | "
+                     f"{_fmt(r['encoder_noise_floor'])} | {_fmt(r['decoder_bias'])} | "
+                     f"{_fmt(r['decoder_noise_floor'])} | {_fmt(r['encoder_var'])} | "
+                     f"{_fmt(r['encoder_var_per_eval'])} |")
+    lines += ["", f"(norm of the exact encoder gradient: {_fmt(bias_rows[0]['truth_encoder_norm'])})", "",
+              "![bias and variance](bias_variance.png)", ""]
+    if not final:
+        return "\n".join(lines)
+    lines += ["## Training", "",
+              f"{s['epochs']} epochs each; test IWAE bound with K = {s['iwae_k']} on {s['iwae_n']} test points "
+              f"every {s['eval_every']} epochs; final bound with K = {s['final_k']} on {s['final_n']} test points. "
+              "Test -ELBO is the single-sample Monte Carlo ELBO on the whole test set (same for every estimator). "
+              "Time per step excludes evaluation. Encoder-gradient variance: per-coordinate variance of R "
+              "estimates on a fixed training batch, at the last recorded epoch.", "",
+              "| estimator | epochs | steps | test -ELBO | test -IWAE (final) | time/step (ms) | train time (s) | "
+              "encoder var |", "|---|---|---|---|---|---|---|---|"]
+    for r in final:
+        lines.append(f"| {r['label']} | {r['epochs']} | {r['steps']} | {r['test_neg_elbo']:.2f} | "
+                     f"{r['test_neg_iwae']:.2f} | {r['ms_per_step']:.1f} | {r['train_time']:.0f} | "
+                     f"{_fmt(r['encoder_var'])} |")
+    lines += ["", "![training curves](curves.png)", ""]
+    return "\n".join(lines)
+
+
+def train_and_evaluate(base: Config, spec: Spec, out: Path, data: Dataset, eval_every: int, x_eval: torch.Tensor,
+                       iwae_k: int, x_final: torch.Tensor, final_k: int, progress: bool) -> tuple[dict, dict]:
+    """Train ``spec`` (in ``out/runs/LABEL``) with bounds along the way; its curves and its row of the final table."""
+    cfg = dataclasses.replace(base, estimator=spec.estimator, estimator_options=spec.options,
+                              out=str(out / "runs" / spec.label.replace("/", "_")))
+    bounds = train_with_bounds(cfg, data, eval_every, x_eval, iwae_k, progress)
+    metrics = read_csv(Path(cfg.out) / "metrics.csv")
+    model = model_for(cfg, data)
+    model.load_state_dict(load_checkpoint(cfg.out)["model"])
+    torch.manual_seed(base.seed)
+    neg_iwae = -iwae_bound(model.eval(), x_final, final_k).mean().item()
+    variances = [r["grad_encoder_var"] for r in metrics if not math.isnan(r.get("grad_encoder_var", math.nan))]
+    last = metrics[-1]
+    row = {"label": spec.label, "epochs": int(last["epoch"]), "steps": int(last["step"]),
+           "test_neg_elbo": last["test_neg_elbo"], "test_neg_iwae": neg_iwae,
+           "ms_per_step": 1e3 * last["time"] / last["step"], "train_time": last["time"],
+           "encoder_var": variances[-1] if variances else math.nan}
+    return {"metrics": metrics, "bounds": bounds}, row
+
+
+def compare(base: Config, specs: list[Spec], out, eval_every: int = 5, iwae_k: int = 100, iwae_n: int = 1000,
+            final_k: int = 1000, final_n: int = 10000, bias_latent_dim: int = 10, bias_epochs: int = 1,
+            bias_batch: int = 100, bias_repeats: int = 200, data: Dataset | None = None,
+            progress: bool = False) -> dict:
+    """Run the comparison described in the module docstring; returns what ``results.json`` holds."""
+    if not specs:
+        raise InputError("compare needs at least one estimator")
+    if len({s.label for s in specs}) != len(specs):
+        raise InputError("each estimator spec may appear only once")
+    if min(eval_every, iwae_k, iwae_n, final_k, final_n, bias_batch) < 1 or bias_repeats < 2 or base.epochs < 0:
+        raise InputError("--eval-every, --iwae-k/-n, --final-k/-n and --bias-batch must be positive, --epochs at "
+                         "least 0 (0: bias and variance only) and --bias-repeats at least 2")
+    out = Path(out)
+    data = data or load_dataset(base.dataset, base.data_dir, base.download)
+
+    small = enumerable_config(base, bias_latent_dim)
+    small = dataclasses.replace(small, estimator="exact", estimator_options={}, estimator_schedule={},
+                                epochs=bias_epochs, grad_var_every=0, out=str(out / "bias_model"))
+    if bias_epochs:
+        model = train(small, resume=(out / "bias_model" / CHECKPOINT).exists(), progress=progress, data=data).model
+    else:
+        torch.manual_seed(base.seed)
+        model = model_for(small, data)
+    model = model.double()
+    x = fixed_binarization(data.x_train[:bias_batch].double(), base.binarize, base.seed)
+    torch.manual_seed(base.seed)
+    bias_rows = bias_variance(model, x, specs, bias_repeats)
+    _plot(out / "bias_variance.png", lambda: _bias_figure(bias_rows))
+
+    x_eval = fixed_binarization(data.x_test[:iwae_n], base.binarize, base.seed)
+    x_final = fixed_binarization(data.x_test[:final_n], base.binarize, base.seed)
+    final = []
+    if base.epochs:
+        curves = {}
+        for spec in specs:
+            curves[spec.label], row = train_and_evaluate(base, spec, out, data, eval_every, x_eval, iwae_k, x_final,
+                                                         final_k, progress)
+            final.append(row)
+        _plot(out / "curves.png", lambda: _curves_figure(curves))
+
+    settings = {"dataset": base.dataset, "arch": base.arch, "latent": f"{base.latent} {base.latent_dim}"
+                + (f" x {base.groups} groups" if base.groups > 1 else ""), "binarize": base.binarize,
+                "batch_size": base.batch_size, "lr": base.lr, "seed": base.seed, "epochs": base.epochs,
+                "bias_model": f"{small.arch}, {small.latent} {small.latent_dim}"
+                + (f" x {small.groups}" if small.groups > 1 else "") + f", after {bias_epochs} epoch(s) of exact",
+                "bias_batch": bias_batch, "bias_repeats": bias_repeats, "eval_every": eval_every, "iwae_k": iwae_k,
+                "iwae_n": len(x_eval), "final_k": final_k, "final_n": len(x_final)}
+    results = {"settings": settings, "bias_variance": bias_rows, "final": final}
+    write_json(out / "results.json", results)
+    title = f"Estimators compared: {base.dataset}, {settings['arch']}, {settings['latent']}"
+    with atomic_path(out / "report.md") as tmp:
+        tmp.write_text(report_markdown(title, settings, bias_rows, final))
+    return results
+

@@ -1,0 +1,129 @@
+"""``discvae reproduce``: the experiment grid of Bartler et al. (2019), section VI, and its ``report.md``.
+
+Each model trains in ``OUT/<name>`` with the paper's settings (importance estimator with xi = eta and M = 1, Adam
+with lr 1e-3, batch 2048, seed 0, grey values with a Bernoulli likelihood). A run directory that already holds a
+checkpoint is resumed, so an interrupted or separately started run is picked up; ``epochs`` is the number each run
+is trained to at least (a run already past it is evaluated as it is); do not point it at a run another process is
+still training. Each run is then evaluated (``eval.json``, reused while it matches the checkpoint's epoch), the
+figures of every dataset group are drawn into ``OUT/figures/<group>/`` and ``OUT/report.md`` tabulates the final
+metrics and embeds the figures.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from .errors import InputError
+from .evaluation import EVAL, evaluate_run
+from .figures import plot_runs
+from .runs import CHECKPOINT, atomic_path, load_checkpoint
+from .training import Config, train
+
+# name -> (figure group, its dataset, architecture and latent); the rest is PAPER
+GRID = {
+    "fc_bvae_mnist": ("mnist", {"dataset": "mnist", "arch": "fc", "latent": "bernoulli", "latent_dim": 50}),
+    "fc_cvae_mnist": ("mnist", {"dataset": "mnist", "arch": "fc", "latent": "categorical", "latent_dim": 100}),
+    "cnn_bvae_mnist": ("mnist", {"dataset": "mnist", "arch": "cnn", "latent": "bernoulli", "latent_dim": 50}),
+    "cnn_cvae_mnist": ("mnist", {"dataset": "mnist", "arch": "cnn", "latent": "categorical", "latent_dim": 100}),
+    "fc_bvae_fashion": ("fashion", {"dataset": "fashion-mnist", "arch": "fc", "latent": "bernoulli",
+                                    "latent_dim": 50}),
+}
+PAPER = {"estimator": "importance", "estimator_options": {"num_samples": 1}, "batch_size": 2048, "lr": 1e-3,
+         "seed": 0, "binarize": "none", "likelihood": "bernoulli"}
+REPORT = "report.md"
+
+
+def select(only: str | None) -> list[str]:
+    """The grid members named in the comma-separated ``only`` (all when None), in grid order."""
+    if not only:
+        return list(GRID)
+    wanted = [s.strip() for s in only.split(",") if s.strip()]
+    unknown = [s for s in wanted if s not in GRID]
+    if unknown or not wanted:
+        raise InputError(f"unknown model {', '.join(unknown) or repr(only)} in --only; choose from {', '.join(GRID)}")
+    return [name for name in GRID if name in wanted]
+
+
+def config(name: str, out, epochs: int, dataset: str | None = None, data_dir: str | None = None,
+           grad_var_every: int = 5) -> Config:
+    """The paper's configuration of grid member ``name`` in ``out/name``; ``dataset`` replaces its dataset."""
+    fields = {**PAPER, **GRID[name][1], "epochs": epochs, "data_dir": data_dir, "grad_var_every": grad_var_every,
+              "out": str(Path(out) / name)}
+    if dataset:
+        fields["dataset"] = dataset
+    return Config(**fields)
+
+
+def current_evaluation(run: Path) -> dict | None:
+    """``eval.json`` of ``run`` if it was computed for the checkpoint's epoch, else None."""
+    path = run / EVAL
+    if not path.is_file():
+        return None
+    saved = json.loads(path.read_text())
+    return saved if saved.get("epoch") == load_checkpoint(run)["epoch"] else None
+
+
+def _fmt(value, digits: int = 2) -> str:
+    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
+
+
+def report_table(results: dict[str, dict]) -> str:
+    """The Markdown table of the final test metrics of each model (``results``: name -> eval.json)."""
+    head = ("| model | epochs | train time | test -ELBO | E ln p(x\\|z) | KL | IWAE bound ln p(x) (K) | exact ln p(x) "
+            "| active units | used categories | H(q(z\\|x)) bits | H(q(z)) bits | eval time |\n"
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n")
+    lines = []
+    for name, r in results.items():
+        t = r["test"]
+        used = t.get("used_categories")
+        lines.append(
+            f"| {name} | {r['epoch']} | {r['train_seconds'] / 60:.1f} min | {_fmt(t['neg_elbo'])} | "
+            f"{_fmt(t['expected_ll'])} | {_fmt(t['kl'])} | {_fmt(t['iwae'])} ({r['k']}) | "
+            f"{_fmt(t.get('exact_log_px'))} | {t['active_units']} | {'-' if used is None else used} | "
+            f"{_fmt(t.get('posterior_entropy_bits'))} | {_fmt(t.get('aggregate_entropy_bits'))} | "
+            f"{t['seconds'] / 60:.1f} min |")
+    return head + "\n".join(lines) + "\n"
+
+
+def write_report(out: Path, results: dict[str, dict], figures: dict[str, list[Path]], command: str) -> Path:
+    """``out/report.md``: the command, the metrics table and every figure, embedded by relative path."""
+    text = [f"# Reproduction of Bartler et al. (2019)\n\nProduced by `{command}`.\n",
+            "Test-set metrics in nats per image (ln p(x) bounds: higher is better; -ELBO: lower is better); train "
+            "time is the optimisation wall time. Active units: Var_x E_q[z_i|x] > 0.01 (Burda et al. 2016); used "
+            "categories: aggregate posterior mass above 1/(10c). H(q(z)) is exact for one categorical group and "
+            "the sum of the per-bit marginal entropies (an upper bound) for Bernoulli bits.\n",
+            report_table(results)]
+    for group, paths in figures.items():
+        text.append(f"\n## {group}\n")
+        text += [f"![{p.stem}]({p.relative_to(out).as_posix()})\n" for p in paths]
+    path = out / REPORT
+    with atomic_path(path) as tmp:
+        tmp.write_text("\n".join(text))
+    return path
+
+
+def reproduce(out, only: str | None = None, epochs: int = 300, dataset: str | None = None,
+              data_dir: str | None = None, k: int = 1000, chunk: int = 100, grad_var_every: int = 5,
+              reevaluate: bool = False, progress: bool = True, command: str = "discvae reproduce") -> Path:
+    """Train (or resume), evaluate and plot the selected grid members in ``out``; returns the report's path."""
+    out = Path(out)
+    names = select(only)
+    configs = {name: config(name, out, epochs, dataset, data_dir, grad_var_every).check() for name in names}
+    results = {}
+    for name, cfg in configs.items():
+        run = Path(cfg.out)
+        done = load_checkpoint(run)["epoch"] if (run / CHECKPOINT).is_file() else None
+        if done is None or done < epochs:
+            print(f"{name}: {'training' if done is None else f'resuming at epoch {done}'} to {epochs} epochs "
+                  f"in {run}", flush=True)
+            train(cfg, resume=done is not None, progress=progress)
+        results[name] = None if reevaluate else current_evaluation(run)
+        if results[name] is None:
+            print(f"{name}: evaluating (K = {k})", flush=True)
+            results[name] = evaluate_run(run, k, chunk)
+    figures = {}
+    for group in dict.fromkeys(GRID[name][0] for name in names):
+        runs = [configs[name].out for name in names if GRID[name][0] == group]
+        figures[group] = plot_runs(runs, out / "figures" / group)
+    return write_report(out, results, figures, command)

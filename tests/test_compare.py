@@ -1,0 +1,112 @@
+"""``discvae compare`` on the embedded digits, ``discvae train`` with every estimator, and the option schedule."""
+import json
+import math
+
+import matplotlib.image as mpimg
+import pytest
+
+from discvae import Config, Dataset, load_dataset
+from discvae.cli import main
+from discvae.compare import compare, parse_spec
+from discvae.estimators import ESTIMATORS
+from discvae.training import estimator_options
+
+SPECS = ["importance:num_samples=1", "rloo", "disarm", "vimco", "gumbel:tau=0.5", "st-gumbel", "straight-through",
+         "exact"]
+
+
+@pytest.fixture(scope="module")
+def digits():
+    d = load_dataset("digits")
+    return Dataset(d.name, d.x_train[:512], d.y_train[:512], d.x_test[:128], d.y_test[:128])
+
+
+def test_compare_on_digits_writes_its_report(tmp_path, digits):
+    base = Config(dataset="digits", latent_dim=6, epochs=2, batch_size=128, binarize="dynamic", grad_var_every=1,
+                  grad_var_repeats=3)
+    specs = [parse_spec(s, 2) for s in SPECS]
+    kwargs = dict(eval_every=1, iwae_k=5, iwae_n=64, final_k=10, final_n=128, bias_batch=16, bias_repeats=30,
+                  data=digits)
+    results = compare(base, specs, tmp_path, **kwargs)
+    report = (tmp_path / "report.md").read_text()
+    for s in SPECS:
+        assert f"| {s} |" in report
+    for png in ("bias_variance.png", "curves.png"):
+        assert mpimg.imread(tmp_path / png).shape[0] > 100
+    rows = {r["label"]: r for r in results["bias_variance"]}
+    assert rows["exact"]["encoder_bias"] < 1e-10 and rows["exact"]["encoder_var"] == 0
+    assert rows["exact"]["evals_per_point"] == 2**6 / 16 and rows["disarm"]["evals_per_point"] == 2
+    final = {r["label"]: r for r in results["final"]}
+    assert all(r["epochs"] == 2 and r["steps"] == 8 and math.isfinite(r["test_neg_iwae"]) for r in final.values())
+    assert json.loads((tmp_path / "results.json").read_text())["settings"]["epochs"] == 2
+    # restarting resumes: finished runs are reused, not retrained
+    metrics = (tmp_path / "runs" / "rloo" / "metrics.csv").read_text()
+    compare(base, specs[1:2], tmp_path, **kwargs)
+    assert (tmp_path / "runs" / "rloo" / "metrics.csv").read_text() == metrics
+
+
+def test_compare_with_zero_epochs_measures_bias_and_variance_only(tmp_path, digits):
+    base = Config(dataset="digits", latent="categorical", latent_dim=5, groups=2, epochs=0, batch_size=128)
+    results = compare(base, [parse_spec("rloo", 2), parse_spec("exact", 2)], tmp_path, bias_epochs=0, bias_batch=8,
+                      bias_repeats=5, data=digits)
+    assert results["final"] == [] and not (tmp_path / "runs").exists() and not (tmp_path / "curves.png").exists()
+    assert "## Training" not in (tmp_path / "report.md").read_text()
+    assert results["bias_variance"][1]["evals_per_point"] == 25 / 8  # 5^2 states decoded once per batch of 8
+
+
+def run_cli(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_compare_cli(tmp_path, capsys):
+    code, out, err = run_cli(capsys, "compare", "rloo", "exact", "--latent-dim", "4", "--epochs", "1",
+                             "--batch-size", "512", "--iwae-k", "3", "--iwae-n", "20", "--final-k", "3", "--final-n",
+                             "20", "--bias-batch", "8", "--bias-repeats", "4", "--out", tmp_path / "c", "--quiet")
+    assert code == 0, err
+    assert out.strip() == str(tmp_path / "c" / "report.md")
+    code, _, err = run_cli(capsys, "compare", "rloo:num_samples", "--out", tmp_path / "d")
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "key=value" in err
+    code, _, err = run_cli(capsys, "compare", "reinforce", "--out", tmp_path / "d")
+    assert code == 2 and "unknown estimator" in err
+
+
+@pytest.mark.parametrize("estimator", [e for e in ESTIMATORS if e != "reparam"])
+def test_train_runs_with_every_estimator(tmp_path, capsys, estimator):
+    code, out, err = run_cli(capsys, "train", "--dataset", "digits", "--latent-dim", "6", "--epochs", "1",
+                             "--batch-size", "512", "--num-samples", "2", "--estimator", estimator,
+                             "--grad-var-repeats", "2", "--out", tmp_path / "run", "--quiet")
+    assert code == 0, err
+    assert len((tmp_path / "run" / "metrics.csv").read_text().splitlines()) == 2
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["--latent", "categorical", "--estimator", "disarm", "--num-samples", "2"], "disarm needs a bernoulli latent"),
+    (["--latent-dim", "50", "--estimator", "exact"], "limit is 4096"),
+    (["--estimator", "vimco"], "vimco needs --num-samples of at least 2"),
+    (["--estimator", "gumbel", "--tau", "-1"], "tau must be positive"),
+    (["--estimator", "gumbel", "--tau-anneal", "1", "0.5", "-2"], "schedule of tau"),
+])
+def test_bad_estimator_combinations_fail_before_training(tmp_path, capsys, argv, match):
+    code, _, err = run_cli(capsys, "train", "--dataset", "digits", "--out", tmp_path / "run", "--quiet", *argv)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and match in err, err
+    assert not (tmp_path / "run" / "metrics.csv").exists()
+
+
+def test_tau_anneal_is_a_plain_data_schedule_and_resumes(tmp_path, capsys):
+    run = tmp_path / "run"
+    code, _, err = run_cli(capsys, "train", "--dataset", "digits", "--latent", "categorical", "--latent-dim", "4",
+                           "--estimator", "st-gumbel", "--tau-anneal", "1.0", "0.5", "0.1", "--epochs", "1",
+                           "--batch-size", "512", "--out", run, "--quiet")
+    assert code == 0, err
+    cfg = Config.from_dict(json.loads((run / "config.json").read_text()))
+    assert cfg.estimator_schedule == {"tau": [1.0, 0.5, 0.1]}
+    assert estimator_options(cfg, 0)["tau"] == 1.0
+    assert estimator_options(cfg, 3)["tau"] == pytest.approx(math.exp(-0.3))
+    assert estimator_options(cfg, 100)["tau"] == 0.5
+    code, _, err = run_cli(capsys, "train", "--resume", "--out", run, "--epochs", "2", "--quiet")
+    assert code == 0, err
+    code, _, err = run_cli(capsys, "train", "--resume", "--out", run, "--epochs", "3", "--tau-anneal", "1", "0.1",
+                           "0.1", "--quiet")
+    assert code == 2 and "cannot change tau" in err

@@ -1,0 +1,189 @@
+"""The IWAE bound against exact ln p(x) on enumerable models; exact ln p(x) against brute force; latent usage;
+``discvae evaluate``."""
+import json
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from discvae.cli import main
+from discvae.evaluation import exact_log_likelihood, iwae_bound, latent_usage, state_index
+from discvae.models import VAE
+from helpers import Z_MAX, exact_expected_ll, tiny_data, tiny_model
+
+
+def repeated_bounds(model, x, k: int, repeats: int) -> torch.Tensor:
+    """``repeats`` independent K-sample bounds per row of ``x``, shape [repeats, N]."""
+    return iwae_bound(model, x.repeat(repeats, 1), k=k, chunk=64, batch_size=len(x) * repeats).view(repeats, -1)
+
+
+@pytest.mark.parametrize("latent, classes, groups", [("bernoulli", 3, 1), ("categorical", 4, 1),
+                                                     ("categorical", 3, 2)])
+def test_iwae_is_below_exact_and_approaches_it(latent, classes, groups):
+    """E[IWAE_K] = ELBO for K = 1 (checked against enumeration), rises with K, stays <= ln p(x), and reaches it.
+
+    The encoder is scaled up so q(z|x) is overconfident and the ELBO is > 0.2 nats below ln p(x). Each mean over R
+    repeats is compared within Z_MAX standard errors (helpers.Z_MAX: a correct bound fails with probability < 1e-4);
+    at K = 20000 the gap is below 5% of the ELBO's (asymptotically it shrinks like Var(w) / (2 K p(x)^2)).
+    """
+    torch.manual_seed(0)
+    model, x = tiny_model(latent, classes, groups), tiny_data()
+    with torch.no_grad():
+        model.encoder.weight.mul_(5)
+        model.encoder.bias.mul_(5)
+    exact = exact_log_likelihood(model, x)
+    elbo = exact_expected_ll(model, x) - model.posterior(x).kl_to_prior()
+    assert (elbo < exact - 0.2).all()
+    stats = []
+    for k, repeats in ((1, 4000), (10, 1000), (100, 200), (20000, 10)):
+        bounds = repeated_bounds(model, x, k, repeats)
+        stats.append((bounds.mean(0), bounds.std(0) / repeats**0.5))
+        mean, se = stats[-1]
+        assert (mean <= exact + Z_MAX * se).all()
+        if k == 1:
+            assert ((mean - elbo).abs() <= Z_MAX * se).all()
+    for (lower, se_l), (higher, se_h) in zip(stats, stats[1:], strict=False):
+        assert (lower < higher + Z_MAX * (se_l**2 + se_h**2).sqrt()).all()
+    assert ((exact - stats[-1][0]).abs() < 0.05 * (exact - elbo)).all()
+
+
+class ExactPosteriorEncoder(nn.Module):
+    """Logits eta_k = ln p(x | z = e_k) + ln p(e_k) for one categorical group: q(z|x) = p(z|x) exactly."""
+
+    def __init__(self, vae: VAE):
+        super().__init__()
+        self.vae = [vae]  # not a submodule: no parameter sharing in state_dict
+
+    def forward(self, x):
+        vae = self.vae[0]
+        states = torch.eye(vae.latent_dim, dtype=x.dtype)[:, None, :]
+        return vae.log_likelihood(x, states).T
+
+
+def test_iwae_equals_exact_when_the_posterior_is_exact():
+    model, x = tiny_model("categorical", 5), tiny_data(4)
+    model.encoder = ExactPosteriorEncoder(model)
+    exact = exact_log_likelihood(model, x)
+    for k in (1, 3, 50):
+        assert torch.allclose(iwae_bound(model, x, k=k, chunk=2), exact, atol=1e-10, rtol=0)
+
+
+@pytest.mark.parametrize("latent", ["bernoulli", "categorical"])
+def test_iwae_equals_exact_when_z_carries_no_information(latent):
+    """A decoder that ignores z and an encoder that outputs the prior: q(z|x) = p(z) = p(z|x)."""
+    model, x = tiny_model(latent, 4), tiny_data()
+    with torch.no_grad():
+        model.encoder.weight.zero_()
+        model.encoder.bias.zero_()
+        model.decoder[0].weight.zero_()
+    exact = exact_log_likelihood(model, x)
+    assert torch.allclose(iwae_bound(model, x, k=7, chunk=3), exact, atol=1e-10, rtol=0)
+
+
+class Scripted:
+    """q(z|x) whose ``sample`` returns the rows of a fixed ``[K, B, dim]`` tensor in order."""
+
+    def __init__(self, q, z):
+        self.q, self.z, self.used = q, z, 0
+
+    def sample(self, n):
+        self.used += n
+        return self.z[self.used - n:self.used]
+
+    def __getattr__(self, name):
+        return getattr(self.q, name)
+
+
+@pytest.mark.parametrize("max_states", [0, 8])
+def test_iwae_matches_a_direct_computation(max_states):
+    """Chunks of K and batches of x give ln (1/K) sum_k p(x|z_k) p(z_k) / q(z_k|x), computed here term by term,
+    whether each sample is decoded (``max_states`` 0) or looked up in the table over all 8 states."""
+    model, x, k, bits = tiny_model("bernoulli", 3), tiny_data(5), 7, 3
+    z = torch.randint(0, 2, (k, len(x), bits), generator=torch.Generator().manual_seed(0)).double()
+    real_posterior, offset = model.posterior, [0]
+
+    def scripted_posterior(xb):
+        offset[0] += len(xb)
+        return Scripted(real_posterior(xb), z[:, offset[0] - len(xb):offset[0]])
+
+    model.posterior = scripted_posterior
+    bound = iwae_bound(model, x, k=k, chunk=3, batch_size=2, max_states=max_states)
+    with torch.no_grad():
+        for b in range(len(x)):
+            q = torch.sigmoid(model.encoder(x[b])).tolist()
+            weights = []
+            for j in range(k):
+                p = torch.sigmoid(model.decoder(z[j, b])).tolist()
+                log_px_z = sum(xd * math.log(pd) + (1 - xd) * math.log(1 - pd)
+                               for xd, pd in zip(x[b].tolist(), p, strict=True))
+                log_q = sum(math.log(qi if zi else 1 - qi) for qi, zi in zip(q, z[j, b].tolist(), strict=True))
+                weights.append(math.exp(log_px_z + bits * math.log(0.5) - log_q))
+            assert bound[b].item() == pytest.approx(math.log(sum(weights) / k), abs=1e-10)
+
+
+@pytest.mark.parametrize("latent, classes, groups", [("bernoulli", 4, 1), ("categorical", 5, 1),
+                                                     ("categorical", 3, 3)])
+def test_state_index_numbers_the_enumerated_states(latent, classes, groups):
+    model, x = tiny_model(latent, classes, groups), tiny_data()
+    states = model.posterior(x).enumerate()
+    assert torch.equal(state_index(model, states), torch.arange(len(states)))
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+def test_exact_categorical_log_likelihood_is_the_brute_force_sum(groups):
+    c = 4
+    model, x = tiny_model("categorical", c, groups), tiny_data()
+    got = exact_log_likelihood(model, x, batch_size=2)
+    for b in range(len(x)):
+        total = 0.0
+        for classes in torch.cartesian_prod(*[torch.arange(c)] * groups).reshape(-1, groups):
+            z = torch.zeros(groups, c, dtype=torch.float64)
+            z[torch.arange(groups), classes] = 1.0
+            total += math.exp(model.log_likelihood(x[b:b + 1], z.reshape(1, 1, -1)).item()) / c**groups
+        assert got[b].item() == pytest.approx(math.log(total), abs=1e-10)
+
+
+def test_latent_usage_of_an_unused_and_a_deterministic_code():
+    x = tiny_data(200)
+    model = tiny_model("bernoulli", 4)
+    with torch.no_grad():
+        model.encoder.weight.zero_()
+        model.encoder.bias.zero_()
+    usage = latent_usage(model, x)
+    assert usage["active_units"] == 0
+    assert usage["entropy_per_dim_bits"] == pytest.approx(1.0) and usage["aggregate_entropy_bits"] == pytest.approx(4)
+    assert usage["posterior_entropy_nats"] == pytest.approx(4 * math.log(2))
+    with torch.no_grad():  # bit 0 = [x_0 > 0.5] almost surely, bits 1-3 always 1
+        model.encoder.weight[0, 0] = 1e3
+        model.encoder.bias.copy_(torch.tensor([-500.0, 50.0, 50.0, 50.0]))
+    usage = latent_usage(model, x)
+    assert usage["active_units"] == 1 and usage["posterior_entropy_bits"] < 0.05
+    assert usage["aggregate_entropy_bits"] == pytest.approx(1.0, abs=0.05)
+    cat = tiny_model("categorical", 10)
+    with torch.no_grad():
+        cat.encoder.weight.zero_()
+        cat.encoder.bias.copy_(torch.tensor([0.0] * 9 + [-10.0]))  # class 9 gets mass 5e-5 < 1 / (10 * 10)
+    usage = latent_usage(cat, x)
+    assert usage["used_categories"] == 9 and usage["aggregate_entropy_bits"] == pytest.approx(math.log2(9), abs=1e-3)
+
+
+def test_evaluate_command(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", "--dataset", "digits", "--latent", "categorical", "--latent-dim", "6", "--groups", "2",
+                 "--binarize", "dynamic", "--epochs", "1", "--batch-size", "512", "--out", str(run), "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["evaluate", str(run), "--k", "20", "--chunk", "7", "--train-set"]) == 0
+    out = capsys.readouterr().out
+    result = json.loads((run / "eval.json").read_text())
+    assert "iwae (K=20)" in out and str(run / "eval.json") in out
+    assert result["k"] == 20 and result["epoch"] == 1 and result["binarize"] == "dynamic"
+    for split in ("test", "train"):
+        r = result[split]
+        assert r["neg_elbo"] == pytest.approx(r["kl"] - r["expected_ll"])
+        assert -r["neg_elbo"] - 1.0 < r["iwae"] <= r["exact_log_px"] + 0.5  # 36 states: exact is enumerated
+        assert 0 <= r["used_categories"] <= 12 and r["max_entropy_bits"] == pytest.approx(2 * math.log2(6))
+    assert main(["evaluate", str(run), "--k", "0"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "--k" in err
+    assert main(["evaluate", str(tmp_path / "missing")]) == 2
