@@ -11,14 +11,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from .distributions import _dot
 from .errors import InputError
-
-
-def _dot(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """sum_d x[b, d] * out[m, b', d] -> [M, B], broadcasting b' = 1 as a matmul."""
-    if out.shape[-2] == 1 and x.shape[0] != 1:
-        return out.squeeze(-2) @ x.T
-    return (out * x).sum(-1)
 
 
 class BernoulliLikelihood:
@@ -31,7 +25,7 @@ class BernoulliLikelihood:
 
     @staticmethod
     def log_prob(x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-        return _dot(x, logits) - F.softplus(logits).sum(-1)
+        return _dot(logits, x) - F.softplus(logits).sum(-1)
 
     @staticmethod
     def mean(logits: torch.Tensor) -> torch.Tensor:
@@ -46,7 +40,7 @@ class GaussianLikelihood:
     @staticmethod
     def log_prob(x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         x_hat = torch.sigmoid(logits)
-        sq = (x * x).sum(-1) - 2 * _dot(x, x_hat) + (x_hat * x_hat).sum(-1)
+        sq = (x * x).sum(-1) - 2 * _dot(x_hat, x) + (x_hat * x_hat).sum(-1)
         return -0.5 * sq - 0.5 * x.shape[-1] * math.log(2 * math.pi)
 
     @staticmethod
