@@ -10,10 +10,9 @@ exact / importance (target: <= 1).
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
+from timing import adam_step, interleaved_medians
 
 from discvae import build_model
 
@@ -33,24 +32,9 @@ def main():
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     x = torch.rand(B, 1, 28, 28)
 
-    def step_time(estimator: str) -> float:
-        def step():
-            loss = model(x, estimator, num_samples=1).loss
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-
-        step()
-        start = time.perf_counter()
-        for _ in range(args.steps):
-            step()
-        return (time.perf_counter() - start) / args.steps
-
-    times = {"importance": [], "exact": []}
-    for _ in range(args.rounds):
-        for name, ts in times.items():
-            ts.append(step_time(name))
-    t_imp, t_exact = statistics.median(times["importance"]), statistics.median(times["exact"])
+    t = interleaved_medians({name: adam_step(model, opt, x, name, num_samples=1) for name in ("importance", "exact")},
+                            args.rounds, args.steps)
+    t_imp, t_exact = t["importance"], t["exact"]
     print(f"threads                  {torch.get_num_threads()}")
     print(f"importance M=1 step      {t_imp * 1e3:.1f} ms")
     print(f"exact (100 states) step  {t_exact * 1e3:.1f} ms")

@@ -8,10 +8,9 @@ this run, interleaved in rounds so machine noise hits both alike; the medians ov
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
+from timing import adam_step, interleaved_medians
 
 from discvae import build_model
 
@@ -36,14 +35,6 @@ def gemm_shapes():
     return shapes
 
 
-def time_it(fn, reps: int) -> float:
-    fn()
-    start = time.perf_counter()
-    for _ in range(reps):
-        fn()
-    return (time.perf_counter() - start) / reps
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=7)
@@ -57,12 +48,6 @@ def main():
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     x = torch.rand(B, 1, 28, 28)
 
-    def step():
-        loss = model(x, "importance", num_samples=1).loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-
     mats = [(torch.randn(m, k), torch.randn(k, n)) for m, k, n in gemm_shapes()]
     gemm_flops = sum(2 * m * k * n for m, k, n in gemm_shapes())
 
@@ -70,11 +55,9 @@ def main():
         for a, b in mats:
             torch.mm(a, b)
 
-    step_t, gemm_t = [], []
-    for _ in range(args.rounds):
-        step_t.append(time_it(step, args.steps))
-        gemm_t.append(time_it(gemms, args.steps))
-    t_step, t_gemm = statistics.median(step_t), statistics.median(gemm_t)
+    t = interleaved_medians({"step": adam_step(model, opt, x, "importance", num_samples=1), "gemms": gemms},
+                            args.rounds, args.steps)
+    t_step, t_gemm = t["step"], t["gemms"]
     achieved, peak = step_flops() / t_step, gemm_flops / t_gemm
     print(f"threads              {torch.get_num_threads()}")
     print(f"step time            {t_step * 1e3:.1f} ms  ({B / t_step:,.0f} examples/s)")
