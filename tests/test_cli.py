@@ -43,6 +43,7 @@ def assert_one_line_error(code, err, match):
     (["train", "--dataset", "cifar"], "unknown dataset"),
     (["train", "--dataset", "digits", "--epochs", "-1"], "--epochs"),
     (["train", "--dataset", "digits", "--latent", "poisson"], "invalid choice"),
+    (["train", "--dataset", "digits", "--init", "xavier"], "invalid choice"),
     (["train", "--dataset", "digits", "--epochs", "two"], "invalid int"),
     (["train", "--dataset", "digits", "--baseline", "loo"], "num-samples"),
     (["train", "--dataset", "digits", "--device", "cuda:0"] if "torch" else [], "CUDA"),

@@ -57,7 +57,8 @@ def test_shared_state_decoding_matches_per_row():
 
 
 @pytest.mark.parametrize("kwargs,match", [({"arch": "mlp"}, "architecture"), ({"latent": "poisson"}, "latent"),
-                                          ({"latent_dim": 0}, "not valid"), ({"likelihood": "beta"}, "likelihood")])
+                                          ({"latent_dim": 0}, "not valid"), ({"likelihood": "beta"}, "likelihood"),
+                                          ({"init": "xavier"}, "init")])
 def test_bad_model_arguments(kwargs, match):
     args = {"arch": "fc", "input_shape": (1, 8, 8), **kwargs}
     with pytest.raises(InputError, match=match):
@@ -78,3 +79,29 @@ def test_benchmark_architectures_of_the_estimator_literature(arch, hidden):
     terms = model(x, "disarm", num_samples=2)
     terms.loss.backward()
     assert torch.isfinite(terms.loss) and all(p.grad is not None for p in model.parameters())
+
+
+def test_he_init_draws_weights_with_variance_2_over_fan_in():
+    """Every layer's weights have sample variance 2 / fan_in within 5 standard errors (the sample variance of n
+    normal draws has relative standard error sqrt(2 / n)); biases are zero."""
+    torch.manual_seed(0)
+    model = build_model("cnn", (1, 28, 28), "bernoulli", 50, init="he")
+    layers = [m for m in model.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d, torch.nn.ConvTranspose2d))]
+    assert len(layers) == 9  # 3 conv + FC, FC + 4 transposed conv
+    for layer in layers:
+        w = layer.weight.detach()
+        fan_in = torch.nn.init._calculate_fan_in_and_fan_out(w)[0]
+        target = 2 / fan_in
+        assert abs(w.var().item() / target - 1) < 5 * (2 / w.numel()) ** 0.5, layer
+        assert not layer.bias.any()
+
+
+def test_torch_init_is_pytorchs_default():
+    torch.manual_seed(3)
+    default = build_model("fc", (1, 8, 8), "bernoulli", 5)
+    torch.manual_seed(3)
+    explicit = build_model("fc", (1, 8, 8), "bernoulli", 5, init="torch")
+    for a, b in zip(default.parameters(), explicit.parameters(), strict=True):
+        assert torch.equal(a, b)
+    bound = 1 / 64 ** 0.5  # nn.Linear's default: U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for weights and biases
+    assert default.encoder[1].weight.abs().max() <= bound and default.encoder[1].bias.any()

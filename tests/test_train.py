@@ -1,5 +1,6 @@
 """Training on real MNIST lowers the loss; resuming an interrupted run reproduces the uninterrupted one."""
 import csv
+import json
 
 import pytest
 import torch
@@ -87,3 +88,16 @@ def test_refuses_to_overwrite_or_to_resume_with_another_model(tmp_path):
     cfg.latent_dim = 9
     with pytest.raises(InputError, match="latent_dim"):
         train(cfg, resume=True, progress=False, data=data)
+    cfg.latent_dim, cfg.init = 8, "he"
+    with pytest.raises(InputError, match="init"):
+        train(cfg, resume=True, progress=False, data=data)
+
+
+def test_init_is_part_of_the_run(tmp_path):
+    """``init='he'`` changes the starting point and is saved, so ``load_run`` rebuilds the same model."""
+    data = small_digits()
+    runs = {init: train(Config(dataset="digits", latent_dim=8, epochs=0, init=init, out=str(tmp_path / init)),
+                        progress=False, data=data) for init in ("torch", "he")}
+    assert not torch.equal(params(runs["torch"].model), params(runs["he"].model))
+    assert not runs["he"].model.encoder[1].bias.any()
+    assert json.loads((tmp_path / "he" / "config.json").read_text())["init"] == "he"

@@ -17,7 +17,7 @@ from .distributions import FAMILIES
 from .errors import InputError
 from .estimators import BASELINES, ESTIMATORS
 from .likelihoods import BINARIZE, LIKELIHOODS
-from .models import ARCHS
+from .models import ARCHS, INITS
 from .runs import read_config
 from .training import RESUMABLE, Config, load_run, train
 
@@ -42,6 +42,8 @@ def _add_train(sub):
                    "else ~/.cache/discvae)")
     p.add_argument("--download", action="store_true", help="fetch missing MNIST/Fashion-MNIST files")
     p.add_argument("--arch", choices=ARCHS, help=f"Table I architecture (default {d.arch})")
+    p.add_argument("--init", choices=INITS, help="weight initialisation: torch (PyTorch's default) or he "
+                   "(N(0, 2/fan_in), zero biases) (default torch)")
     p.add_argument("--latent", choices=list(FAMILIES), help=f"latent family (default {d.latent})")
     p.add_argument("--latent-dim", type=int, help=f"bits, classes per group, or Gaussian dims (default {d.latent_dim})")
     p.add_argument("--groups", type=int, help="independent categorical groups (default 1)")
@@ -212,6 +214,7 @@ def _add_compare(sub):
     p.add_argument("--dataset", default="digits", help="(default digits)")
     p.add_argument("--data-dir")
     p.add_argument("--arch", choices=ARCHS, default=d.arch)
+    p.add_argument("--init", choices=INITS, default=d.init)
     p.add_argument("--latent", choices=("bernoulli", "categorical"), default=d.latent)
     p.add_argument("--latent-dim", type=int, default=d.latent_dim)
     p.add_argument("--groups", type=int, default=1)
@@ -243,8 +246,9 @@ def cmd_compare(args) -> None:
     from .compare import compare, parse_spec
 
     specs = [parse_spec(s, args.num_samples) for s in args.estimators]
-    base = Config(dataset=args.dataset, data_dir=args.data_dir, arch=args.arch, latent=args.latent,
-                  latent_dim=args.latent_dim, groups=args.groups, binarize=args.binarize, epochs=args.epochs,
+    base = Config(dataset=args.dataset, data_dir=args.data_dir, arch=args.arch, init=args.init,
+                  latent=args.latent, latent_dim=args.latent_dim, groups=args.groups, binarize=args.binarize,
+                  epochs=args.epochs,
                   batch_size=args.batch_size, lr=args.lr, seed=args.seed, grad_var_every=args.grad_var_every,
                   grad_var_repeats=args.grad_var_repeats, device=args.device, out=args.out).check()
     compare(base, specs, args.out, args.eval_every, args.iwae_k, args.iwae_n, args.final_k, args.final_n,

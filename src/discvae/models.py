@@ -13,6 +13,7 @@ from .estimators import ESTIMATORS
 from .likelihoods import LIKELIHOODS
 
 ARCHS = ("fc", "cnn", "linear", "nonlinear")
+INITS = ("torch", "he")
 
 
 class Terms(NamedTuple):
@@ -135,9 +136,24 @@ def cnn(input_shape, param_dim: int, latent_dim: int):
     return encoder, nn.Sequential(*layers)
 
 
+def initialize(module: nn.Module, init: str) -> nn.Module:
+    """Initialise the weights of ``module`` in place: ``torch`` keeps PyTorch's defaults (uniform with bound
+    1/sqrt(fan_in)); ``he`` draws every Linear / Conv / ConvTranspose weight from N(0, 2 / fan_in) (He et al. 2015,
+    for ReLU; fan_in as ``torch.nn.init`` computes it) and zeroes the biases."""
+    if init not in INITS:
+        raise InputError(f"unknown init {init!r}; choose one of {', '.join(INITS)}")
+    if init == "he":
+        for layer in module.modules():
+            if isinstance(layer, (nn.Linear, nn.Conv2d, nn.ConvTranspose2d)):
+                nn.init.kaiming_normal_(layer.weight, nonlinearity="relu")
+                nn.init.zeros_(layer.bias)
+    return module
+
+
 def build_model(arch: str, input_shape, latent: str = "bernoulli", latent_dim: int = 50, groups: int = 1,
-                likelihood: str = "bernoulli") -> VAE:
-    """A VAE with the Table I architecture ``arch`` for data of shape ``input_shape`` ([C, H, W] or [D])."""
+                likelihood: str = "bernoulli", init: str = "torch") -> VAE:
+    """A VAE with the Table I architecture ``arch`` for data of shape ``input_shape`` ([C, H, W] or [D]), its
+    weights initialised by ``init`` (see :func:`initialize`)."""
     if arch not in ARCHS:
         raise InputError(f"unknown architecture {arch!r}; choose one of {', '.join(ARCHS)}")
     if latent not in FAMILIES:
@@ -149,4 +165,4 @@ def build_model(arch: str, input_shape, latent: str = "bernoulli", latent_dim: i
     dim = latent_dim * groups if latent == "categorical" else latent_dim
     encoder, decoder = {"fc": fc, "cnn": cnn, "linear": linear, "nonlinear": nonlinear}[arch](
         tuple(input_shape), param_dim, dim)
-    return VAE(encoder, decoder, latent, latent_dim, groups, likelihood)
+    return initialize(VAE(encoder, decoder, latent, latent_dim, groups, likelihood), init)

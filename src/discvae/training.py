@@ -21,7 +21,7 @@ from .errors import InputError
 from .estimators import ESTIMATORS
 from .gradients import gradient_variance
 from .likelihoods import BINARIZE, binarize
-from .models import VAE, build_model
+from .models import INITS, VAE, build_model
 from .runs import (
     CHECKPOINT,
     CONFIG,
@@ -45,6 +45,7 @@ class Config:
     data_dir: str | None = None
     download: bool = False
     arch: str = "fc"
+    init: str = "torch"
     latent: str = "bernoulli"
     latent_dim: int = 50
     groups: int = 1
@@ -77,6 +78,8 @@ class Config:
                 raise InputError(f"--{name} must be positive, got {value}")
         if self.estimator not in ESTIMATORS:
             raise InputError(f"unknown estimator {self.estimator!r}; choose one of {', '.join(ESTIMATORS)}")
+        if self.init not in INITS:
+            raise InputError(f"unknown init {self.init!r}; choose one of {', '.join(INITS)}")
         if self.binarize not in BINARIZE:
             raise InputError(f"unknown binarization {self.binarize!r}; choose one of {', '.join(BINARIZE)}")
         if self.grad_var_every < 0 or self.grad_var_repeats < 2:
@@ -170,7 +173,8 @@ class TrainState:
 
 
 def model_for(cfg: Config, data: Dataset) -> VAE:
-    return build_model(cfg.arch, data.x_train.shape[1:], cfg.latent, cfg.latent_dim, cfg.groups, cfg.likelihood)
+    return build_model(cfg.arch, data.x_train.shape[1:], cfg.latent, cfg.latent_dim, cfg.groups, cfg.likelihood,
+                       cfg.init)
 
 
 def train(cfg: Config, resume: bool = False, progress: bool = True, data: Dataset | None = None) -> TrainState:
