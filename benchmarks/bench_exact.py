@@ -9,29 +9,15 @@ exact / importance (target: <= 1).
 """
 from __future__ import annotations
 
-import argparse
-
 import torch
-from timing import adam_step, interleaved_medians
-
-from discvae import build_model
+from timing import adam_step, fc_model, interleaved_medians, parse_args
 
 B, C = 2048, 100
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=7)
-    parser.add_argument("--steps", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
-    args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    model = build_model("fc", (1, 28, 28), "categorical", C)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    x = torch.rand(B, 1, 28, 28)
-
+    args = parse_args(__doc__)
+    model, opt, x = fc_model("categorical", C, B)
     t = interleaved_medians({name: adam_step(model, opt, x, name, num_samples=1) for name in ("importance", "exact")},
                             args.rounds, args.steps)
     t_imp, t_exact = t["importance"], t["exact"]

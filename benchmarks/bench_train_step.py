@@ -7,12 +7,8 @@ this run, interleaved in rounds so machine noise hits both alike; the medians ov
 """
 from __future__ import annotations
 
-import argparse
-
 import torch
-from timing import adam_step, interleaved_medians
-
-from discvae import build_model
+from timing import adam_step, fc_model, interleaved_medians, parse_args
 
 B, D, H, C = 2048, 784, 1024, 50
 
@@ -36,17 +32,8 @@ def gemm_shapes():
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=7)
-    parser.add_argument("--steps", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
-    args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    model = build_model("fc", (1, 28, 28), "bernoulli", C)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    x = torch.rand(B, 1, 28, 28)
+    args = parse_args(__doc__)
+    model, opt, x = fc_model("bernoulli", C, B)
 
     mats = [(torch.randn(m, k), torch.randn(k, n)) for m, k, n in gemm_shapes()]
     gemm_flops = sum(2 * m * k * n for m, k, n in gemm_shapes())

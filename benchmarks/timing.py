@@ -1,8 +1,33 @@
-"""Timing helpers shared by the benchmarks: one Adam step as a closure, and interleaved medians."""
+"""Helpers shared by the step benchmarks: their command line, the paper's FC model on random images, one Adam
+step as a closure, and medians over interleaved rounds."""
 from __future__ import annotations
 
+import argparse
 import statistics
 import time
+
+import torch
+
+from discvae import build_model
+
+
+def parse_args(doc: str) -> argparse.Namespace:
+    """``--rounds``, ``--steps`` and ``--threads`` (applied here); also seeds torch."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    return args
+
+
+def fc_model(latent: str, c: int, batch: int):
+    """The paper's FC model with ``c`` latent units, its Adam optimiser (lr 1e-3) and a batch of random images."""
+    model = build_model("fc", (1, 28, 28), latent, c)
+    return model, torch.optim.Adam(model.parameters(), lr=1e-3), torch.rand(batch, 1, 28, 28)
 
 
 def adam_step(model, optimizer, x, estimator: str, **options):
