@@ -11,12 +11,14 @@ import torch
 from discvae import build_model
 
 
-def parse_args(doc: str) -> argparse.Namespace:
-    """``--rounds``, ``--steps`` and ``--threads`` (applied here); also seeds torch."""
+def parse_args(doc: str, rounds: int = 7, steps: int = 5, more=None) -> argparse.Namespace:
+    """``--rounds``, ``--steps``, ``--threads`` (applied here) and what ``more(parser)`` adds; also seeds torch."""
     parser = argparse.ArgumentParser(description=doc.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=7)
-    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=rounds)
+    parser.add_argument("--steps", type=int, default=steps)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
+    if more:
+        more(parser)
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
