@@ -38,7 +38,8 @@ def test_compare_on_digits_writes_its_report(tmp_path, digits):
     assert rows["exact"]["evals_per_point"] == 2**6 / 16 and rows["disarm"]["evals_per_point"] == 2
     final = {r["label"]: r for r in results["final"]}
     assert all(r["epochs"] == 2 and r["steps"] == 8 and math.isfinite(r["test_neg_iwae"]) for r in final.values())
-    assert json.loads((tmp_path / "results.json").read_text())["settings"]["epochs"] == 2
+    settings = json.loads((tmp_path / "results.json").read_text())["settings"]
+    assert settings["epochs"] == 2 and settings["init"] == "torch" and "- init: `torch`" in report
     # restarting resumes: finished runs are reused, not retrained
     metrics = (tmp_path / "runs" / "rloo" / "metrics.csv").read_text()
     compare(base, specs[1:2], tmp_path, **kwargs)

@@ -214,7 +214,7 @@ def _add_compare(sub):
     p.add_argument("--dataset", default="digits", help="(default digits)")
     p.add_argument("--data-dir")
     p.add_argument("--arch", choices=ARCHS, default=d.arch)
-    p.add_argument("--init", choices=INITS, default=d.init)
+    p.add_argument("--init", choices=INITS, default=d.init, help="weight initialisation (default torch)")
     p.add_argument("--latent", choices=("bernoulli", "categorical"), default=d.latent)
     p.add_argument("--latent-dim", type=int, default=d.latent_dim)
     p.add_argument("--groups", type=int, default=1)
@@ -248,9 +248,9 @@ def cmd_compare(args) -> None:
     specs = [parse_spec(s, args.num_samples) for s in args.estimators]
     base = Config(dataset=args.dataset, data_dir=args.data_dir, arch=args.arch, init=args.init,
                   latent=args.latent, latent_dim=args.latent_dim, groups=args.groups, binarize=args.binarize,
-                  epochs=args.epochs,
-                  batch_size=args.batch_size, lr=args.lr, seed=args.seed, grad_var_every=args.grad_var_every,
-                  grad_var_repeats=args.grad_var_repeats, device=args.device, out=args.out).check()
+                  epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                  grad_var_every=args.grad_var_every, grad_var_repeats=args.grad_var_repeats, device=args.device,
+                  out=args.out).check()
     compare(base, specs, args.out, args.eval_every, args.iwae_k, args.iwae_n, args.final_k, args.final_n,
             args.bias_latent_dim, args.bias_epochs, args.bias_batch, args.bias_repeats, progress=not args.quiet)
     print(Path(args.out) / "report.md")

@@ -287,8 +287,9 @@ def compare(base: Config, specs: list[Spec], out, eval_every: int = 5, iwae_k: i
             final.append(row)
         _plot(out / "curves.png", lambda: _curves_figure(curves))
 
-    settings = {"dataset": base.dataset, "arch": base.arch, "latent": f"{base.latent} {base.latent_dim}"
-                + (f" x {base.groups} groups" if base.groups > 1 else ""), "binarize": base.binarize,
+    settings = {"dataset": base.dataset, "arch": base.arch, "init": base.init,
+                "latent": f"{base.latent} {base.latent_dim}" + (f" x {base.groups} groups" if base.groups > 1 else ""),
+                "binarize": base.binarize,
                 "batch_size": base.batch_size, "lr": base.lr, "seed": base.seed, "epochs": base.epochs,
                 "bias_model": f"{small.arch}, {small.latent} {small.latent_dim}"
                 + (f" x {small.groups}" if small.groups > 1 else "") + f", after {bias_epochs} epoch(s) of exact",
