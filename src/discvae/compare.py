@@ -31,10 +31,11 @@ from pathlib import Path
 import torch
 
 from .data import Dataset, load_dataset
+from .distributions import state_count
 from .errors import InputError
 from .estimators import ESTIMATORS, EXACT_MAX_STATES
 from .evaluation import fixed_binarization, iwae_bound
-from .figures import plt
+from .figures import plt, save_figure
 from .gradients import gradient_samples
 from .runs import CHECKPOINT, atomic_path, load_checkpoint, read_csv, write_csv, write_json
 from .training import Config, model_for, train
@@ -82,8 +83,8 @@ def evals_per_point(spec: Spec, q, batch_size: int) -> float:
 def enumerable_config(cfg: Config, bias_latent_dim: int) -> Config:
     """``cfg`` itself if its latent can be enumerated, else the same model with ``bias_latent_dim`` bits or
     classes in one group."""
-    states = cfg.latent_dim**cfg.groups if cfg.latent == "categorical" else 2**cfg.latent_dim
-    if cfg.latent == "gaussian":
+    states = state_count(cfg.latent, cfg.latent_dim, cfg.groups)
+    if states is None:
         raise InputError("compare measures bias against enumeration: use a bernoulli or categorical latent")
     if states <= EXACT_MAX_STATES:
         return cfg
@@ -134,16 +135,9 @@ def train_with_bounds(cfg: Config, data: Dataset, eval_every: int, x_eval: torch
     return done
 
 
-def _plot(path, fn) -> None:
-    fig = fn()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
-
-
 def _bias_figure(rows: list[dict]):
     """Bars on log axes; a zero (exact) is drawn at a tenth of the smallest non-zero value and labelled 0."""
-    fig, axes = plt.subplots(1, 2, figsize=(11, 0.5 * len(rows) + 1.6))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 0.5 * len(rows) + 1.6), dpi=110)
     y = list(range(len(rows)))
     panels = [("encoder_bias", "tab:red", "encoder gradient: ||mean error|| vs exact"),
               ("encoder_var_per_eval", "tab:blue", "encoder variance x decoder evals / point")]
@@ -166,7 +160,7 @@ def _bias_figure(rows: list[dict]):
 
 
 def _curves_figure(curves: dict[str, dict]):
-    fig, axes = plt.subplots(2, 3, figsize=(15, 8))
+    fig, axes = plt.subplots(2, 3, figsize=(15, 8), dpi=110)
     for label, c in curves.items():
         m, b = c["metrics"], c["bounds"]
         for row, x in enumerate(("step", "time")):
@@ -274,7 +268,7 @@ def compare(base: Config, specs: list[Spec], out, eval_every: int = 5, iwae_k: i
     x = fixed_binarization(data.x_train[:bias_batch].double(), base.binarize, base.seed)
     torch.manual_seed(base.seed)
     bias_rows = bias_variance(model, x, specs, bias_repeats)
-    _plot(out / "bias_variance.png", lambda: _bias_figure(bias_rows))
+    save_figure(out / "bias_variance.png", _bias_figure(bias_rows))
 
     x_eval = fixed_binarization(data.x_test[:iwae_n], base.binarize, base.seed)
     x_final = fixed_binarization(data.x_test[:final_n], base.binarize, base.seed)
@@ -285,12 +279,12 @@ def compare(base: Config, specs: list[Spec], out, eval_every: int = 5, iwae_k: i
             curves[spec.label], row = train_and_evaluate(base, spec, out, data, eval_every, x_eval, iwae_k, x_final,
                                                          final_k, progress)
             final.append(row)
-        _plot(out / "curves.png", lambda: _curves_figure(curves))
+        save_figure(out / "curves.png", _curves_figure(curves))
 
     settings = {"dataset": base.dataset, "arch": base.arch, "init": base.init,
                 "latent": f"{base.latent} {base.latent_dim}" + (f" x {base.groups} groups" if base.groups > 1 else ""),
-                "binarize": base.binarize,
-                "batch_size": base.batch_size, "lr": base.lr, "seed": base.seed, "epochs": base.epochs,
+                "binarize": base.binarize, "batch_size": base.batch_size, "lr": base.lr, "seed": base.seed,
+                "epochs": base.epochs,
                 "bias_model": f"{small.arch}, {small.latent} {small.latent_dim}"
                 + (f" x {small.groups}" if small.groups > 1 else "") + f", after {bias_epochs} epoch(s) of exact",
                 "bias_batch": bias_batch, "bias_repeats": bias_repeats, "eval_every": eval_every, "iwae_k": iwae_k,

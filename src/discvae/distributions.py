@@ -237,6 +237,15 @@ class Gaussian:
 FAMILIES = {"bernoulli": Bernoulli, "categorical": Categorical, "gaussian": Gaussian}
 
 
+def state_count(latent: str, latent_dim: int, groups: int = 1) -> int | None:
+    """The number of latent states (2^c bits, c^G categories), or None for a continuous latent."""
+    if latent == "bernoulli":
+        return 2**latent_dim
+    if latent == "categorical":
+        return latent_dim**groups
+    return None
+
+
 def _dot(z: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
     """sum_i z[..., i] a[..., i]; states ``z`` of shape ``[S, 1, dim]`` shared by a batch ``a`` ``[B, dim]`` give
     ``[S, B]`` by one matmul (what ``exact`` needs) instead of an ``[S, B, dim]`` product."""

@@ -18,13 +18,14 @@ from pathlib import Path
 
 import torch
 
+from .distributions import state_count
 from .errors import InputError
+from .estimators import EXACT_MAX_STATES
 from .likelihoods import binarize
 from .runs import load_checkpoint, write_json
 from .training import elbo_terms, load_run
 
 EVAL = "eval.json"
-EXACT_MAX_STATES = 4096  # enumerate ln p(x) exactly when the latent has at most this many states
 ACTIVE_THRESHOLD = 0.01  # Burda et al. (2016): unit i is active if Var_x E_q[z_i | x] > 0.01
 USED_FRACTION = 0.1  # a category is used if the aggregate posterior gives it > 1/10 of its uniform share 1/c
 
@@ -88,12 +89,8 @@ def fixed_binarization(x: torch.Tensor, mode: str, seed: int = 0) -> torch.Tenso
 
 
 def num_states(model) -> int | None:
-    """The number of latent states (2^c bits, c^G categories), or None for a continuous latent."""
-    if model.latent == "bernoulli":
-        return 2**model.latent_dim
-    if model.latent == "categorical":
-        return model.latent_dim**model.groups
-    return None
+    """The number of latent states of ``model`` (None for a continuous latent)."""
+    return state_count(model.latent, model.latent_dim, model.groups)
 
 
 @torch.no_grad()
@@ -152,9 +149,8 @@ def evaluate_run(run_dir, k: int = 1000, chunk: int = 100, batch_size: int = 500
     """
     if k < 1 or chunk < 1 or batch_size < 1:
         raise InputError("--k, --chunk and --batch-size must be at least 1")
-    ckpt = load_checkpoint(run_dir)
-    cfg, model, data = load_run(run_dir)
-    model.load_state_dict(ckpt["model"])  # the weights of the epoch recorded, should training rewrite the checkpoint
+    ckpt = load_checkpoint(run_dir)  # read once: the epoch recorded is that of the weights evaluated
+    cfg, model, data = load_run(run_dir, ckpt=ckpt)
     result = {"run": str(run_dir), "epoch": ckpt["epoch"], "step": ckpt["step"], "train_seconds": ckpt["elapsed"],
               "k": k, "binarize": cfg.binarize, "latent": cfg.latent, "latent_dim": cfg.latent_dim,
               "groups": cfg.groups, "exact_max_states": EXACT_MAX_STATES, "active_threshold": ACTIVE_THRESHOLD,

@@ -109,10 +109,16 @@ def convergence(path, histories: dict[str, list[dict]]) -> None:
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7)
     fig.tight_layout()
+    save_figure(path, fig)
+
+
+def save_figure(path, fig) -> None:
+    """Render ``fig`` at its dpi, close it and write it to ``path`` atomically as a PNG with a 64-colour palette
+    (a few times smaller than matplotlib's RGBA PNG, and plots have few colours)."""
     fig.canvas.draw()
     pixels = np.asarray(fig.canvas.buffer_rgba())[..., :3]
     plt.close(fig)
-    with atomic_path(path) as tmp:  # a 64-colour palette keeps the PNG small
+    with atomic_path(path) as tmp:
         Image.fromarray(pixels).quantize(64).save(tmp, format="png", optimize=True)
 
 

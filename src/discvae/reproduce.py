@@ -55,13 +55,13 @@ def config(name: str, out, epochs: int, dataset: str | None = None, data_dir: st
     return Config(**fields)
 
 
-def current_evaluation(run: Path) -> dict | None:
-    """``eval.json`` of ``run`` if it was computed for the checkpoint's epoch, else None."""
+def current_evaluation(run: Path, epoch: int) -> dict | None:
+    """``eval.json`` of ``run`` if it was computed for the checkpoint's ``epoch``, else None."""
     path = run / EVAL
     if not path.is_file():
         return None
     saved = json.loads(path.read_text())
-    return saved if saved.get("epoch") == load_checkpoint(run)["epoch"] else None
+    return saved if saved.get("epoch") == epoch else None
 
 
 def _fmt(value, digits: int = 2) -> str:
@@ -117,8 +117,8 @@ def reproduce(out, only: str | None = None, epochs: int = 300, dataset: str | No
         if done is None or done < epochs:
             print(f"{name}: {'training' if done is None else f'resuming at epoch {done}'} to {epochs} epochs "
                   f"in {run}", flush=True)
-            train(cfg, resume=done is not None, progress=progress)
-        results[name] = None if reevaluate else current_evaluation(run)
+            done = train(cfg, resume=done is not None, progress=progress).epoch
+        results[name] = None if reevaluate else current_evaluation(run, done)
         if results[name] is None:
             print(f"{name}: evaluating (K = {k})", flush=True)
             results[name] = evaluate_run(run, k, chunk)

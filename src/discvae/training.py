@@ -239,10 +239,11 @@ def train(cfg: Config, resume: bool = False, progress: bool = True, data: Datase
     return state
 
 
-def load_run(run_dir, device: str = "cpu") -> tuple[Config, VAE, Dataset]:
-    """The config, trained model (eval mode) and dataset of a finished or running run."""
+def load_run(run_dir, device: str = "cpu", ckpt: dict | None = None) -> tuple[Config, VAE, Dataset]:
+    """The config, trained model (eval mode) and dataset of a finished or running run; ``ckpt``, a checkpoint the
+    caller already loaded from it, saves reading it again."""
     cfg = Config.from_dict(read_config(run_dir))
-    ckpt = load_checkpoint(run_dir, device)
+    ckpt = ckpt or load_checkpoint(run_dir, device)
     data = load_dataset(cfg.dataset, cfg.data_dir, False)
     model = model_for(cfg, data)
     try:
