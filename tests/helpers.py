@@ -66,3 +66,29 @@ def z_scores(samples: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
     exact = se < 1e-12
     mismatch = torch.where(err.abs() < 1e-9, 0.0, float("inf")).to(err.dtype)
     return torch.where(exact, mismatch, err / se.clamp_min(1e-12))
+
+
+def train_digits(out, *flags: str):
+    """Train a one-epoch run on the embedded digits into ``out`` through the CLI (``flags`` add or override
+    options); returns ``out``."""
+    from discvae.cli import main
+
+    assert main(["train", "--dataset", "digits", "--latent-dim", "8", "--epochs", "1", "--batch-size", "256",
+                 "--grad-var-every", "0", "--out", str(out), "--quiet", *map(str, flags)]) == 0
+    return out
+
+
+def run_cli(capsys, *argv) -> tuple[int, str, str]:
+    """``discvae.cli.main(argv)``: (exit status, stdout, stderr)."""
+    from discvae.cli import main
+
+    capsys.readouterr()
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_one_line_error(code: int, err: str, match: str) -> None:
+    assert code == 2
+    assert len(err.strip().splitlines()) == 1, err
+    assert match in err and "Traceback" not in err

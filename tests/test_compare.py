@@ -86,7 +86,7 @@ def test_train_runs_with_every_estimator(tmp_path, capsys, estimator):
     (["--latent", "categorical", "--estimator", "disarm", "--num-samples", "2"], "disarm needs a bernoulli latent"),
     (["--latent-dim", "50", "--estimator", "exact"], "limit is 4096"),
     (["--estimator", "vimco"], "vimco needs --num-samples of at least 2"),
-    (["--estimator", "gumbel", "--tau", "-1"], "tau must be positive"),
+    (["--estimator", "gumbel", "--tau", "-1"], "tau must be a positive"),
     (["--estimator", "gumbel", "--tau-anneal", "1", "0.5", "-2"], "schedule of tau"),
 ])
 def test_bad_estimator_combinations_fail_before_training(tmp_path, capsys, argv, match):

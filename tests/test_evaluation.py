@@ -151,7 +151,8 @@ def test_latent_usage_of_an_unused_and_a_deterministic_code():
         model.encoder.weight.zero_()
         model.encoder.bias.zero_()
     usage = latent_usage(model, x)
-    assert usage["active_units"] == 0
+    assert usage["active_units"] == 0 and usage["informative_units"] == 0
+    assert usage["unit_information_bits"] == pytest.approx(0, abs=1e-12)
     assert usage["entropy_per_dim_bits"] == pytest.approx(1.0) and usage["aggregate_entropy_bits"] == pytest.approx(4)
     assert usage["posterior_entropy_nats"] == pytest.approx(4 * math.log(2))
     with torch.no_grad():  # bit 0 = [x_0 > 0.5] almost surely, bits 1-3 always 1
@@ -160,12 +161,14 @@ def test_latent_usage_of_an_unused_and_a_deterministic_code():
     usage = latent_usage(model, x)
     assert usage["active_units"] == 1 and usage["posterior_entropy_bits"] < 0.05
     assert usage["aggregate_entropy_bits"] == pytest.approx(1.0, abs=0.05)
+    assert usage["informative_units"] == 1 and usage["unit_information_bits"] == pytest.approx(1.0, abs=0.05)
     cat = tiny_model("categorical", 10)
     with torch.no_grad():
         cat.encoder.weight.zero_()
         cat.encoder.bias.copy_(torch.tensor([0.0] * 9 + [-10.0]))  # class 9 gets mass 5e-5 < 1 / (10 * 10)
     usage = latent_usage(cat, x)
     assert usage["used_categories"] == 9 and usage["aggregate_entropy_bits"] == pytest.approx(math.log2(9), abs=1e-3)
+    assert usage["informative_units"] == 0  # the same q for every x: no information about it
 
 
 def test_evaluate_command(tmp_path, capsys):

@@ -31,6 +31,7 @@ def test_plot_writes_every_figure(runs, capsys):
                 "bvae-reconstructions.png": grid_shape(4, 5), "bvae-samples.png": grid_shape(2, 5),
                 "cvae-reconstructions.png": grid_shape(4, 5), "cvae-samples.png": grid_shape(2, 5),
                 "cvae-templates.png": grid_shape(2, 5),  # the 10 classes, 5 per row
+                "bvae-units.png": (256, 640), "cvae-units.png": (256, 640),  # information per unit, 8 x 3.2 in
                 "reconstructions.png": grid_shape(6, 5)}  # test images above both runs' reconstructions, twice
     assert sorted(printed) == sorted(str(out / name) for name in expected)
     for name, shape in expected.items():

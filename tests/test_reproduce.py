@@ -19,8 +19,9 @@ def test_reproduce_digits(tmp_path, capsys):
         assert result["epoch"] == 1 and result["k"] == 5
         assert re.search(rf"^\| {name} \| 1 \|", report, re.M)
     figures = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", report)
+    kinds = ("reconstructions", "samples", "units")
     expected = {f"figures/{group}/convergence.png" for group in ("mnist", "fashion")} | {
-        f"figures/{GRID[name][0]}/{name}-{kind}.png" for name in GRID for kind in ("reconstructions", "samples")} | {
+        f"figures/{GRID[name][0]}/{name}-{kind}.png" for name in GRID for kind in kinds} | {
         "figures/mnist/fc_cvae_mnist-templates.png", "figures/mnist/cnn_cvae_mnist-templates.png",
         "figures/mnist/reconstructions.png"}
     assert set(figures) == expected

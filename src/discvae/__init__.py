@@ -1,11 +1,24 @@
-"""discvae: variational autoencoders with discrete latent variables (Bartler et al. 2019 and successors)."""
-from .data import Dataset, load_dataset
-from .distributions import Bernoulli, Categorical, Gaussian
-from .errors import InputError
-from .estimators import ESTIMATORS
-from .models import VAE, build_model
-from .training import Config, load_run, train
+"""discvae: variational autoencoders with discrete latent variables (Bartler et al. 2019 and successors).
 
-__all__ = ["Bernoulli", "Categorical", "Config", "Dataset", "ESTIMATORS", "Gaussian", "InputError", "VAE",
-           "build_model", "load_dataset", "load_run", "train"]
+The names below are imported from their modules on first use, so ``import discvae`` itself is instant and does
+nothing else.
+"""
+import importlib
+
 __version__ = "0.1.0"
+
+_EXPORTS = {"Bernoulli": "distributions", "Categorical": "distributions", "Gaussian": "distributions",
+            "Config": "training", "train": "training", "load_run": "training", "Dataset": "data",
+            "load_dataset": "data", "InputError": "errors", "Diverged": "errors", "ESTIMATORS": "estimators",
+            "VAE": "models", "build_model": "models"}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted([*globals(), *_EXPORTS])

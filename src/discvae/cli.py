@@ -1,6 +1,6 @@
-"""The ``discvae`` command: ``train``, ``reconstruct``, ``evaluate``, ``plot``, ``reproduce``.
+"""The ``discvae`` command: ``train``, ``reconstruct``, ``evaluate``, ``plot``, ``reproduce``, ``compare``.
 
-Bad input ends with one line on stderr and exit status 2.
+Bad input (and a file-system error) ends with one line on stderr and exit status 2; Ctrl-C with exit status 130.
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from .errors import InputError
 from .estimators import BASELINES, ESTIMATORS
 from .likelihoods import BINARIZE, LIKELIHOODS
 from .models import ARCHS, INITS
-from .runs import read_config
+from .runs import CONFIG, check_output, read_config
 from .training import RESUMABLE, Config, load_run, train
 
 
@@ -64,7 +64,7 @@ def _add_train(sub):
     p.add_argument("--seed", type=int, help=f"fixes every random number (default {d.seed})")
     p.add_argument("--grad-var-every", type=int, help="record gradient variance every N epochs (default 1, 0: never)")
     p.add_argument("--grad-var-repeats", type=int, help="independent gradient estimates R for it (default 16)")
-    p.add_argument("--device", help="auto, cpu or cuda (default auto)")
+    p.add_argument("--device", help="auto, cpu, cuda, cuda:N or mps (default auto)")
     p.add_argument("--out", help="run directory (default runs/DATASET-ARCH-LATENTDIM-ESTIMATOR-sSEED)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out where it stopped")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -86,7 +86,8 @@ def cmd_train(args) -> None:
         if fixed or options or schedule:
             raise InputError("--resume continues the saved configuration; cannot change "
                              f"{', '.join(fixed or [*options, *schedule])}")
-        cfg = Config.from_dict({**saved, **{k: v for k, v in given.items() if k in fields}})
+        cfg = Config.from_dict({**saved, **{k: v for k, v in given.items() if k in fields}},
+                               f"{Path(given['out']) / CONFIG}")
     else:
         cfg = Config(**{k: v for k, v in given.items() if k in fields})
         cfg.estimator_options = {"num_samples": 1, **options}
@@ -104,7 +105,7 @@ def _add_reconstruct(sub):
     p.add_argument("--n", type=int, default=16, help="test images per row (default 16)")
     p.add_argument("--rows", type=int, default=2, help="pairs of rows (default 2)")
     p.add_argument("--out", help="PNG path (default RUN_DIR/reconstructions.png)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seeds the samples of z (default 0)")
     p.set_defaults(func=cmd_reconstruct)
 
 
@@ -114,11 +115,11 @@ def cmd_reconstruct(args) -> None:
     if args.n < 1 or args.rows < 1:
         raise InputError("--n and --rows must be at least 1")
     cfg, model, data = load_run(args.run_dir)
+    out = check_output(args.out or Path(args.run_dir) / "reconstructions.png", "file")
     torch.manual_seed(args.seed)
     x = data.x_test[: args.n * args.rows]
     x_hat = reconstructions(model, x)
     rows = [t for i in range(args.rows) for t in (x[i * args.n:(i + 1) * args.n], x_hat[i * args.n:(i + 1) * args.n])]
-    out = args.out or str(Path(args.run_dir) / "reconstructions.png")
     save_grid(out, rows)
     print(out)
 
@@ -157,7 +158,7 @@ def _add_plot(sub):
     p.add_argument("--out", help="folder for the PNGs (default the first RUN_DIR)")
     p.add_argument("--n", type=int, default=16, help="images per row (default 16)")
     p.add_argument("--rows", type=int, default=2, help="rows of reconstructions and samples (default 2)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seeds the samples and a dynamic binarisation (default 0)")
     p.set_defaults(func=cmd_plot)
 
 
@@ -211,34 +212,37 @@ def _add_compare(sub):
     p.add_argument("estimators", nargs="+", metavar="ESTIMATOR",
                    help="NAME or NAME:key=value:... (e.g. importance:num_samples=1, gumbel:tau=0.5)")
     p.add_argument("--out", required=True, help="report directory")
-    p.add_argument("--dataset", default="digits", help="(default digits)")
-    p.add_argument("--data-dir")
-    p.add_argument("--arch", choices=ARCHS, default=d.arch)
+    p.add_argument("--dataset", default="digits", help=f"{', '.join(DATASETS)} or a .npy/.npz file (default digits)")
+    p.add_argument("--data-dir", help="folder holding mnist/ and fashion-mnist/")
+    p.add_argument("--arch", choices=ARCHS, default=d.arch, help=f"Table I architecture (default {d.arch})")
     p.add_argument("--init", choices=INITS, default=d.init, help="weight initialisation (default torch)")
-    p.add_argument("--latent", choices=("bernoulli", "categorical"), default=d.latent)
-    p.add_argument("--latent-dim", type=int, default=d.latent_dim)
-    p.add_argument("--groups", type=int, default=1)
-    p.add_argument("--binarize", choices=BINARIZE, default=d.binarize)
+    p.add_argument("--latent", choices=("bernoulli", "categorical"), default=d.latent,
+                   help=f"latent family (default {d.latent})")
+    p.add_argument("--latent-dim", type=int, default=d.latent_dim,
+                   help=f"bits or classes per group (default {d.latent_dim})")
+    p.add_argument("--groups", type=int, default=1, help="independent categorical groups (default 1)")
+    p.add_argument("--binarize", choices=BINARIZE, default=d.binarize, help=f"data binarisation (default {d.binarize})")
     p.add_argument("--num-samples", type=int, default=2, help="decoder evaluations per data point M (default 2)")
     p.add_argument("--epochs", type=int, default=10,
                    help="epochs per estimator (default 10; 0: bias and variance only)")
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
-    p.add_argument("--lr", type=float, default=d.lr)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help=f"(default {d.batch_size})")
+    p.add_argument("--lr", type=float, default=d.lr, help=f"Adam learning rate (default {d.lr})")
+    p.add_argument("--seed", type=int, default=0, help="fixes every random number (default 0)")
     p.add_argument("--eval-every", type=int, default=5, help="epochs between test IWAE bounds (default 5)")
     p.add_argument("--iwae-k", type=int, default=100, help="samples of the bound during training (default 100)")
     p.add_argument("--iwae-n", type=int, default=1000, help="test points for it (default 1000)")
     p.add_argument("--final-k", type=int, default=1000, help="samples of the final bound (default 1000)")
     p.add_argument("--final-n", type=int, default=10000, help="test points for it (default 10000)")
     p.add_argument("--grad-var-every", type=int, default=5, help="epochs between gradient variances (default 5)")
-    p.add_argument("--grad-var-repeats", type=int, default=16)
+    p.add_argument("--grad-var-repeats", type=int, default=16, help="independent gradient estimates for it "
+                   "(default 16)")
     p.add_argument("--bias-latent-dim", type=int, default=10,
                    help="bits/classes of the enumerable bias model when the run's latent is too large (default 10)")
     p.add_argument("--bias-epochs", type=int, default=1, help="epochs of exact training of it (default 1)")
-    p.add_argument("--bias-batch", type=int, default=100)
+    p.add_argument("--bias-batch", type=int, default=100, help="training points of the fixed batch (default 100)")
     p.add_argument("--bias-repeats", type=int, default=200, help="independent estimates R (default 200)")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default auto)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_compare)
 
 
@@ -246,20 +250,93 @@ def cmd_compare(args) -> None:
     from .compare import compare, parse_spec
 
     specs = [parse_spec(s, args.num_samples) for s in args.estimators]
+    check_output(args.out)
     base = Config(dataset=args.dataset, data_dir=args.data_dir, arch=args.arch, init=args.init,
                   latent=args.latent, latent_dim=args.latent_dim, groups=args.groups, binarize=args.binarize,
                   epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                   grad_var_every=args.grad_var_every, grad_var_repeats=args.grad_var_repeats, device=args.device,
-                  out=args.out).check()
+                  out=args.out)
     compare(base, specs, args.out, args.eval_every, args.iwae_k, args.iwae_n, args.final_k, args.final_n,
             args.bias_latent_dim, args.bias_epochs, args.bias_batch, args.bias_repeats, progress=not args.quiet)
     print(Path(args.out) / "report.md")
 
 
+def _add_encode(sub):
+    from .codes import SPLITS
+
+    p = sub.add_parser("encode", help="a run's deterministic codes and posterior probabilities -> .npz",
+                       description="Encode the images of a split with a trained run and write an .npz: codes (bits "
+                       "[q(z_i=1|x) > 1/2], a categorical's most probable class per group, or Gaussian means; one row "
+                       "per image), probs (posterior probabilities or means), labels, packed (np.packbits of the "
+                       "bits, Bernoulli runs) and latent, latent_dim, groups, split.")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a trained run directory")
+    p.add_argument("--out", required=True, help=".npz file to write (atomically)")
+    p.add_argument("--split", choices=SPLITS, default="all", help="images to encode: train, test or all (train "
+                   "then test; default all)")
+    p.add_argument("--batch-size", type=int, default=1024, help="images per encoder call (default 1024)")
+    p.set_defaults(func=cmd_encode)
+
+
+def cmd_encode(args) -> None:
+    from .codes import encode_run
+
+    out = check_output(args.out, "file")
+    arrays = encode_run(args.run_dir, out, args.split, args.batch_size)
+    print(f"{out}: {len(arrays['codes'])} codes")
+
+
+def _add_retrieval(sub):
+    p = sub.add_parser("retrieval", help="hashing evaluation of Bernoulli runs' codes against LSH, PCAH, ITQ",
+                       description="Rank the training images by the Hamming distance of their codes to test queries "
+                       "(100 per class) and report mAP, precision at 500 and 1000, precision within radius "
+                       "2 and the precision-recall curve of every run and of the lsh, pcah and itq baselines at the "
+                       "same code length; writes retrieval.json, pr_curves.png, query_grid.png and report.md.")
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="trained runs with Bernoulli latents, one dataset")
+    p.add_argument("--out", required=True, help="folder for the results and the report")
+    p.add_argument("--seed", type=int, default=0, help="seeds the queries and the lsh / itq baselines (default 0)")
+    p.add_argument("--per-class", type=int, default=100, help="queries per class (default 100)")
+    p.add_argument("--batch-size", type=int, default=1024, help="images per encoder call (default 1024)")
+    p.set_defaults(func=cmd_retrieval)
+
+
+def cmd_retrieval(args) -> None:
+    from .retrieval import retrieval
+
+    print(retrieval(args.run_dirs, check_output(args.out), args.seed, args.per_class, args.batch_size))
+
+
+def _add_clustering(sub):
+    p = sub.add_parser("clustering", help="clustering evaluation of one-group categorical runs against k-means",
+                       description="Cluster all training and test images by argmax_k q(z=k|x) and report the "
+                       "accuracy (one-to-one matching when there are as many clusters as classes, and many-to-one), "
+                       "NMI and ARI of every run (mean and std over runs differing only by seed) and of k-means on "
+                       "the pixels, on PCA-50 and on a Gaussian VAE's means; writes clustering.json, confusion.png, "
+                       "clusters.png and report.md.")
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR",
+                   help="trained runs with one categorical group, one dataset")
+    p.add_argument("--out", required=True, help="folder for the results and the report")
+    p.add_argument("--gaussian", metavar="RUN_DIR", help="a Gaussian VAE run: k-means on its posterior means too")
+    p.add_argument("--seed", type=int, default=0, help="seeds k-means and PCA (default 0)")
+    p.add_argument("--n-init", type=int, default=1, help="k-means restarts, the best kept (default 1: on the 70,000 "
+                   "MNIST pixels one k = 10 fit takes seconds, one k = 100 fit about a minute)")
+    p.add_argument("--batch-size", type=int, default=1024, help="images per encoder call (default 1024)")
+    p.set_defaults(func=cmd_clustering)
+
+
+def cmd_clustering(args) -> None:
+    from .clustering import clustering
+
+    print(clustering(args.run_dirs, check_output(args.out), args.gaussian, args.seed, args.n_init, args.batch_size))
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
     parser = _Parser(prog="discvae", description="Variational autoencoders with discrete latent variables.")
+    parser.add_argument("--version", action="version", version=f"discvae {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    for add in (_add_train, _add_reconstruct, _add_evaluate, _add_plot, _add_reproduce, _add_compare):
+    for add in (_add_train, _add_reconstruct, _add_evaluate, _add_plot, _add_reproduce, _add_compare,
+                _add_encode, _add_retrieval, _add_clustering):
         add(sub)
     return parser
 
@@ -268,7 +345,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except InputError as err:
+    except (InputError, OSError) as err:
         print(f"discvae {args.command}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -37,7 +37,7 @@ from .estimators import ESTIMATORS, EXACT_MAX_STATES
 from .evaluation import fixed_binarization, iwae_bound
 from .figures import plt, save_figure
 from .gradients import gradient_samples
-from .runs import CHECKPOINT, atomic_path, load_checkpoint, read_csv, write_csv, write_json
+from .runs import CHECKPOINT, check_output, load_checkpoint, read_csv, write_csv, write_json, write_text
 from .training import Config, model_for, train
 
 IWAE_CSV = "iwae.csv"
@@ -253,7 +253,8 @@ def compare(base: Config, specs: list[Spec], out, eval_every: int = 5, iwae_k: i
     if min(eval_every, iwae_k, iwae_n, final_k, final_n, bias_batch) < 1 or bias_repeats < 2 or base.epochs < 0:
         raise InputError("--eval-every, --iwae-k/-n, --final-k/-n and --bias-batch must be positive, --epochs at "
                          "least 0 (0: bias and variance only) and --bias-repeats at least 2")
-    out = Path(out)
+    dataclasses.replace(base, epochs=max(base.epochs, 1)).check()  # epochs = 0: bias and variance only
+    out = check_output(out)
     data = data or load_dataset(base.dataset, base.data_dir, base.download)
 
     small = enumerable_config(base, bias_latent_dim)
@@ -292,7 +293,6 @@ def compare(base: Config, specs: list[Spec], out, eval_every: int = 5, iwae_k: i
     results = {"settings": settings, "bias_variance": bias_rows, "final": final}
     write_json(out / "results.json", results)
     title = f"Estimators compared: {base.dataset}, {settings['arch']}, {settings['latent']}"
-    with atomic_path(out / "report.md") as tmp:
-        tmp.write_text(report_markdown(title, settings, bias_rows, final))
+    write_text(out / "report.md", report_markdown(title, settings, bias_rows, final))
     return results
 

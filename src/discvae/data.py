@@ -210,8 +210,9 @@ def _read_arrays(path: Path) -> dict[str, np.ndarray]:
 
 def _images(x: np.ndarray, what: str) -> torch.Tensor:
     """float32 tensor: uint8 is divided by 255, float/bool must lie in [0, 1]; [N, H, W] gets a channel axis."""
-    if x.ndim not in (2, 3, 4) or len(x) == 0:
-        raise InputError(f"{what}: expected a non-empty array [N, H, W], [N, C, H, W] or [N, D], got {x.shape}")
+    if x.ndim not in (2, 3, 4) or 0 in x.shape:
+        raise InputError(f"{what}: expected a non-empty array [N, H, W], [N, C, H, W] or [N, D] with no axis of "
+                         f"length 0, got {x.shape}")
     if x.dtype == np.uint8:
         x = np.divide(x, 255, dtype=np.float32)
     elif np.issubdtype(x.dtype, np.floating) or x.dtype == np.bool_:

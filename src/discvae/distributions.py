@@ -8,8 +8,9 @@ latent vectors ``z`` of shape ``[..., dim]`` (what the decoder reads):
 * :class:`Gaussian`    -- N(mu, diag sigma^2) from (mu, log sigma^2), the reparameterised baseline (section II).
 
 Each has ``sample(n)`` (shape ``[n, ..., dim]``, no gradient), ``log_prob(z)``, ``entropy()``, ``kl_to_prior()``
-(closed form, against the uniform prior or N(0, I)), ``prior_log_prob(z)``, ``prior_sample`` and, for the discrete
-families, ``enumerate()`` of all states. ``proposal(xi)`` builds the same family with other natural parameters
+(closed form, against the uniform prior or N(0, I)), ``prior_log_prob(z)``, ``prior_sample``, ``mode()``, ``code()``
+(the deterministic code a user exports: bits, class indices or means) and, for the discrete families,
+``enumerate()`` of all states. ``proposal(xi)`` builds the same family with other natural parameters
 (the importance-sampling proposal q_I of eq. 20 / 28).
 """
 from __future__ import annotations
@@ -29,6 +30,7 @@ class Bernoulli:
     """Independent bits with logits ``eta``: log q(z) = eta.z - sum softplus(eta) (eq. 19, A = 1^T ln(1+e^eta))."""
 
     discrete = True
+    has_groups = False
 
     def __init__(self, logits: torch.Tensor):
         self.logits = logits
@@ -51,6 +53,10 @@ class Bernoulli:
 
     def mode(self) -> torch.Tensor:
         return (self.logits > 0).to(self.logits.dtype)
+
+    def code(self) -> torch.Tensor:
+        """The deterministic binary code: the mode [q(z_i = 1) > 1/2] as uint8 ``[..., c]``."""
+        return (self.logits > 0).to(torch.uint8)
 
     @property
     def num_states(self) -> int:
@@ -100,6 +106,7 @@ class Categorical:
     """G independent one-hot groups of c classes; log q(z) = sum_g z_g . log_softmax(eta_g) (eq. 27)."""
 
     discrete = True
+    has_groups = True
 
     def __init__(self, logits: torch.Tensor, groups: int = 1):
         if logits.shape[-1] % groups:
@@ -132,6 +139,10 @@ class Categorical:
 
     def mode(self) -> torch.Tensor:
         return F.one_hot(self._grouped.argmax(-1), self.classes).to(self.logits.dtype).flatten(-2)
+
+    def code(self) -> torch.Tensor:
+        """The most probable class of each group, int64 ``[..., G]``."""
+        return self._grouped.argmax(-1)
 
     @property
     def num_states(self) -> int:
@@ -186,6 +197,7 @@ class Gaussian:
     """Diagonal Gaussian from ``params = [mu, log sigma^2]``; the prior is N(0, I)."""
 
     discrete = False
+    has_groups = False
 
     def __init__(self, params: torch.Tensor):
         self.loc, self.logvar = params.chunk(2, -1)
@@ -203,6 +215,10 @@ class Gaussian:
         return self.loc
 
     def mode(self) -> torch.Tensor:
+        return self.loc
+
+    def code(self) -> torch.Tensor:
+        """The posterior means mu."""
         return self.loc
 
     def rsample(self, n: int = 1) -> torch.Tensor:

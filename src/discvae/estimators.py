@@ -27,7 +27,7 @@ def _baseline(fz: torch.Tensor, kind: str) -> torch.Tensor | float:
     """A control variate b_mb for f(z_mb) that is independent of z_mb, so E[(f - b) grad w] = E[f grad w].
 
     ``loo``: the mean of f over the other M - 1 samples of the same data point; ``mean``: the mean over every other
-    (sample, data point) pair of the batch.
+    (sample, data point) pair of the batch, or none (b = 0) for a lone sample, which has no other.
     """
     m, n = fz.shape[0], fz.numel()
     if kind == "none":
@@ -37,9 +37,7 @@ def _baseline(fz: torch.Tensor, kind: str) -> torch.Tensor | float:
             raise InputError("the loo baseline needs --num-samples of at least 2")
         return (fz.sum(0, keepdim=True) - fz) / (m - 1)
     if kind == "mean":
-        if n < 2:
-            raise InputError("the mean baseline needs at least two samples in the batch")
-        return (fz.sum() - fz) / (n - 1)
+        return (fz.sum() - fz) / (n - 1) if n > 1 else 0.0
     raise InputError(f"unknown baseline {kind!r}; choose one of {', '.join(BASELINES)}")
 
 

@@ -22,11 +22,12 @@ from .distributions import state_count
 from .errors import InputError
 from .estimators import EXACT_MAX_STATES
 from .likelihoods import binarize
-from .runs import load_checkpoint, write_json
+from .runs import check_output, load_checkpoint, write_json
 from .training import elbo_terms, load_run
 
 EVAL = "eval.json"
 ACTIVE_THRESHOLD = 0.01  # Burda et al. (2016): unit i is active if Var_x E_q[z_i | x] > 0.01
+INFORMATIVE_BITS = 0.1  # a bit / group carries information if I(x; z_i) exceeds a tenth of a bit
 USED_FRACTION = 0.1  # a category is used if the aggregate posterior gives it > 1/10 of its uniform share 1/c
 
 
@@ -93,35 +94,53 @@ def num_states(model) -> int | None:
     return state_count(model.latent, model.latent_dim, model.groups)
 
 
-@torch.no_grad()
+def posterior_means(model, x: torch.Tensor, batch_size: int = 2000) -> torch.Tensor:
+    """E_q[z|x] for every row of ``x``, float64 ``[N, dim]`` (for a categorical the class probabilities)."""
+    with torch.no_grad():
+        return torch.cat([model.posterior(x[i:i + batch_size]).mean for i in range(0, len(x), batch_size)]).double()
+
+
+def unit_entropies(model, mean: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per bit (or categorical group) i of a discrete latent, from the posterior means ``[N, dim]``: the entropy of
+    its aggregate posterior H(E_x q(z_i|x)) and its mean posterior entropy E_x H(q(z_i|x)), each ``[c]`` (or
+    ``[G]``), nats. Their difference is the mutual information I(x; z_i) between the data and the unit (z_i drawn
+    from q(z_i|x)): how much the unit tells about x."""
+    if model.latent == "bernoulli":
+        aggregate = mean.mean(0)
+        return (torch.special.entr(aggregate) + torch.special.entr(1 - aggregate),
+                (torch.special.entr(mean) + torch.special.entr(1 - mean)).mean(0))
+    probs = mean.unflatten(-1, (model.groups, model.latent_dim))  # [N, G, c]
+    return torch.special.entr(probs.mean(0)).sum(-1), torch.special.entr(probs).sum(-1).mean(0)
+
+
 def latent_usage(model, x: torch.Tensor, batch_size: int = 2000) -> dict:
     """Latent usage over the data ``x``, entropies in nats and bits.
 
     ``active_units``: coordinates i of z with Var_x E_q[z_i|x] > 0.01 (Burda et al. 2016; for a categorical, the
     one-hot coordinates). For discrete latents also: ``posterior_entropy`` E_x H(q(z|x)) and its mean per bit / per
     group ``entropy_per_dim``; ``aggregate_entropy`` H of the aggregate posterior q(z) = E_x q(z|x), exact for one
-    categorical group, else the sum of its marginals' entropies (an upper bound); ``max_entropy`` c ln 2 or G ln c.
-    For categoricals ``used_categories``: classes whose aggregate mass exceeds 1 / (10 c), summed over groups.
+    categorical group, else the sum of its marginals' entropies (an upper bound); ``max_entropy`` c ln 2 or G ln c;
+    ``informative_units``, the bits (groups) whose mutual information with x, I(x; z_i) = H(E_x q(z_i|x)) -
+    E_x H(q(z_i|x)), exceeds ``INFORMATIVE_BITS`` (the size of latent a run needs: the paper's entropy heuristic), and
+    ``unit_information``, the sum of I(x; z_i) over units. For categoricals ``used_categories``: classes whose
+    aggregate mass exceeds 1 / (10 c), summed over groups.
     """
-    mean = torch.cat([model.posterior(x[i:i + batch_size]).mean for i in range(0, len(x), batch_size)]).double()
+    mean = posterior_means(model, x, batch_size)
     out = {"active_units": int((mean.var(0) > ACTIVE_THRESHOLD).sum())}
     if model.latent not in ("bernoulli", "categorical"):
         return out
-    if model.latent == "bernoulli":
-        per_dim = torch.special.entr(mean) + torch.special.entr(1 - mean)  # [N, c] binary entropies
-        aggregate = mean.mean(0)
-        agg_entropy = (torch.special.entr(aggregate) + torch.special.entr(1 - aggregate)).sum()
-        max_entropy, dims = model.latent_dim * math.log(2), model.latent_dim
-    else:
-        probs = mean.unflatten(-1, (model.groups, model.latent_dim))  # [N, G, c]
-        per_dim = torch.special.entr(probs).sum(-1)  # [N, G]
-        aggregate = probs.mean(0)  # [G, c]
-        agg_entropy = torch.special.entr(aggregate).sum()
-        max_entropy, dims = model.groups * math.log(model.latent_dim), model.groups
+    marginal, conditional = unit_entropies(model, mean)
+    information = marginal - conditional
+    out["informative_units"] = int((information > INFORMATIVE_BITS * math.log(2)).sum())
+    states_per_unit = 2 if model.latent == "bernoulli" else model.latent_dim
+    if model.latent == "categorical":
+        aggregate = mean.unflatten(-1, (model.groups, model.latent_dim)).mean(0)
         out["used_categories"] = int((aggregate > USED_FRACTION / model.latent_dim).sum())
-    posterior_entropy = per_dim.sum(-1).mean().item()
-    for name, nats in (("posterior_entropy", posterior_entropy), ("entropy_per_dim", posterior_entropy / dims),
-                       ("aggregate_entropy", agg_entropy.item()), ("max_entropy", max_entropy)):
+    posterior_entropy = conditional.sum().item()
+    for name, nats in (("posterior_entropy", posterior_entropy), ("entropy_per_dim", posterior_entropy / len(marginal)),
+                       ("aggregate_entropy", marginal.sum().item()),
+                       ("max_entropy", len(marginal) * math.log(states_per_unit)),
+                       ("unit_information", information.sum().item())):
         out[f"{name}_nats"], out[f"{name}_bits"] = nats, nats / math.log(2)
     return out
 
@@ -150,6 +169,7 @@ def evaluate_run(run_dir, k: int = 1000, chunk: int = 100, batch_size: int = 500
     if k < 1 or chunk < 1 or batch_size < 1:
         raise InputError("--k, --chunk and --batch-size must be at least 1")
     ckpt = load_checkpoint(run_dir)  # read once: the epoch recorded is that of the weights evaluated
+    check_output(Path(run_dir) / EVAL, "file")  # before the work, not after it
     cfg, model, data = load_run(run_dir, ckpt=ckpt)
     result = {"run": str(run_dir), "epoch": ckpt["epoch"], "step": ckpt["step"], "train_seconds": ckpt["elapsed"],
               "k": k, "binarize": cfg.binarize, "latent": cfg.latent, "latent_dim": cfg.latent_dim,

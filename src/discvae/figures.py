@@ -1,6 +1,7 @@
 """Image grids, convergence curves and the figures of ``discvae plot`` (matplotlib, PNGs written atomically)."""
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import matplotlib
@@ -12,15 +13,16 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from .errors import InputError  # noqa: E402
-from .evaluation import fixed_binarization  # noqa: E402
-from .runs import METRICS, atomic_path, read_csv  # noqa: E402
+from .evaluation import INFORMATIVE_BITS, fixed_binarization, posterior_means, unit_entropies  # noqa: E402
+from .runs import METRICS, atomic_path, check_output, read_csv  # noqa: E402
 from .training import load_run  # noqa: E402
 
 MAX_TEMPLATES = 400  # decode every latent state when there are at most this many
 
 
 def image_grid(rows: list[torch.Tensor], pad: int = 1) -> np.ndarray:
-    """Tile rows of images ``[n, C, H, W]`` (or ``[n, D]`` with D a square) into one grey/RGB array in [0, 1]."""
+    """Tile rows of images ``[n, C, H, W]`` (or vectors ``[n, D]``, see ``_as_images``) into one grey/RGB array
+    in [0, 1]."""
     rows = [_as_images(r.detach().float().cpu()) for r in rows]
     n = max(len(r) for r in rows)
     c, h, w = rows[0].shape[1:]
@@ -33,18 +35,19 @@ def image_grid(rows: list[torch.Tensor], pad: int = 1) -> np.ndarray:
 
 
 def _as_images(x: torch.Tensor) -> torch.Tensor:
+    """``[n, C, H, W]`` as it is; vectors ``[n, D]`` (flat data) as grey H x W images with H the largest divisor
+    of D not above sqrt(D): a square when D is one, a 1 x D strip when D is prime."""
     if x.dim() == 4:
         return x
-    side = int(round(x.shape[-1] ** 0.5))
-    if side * side != x.shape[-1]:
-        raise ValueError(f"cannot show vectors of length {x.shape[-1]} as square images")
-    return x.reshape(len(x), 1, side, side)
+    d = x.shape[-1]
+    h = max(k for k in range(1, math.isqrt(d) + 1) if d % k == 0)
+    return x.reshape(len(x), 1, h, d // h)
 
 
 def save_grid(path, rows: list[torch.Tensor], scale: int | None = None) -> None:
     """Write ``image_grid(rows)`` as a PNG, each pixel ``scale`` x ``scale`` (default: images about 56 px high)."""
     grid = image_grid(rows).clip(0, 1)
-    scale = scale or max(1, round(56 / _as_images(rows[0][:1]).shape[-2]))
+    scale = scale or max(1, round(56 / max(_as_images(rows[0][:1]).shape[-2:])))
     grid = grid.repeat(scale, 0).repeat(scale, 1)
     with atomic_path(path) as tmp:
         plt.imsave(tmp, grid, cmap="gray", vmin=0, vmax=1, format="png")
@@ -112,6 +115,26 @@ def convergence(path, histories: dict[str, list[dict]]) -> None:
     save_figure(path, fig)
 
 
+def unit_information(path, model, x: torch.Tensor) -> None:
+    """The paper's entropy heuristic for the latent size: per bit (or categorical group), sorted, the mutual
+    information I(x; z_i) = H(E_x q(z_i|x)) - E_x H(q(z_i|x)) over the data ``x`` and the aggregate entropy
+    H(E_x q(z_i|x)), in bits, with the ``INFORMATIVE_BITS`` line; the units above it are the ones the code needs."""
+    marginal, conditional = (h.numpy() / np.log(2) for h in unit_entropies(model, posterior_means(model, x)))
+    information = marginal - conditional
+    order = np.argsort(-information)
+    fig, ax = plt.subplots(figsize=(8, 3.2), dpi=80)
+    units = np.arange(1, len(order) + 1)
+    ax.bar(units, marginal[order], color="0.8", label="H(E_x q(z_i|x))")
+    ax.bar(units, information[order], color="tab:blue", label="I(x; z_i)")
+    ax.axhline(INFORMATIVE_BITS, color="tab:red", lw=1, label=f"{INFORMATIVE_BITS} bit")
+    informative = int((information > INFORMATIVE_BITS).sum())
+    ax.set(xlabel="unit, sorted by I(x; z_i)", ylabel="bits",
+           title=f"{informative} of {len(order)} units carry more than {INFORMATIVE_BITS} bit about x")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    save_figure(path, fig)
+
+
 def save_figure(path, fig) -> None:
     """Render ``fig`` at its dpi, close it and write it to ``path`` atomically as a PNG with a 64-colour palette
     (a few times smaller than matplotlib's RGBA PNG, and plots have few colours)."""
@@ -133,13 +156,13 @@ def plot_runs(run_dirs: list, out=None, n: int = 16, rows: int = 2, seed: int = 
     """
     if n < 1 or rows < 1:
         raise InputError("--n and --rows must be at least 1")
-    out = Path(out or run_dirs[0])
     names = [Path(r).resolve().name for r in run_dirs]
     if len(set(names)) < len(names):
         raise InputError(f"run directories need distinct names to label them: {', '.join(names)}")
+    loaded = [load_run(run) for run in run_dirs]
+    out = check_output(out or run_dirs[0])
     written, histories, recons = [], {}, {}
-    for run, name in zip(run_dirs, names, strict=True):
-        cfg, model, data = load_run(run)
+    for run, name, (cfg, model, data) in zip(run_dirs, names, loaded, strict=True):
         metrics = Path(run) / METRICS
         histories[name] = read_csv(metrics) if metrics.is_file() else []
         torch.manual_seed(seed)
@@ -154,6 +177,9 @@ def plot_runs(run_dirs: list, out=None, n: int = 16, rows: int = 2, seed: int = 
         for kind, grid in grids.items():
             written.append(out / f"{name}-{kind}.png")
             save_grid(written[-1], grid)
+        if model.posterior(x[:1]).discrete:
+            written.append(out / f"{name}-units.png")
+            unit_information(written[-1], model, fixed_binarization(data.x_test, cfg.binarize, seed))
     written.insert(0, out / "convergence.png")
     convergence(written[0], histories)
     pairs = list(recons.values())

@@ -49,6 +49,27 @@ class VAE(nn.Module):
             return FAMILIES["categorical"](params, self.groups)
         return FAMILIES[self.latent](params)
 
+    def encode(self, x: torch.Tensor, batch_size: int = 1024) -> torch.Tensor:
+        """Posterior parameters per image, on the CPU: q(z_i = 1|x) ``[N, c]`` for bits, q(z_g = k|x) ``[N, G, c]``
+        for a categorical, the means mu ``[N, c]`` for a Gaussian."""
+        return self._per_batch(lambda q: q.probs if q.discrete else q.mean, x, batch_size)
+
+    def codes(self, x: torch.Tensor, batch_size: int = 1024) -> torch.Tensor:
+        """Deterministic codes per image, on the CPU: the bits [q(z_i = 1|x) > 1/2] (the mode) as uint8 ``[N, c]``,
+        a categorical's most probable class of each group as int64 ``[N, G]``, a Gaussian's means ``[N, c]``."""
+        return self._per_batch(lambda q: q.code(), x, batch_size)
+
+    def _per_batch(self, fn, x: torch.Tensor, batch_size: int) -> torch.Tensor:
+        """``fn(q(z|x_b))`` for batches x_b of ``batch_size`` rows, concatenated; no gradient, in eval mode."""
+        device, training = next(self.parameters()).device, self.training
+        self.eval()
+        try:
+            with torch.no_grad():
+                return torch.cat([fn(self.posterior(x[i:i + batch_size].to(device))).cpu()
+                                  for i in range(0, len(x), batch_size)])
+        finally:
+            self.train(training)
+
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """Decoder outputs (logits) for ``z`` of shape ``[..., dim]``, as ``[..., D]``: one call for all rows."""
         return self.decoder(z.reshape(-1, z.shape[-1])).reshape(*z.shape[:-1], -1)

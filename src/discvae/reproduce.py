@@ -17,7 +17,7 @@ from pathlib import Path
 from .errors import InputError
 from .evaluation import EVAL, evaluate_run
 from .figures import plot_runs
-from .runs import CHECKPOINT, atomic_path, load_checkpoint
+from .runs import CHECKPOINT, check_output, load_checkpoint, write_text
 from .training import Config, train
 
 # name -> (figure group, its dataset, architecture and latent); the rest is PAPER
@@ -56,12 +56,14 @@ def config(name: str, out, epochs: int, dataset: str | None = None, data_dir: st
 
 
 def current_evaluation(run: Path, epoch: int) -> dict | None:
-    """``eval.json`` of ``run`` if it was computed for the checkpoint's ``epoch``, else None."""
-    path = run / EVAL
-    if not path.is_file():
+    """``eval.json`` of ``run`` if it was computed for the checkpoint's ``epoch``, else None (also when it is
+    unreadable: it is then computed again)."""
+    try:
+        saved = json.loads((run / EVAL).read_bytes().decode("utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return None
-    saved = json.loads(path.read_text())
-    return saved if saved.get("epoch") == epoch else None
+    current = isinstance(saved, dict) and saved.get("epoch") == epoch and isinstance(saved.get("test"), dict)
+    return saved if current else None
 
 
 def _fmt(value, digits: int = 2) -> str:
@@ -97,17 +99,14 @@ def write_report(out: Path, results: dict[str, dict], figures: dict[str, list[Pa
     for group, paths in figures.items():
         text.append(f"\n## {group}\n")
         text += [f"![{p.stem}]({p.relative_to(out).as_posix()})\n" for p in paths]
-    path = out / REPORT
-    with atomic_path(path) as tmp:
-        tmp.write_text("\n".join(text))
-    return path
+    return write_text(out / REPORT, "\n".join(text))
 
 
 def reproduce(out, only: str | None = None, epochs: int = 300, dataset: str | None = None,
               data_dir: str | None = None, k: int = 1000, chunk: int = 100, grad_var_every: int = 5,
               reevaluate: bool = False, progress: bool = True, command: str = "discvae reproduce") -> Path:
     """Train (or resume), evaluate and plot the selected grid members in ``out``; returns the report's path."""
-    out = Path(out)
+    out = check_output(out)
     names = select(only)
     configs = {name: config(name, out, epochs, dataset, data_dir, grad_var_every).check() for name in names}
     results = {}

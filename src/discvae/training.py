@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import time
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,24 +19,31 @@ import torch
 from tqdm.auto import tqdm
 
 from .data import Dataset, load_dataset
-from .errors import InputError
+from .distributions import FAMILIES
+from .errors import Diverged, InputError
 from .estimators import ESTIMATORS
 from .gradients import gradient_variance
-from .likelihoods import BINARIZE, binarize
-from .models import INITS, VAE, build_model
+from .likelihoods import BINARIZE, LIKELIHOODS, binarize
+from .memory import available_bytes, gib, step_bytes
+from .models import ARCHS, INITS, VAE, build_model
 from .runs import (
     CHECKPOINT,
     CONFIG,
+    LOCK,
     METRICS,
+    check_output,
     load_checkpoint,
     read_config,
+    remove_stale_temporaries,
+    run_lock,
     save_checkpoint,
     write_csv,
     write_json,
 )
 
-# what may change when a run is resumed
-RESUMABLE = ("epochs", "device", "data_dir", "download", "out", "grad_var_every", "grad_var_repeats")
+# what may change when a run is resumed (a smaller lr continues a run that diverged)
+RESUMABLE = ("epochs", "lr", "device", "data_dir", "download", "out", "grad_var_every", "grad_var_repeats")
+MAX_SEED = 2**63 - 1
 
 
 @dataclass
@@ -64,44 +73,97 @@ class Config:
     device: str = "auto"
     out: str = "runs/mnist"
 
+    def __post_init__(self):
+        """Every field has its declared type (an int where a float is declared becomes a float)."""
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            setattr(self, f.name, _typed(f.name, getattr(self, f.name), hints[f.name]))
+
     @classmethod
-    def from_dict(cls, d: dict) -> "Config":
+    def from_dict(cls, d: dict, source: str = "config") -> "Config":
+        """The configuration saved as ``d`` (e.g. a run's ``config.json``), its keys and types checked."""
+        if not isinstance(d, dict):
+            raise InputError(f"{source} must be a mapping of settings, not {type(d).__name__}")
         unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
         if unknown:
-            raise InputError(f"unknown config keys: {', '.join(sorted(unknown))}")
-        return cls(**d)
+            raise InputError(f"{source}: unknown settings {', '.join(sorted(unknown))}")
+        try:
+            return cls(**d)
+        except InputError as err:
+            raise InputError(f"{source}: {err}") from None
 
     def check(self) -> "Config":
-        for name, value, ok in [("epochs", self.epochs, self.epochs >= 0), ("batch-size", self.batch_size,
-                                self.batch_size >= 1), ("lr", self.lr, self.lr > 0)]:
+        """Fail on any setting that cannot train, before anything is loaded or written."""
+        for name, ok, need in [("epochs", self.epochs >= 1, "at least 1"), ("batch-size", self.batch_size >= 1,
+                               "at least 1"), ("lr", 0 < self.lr < math.inf, "a positive finite number"),
+                               ("seed", 0 <= self.seed <= MAX_SEED, f"between 0 and 2^63 - 1 = {MAX_SEED}"),
+                               ("groups", self.groups >= 1, "at least 1"), ("latent-dim", self.latent_dim >= 1,
+                               "at least 1")]:
             if not ok:
-                raise InputError(f"--{name} must be positive, got {value}")
-        if self.estimator not in ESTIMATORS:
-            raise InputError(f"unknown estimator {self.estimator!r}; choose one of {', '.join(ESTIMATORS)}")
-        if self.init not in INITS:
-            raise InputError(f"unknown init {self.init!r}; choose one of {', '.join(INITS)}")
-        if self.binarize not in BINARIZE:
-            raise InputError(f"unknown binarization {self.binarize!r}; choose one of {', '.join(BINARIZE)}")
+                raise InputError(f"--{name} must be {need}, got {getattr(self, name.replace('-', '_'))}")
+        for name, value, choices in [("estimator", self.estimator, ESTIMATORS), ("init", self.init, INITS),
+                                     ("binarize", self.binarize, BINARIZE), ("latent", self.latent, FAMILIES),
+                                     ("likelihood", self.likelihood, LIKELIHOODS), ("arch", self.arch, ARCHS)]:
+            if value not in choices:
+                raise InputError(f"unknown {name} {value!r}; choose one of {', '.join(choices)}")
+        if self.groups != 1 and not FAMILIES[self.latent].has_groups:
+            raise InputError(f"--groups applies to a categorical latent, not to a {self.latent} one")
         if self.grad_var_every < 0 or self.grad_var_repeats < 2:
             raise InputError("--grad-var-every must be >= 0 (0: never) and --grad-var-repeats >= 2")
-        if self.estimator_options.get("num_samples", 1) < 1:
-            raise InputError("--num-samples must be at least 1")
+        num_samples = self.estimator_options.get("num_samples", 1)
+        if not isinstance(num_samples, int) or isinstance(num_samples, bool) or num_samples < 1:
+            raise InputError(f"--num-samples must be an integer of at least 1, got {num_samples!r}")
+        if "tau" in self.estimator_options and not _positive_finite(self.estimator_options["tau"]):
+            raise InputError(f"--tau must be a positive finite number, got {self.estimator_options['tau']!r}")
         for name, value in self.estimator_schedule.items():
-            if len(value) != 3 or not all(isinstance(v, (int, float)) and v >= 0 for v in value) or value[0] <= 0:
-                raise InputError(f"the schedule of {name} must be [start > 0, end >= 0, rate >= 0], got {value}")
+            if not (isinstance(value, list) and len(value) == 3 and all(_positive_finite(v) or v == 0 for v in value)
+                    and value[0] > 0):
+                raise InputError(f"the schedule of {name} must be [start > 0, end >= 0, rate >= 0], finite, "
+                                 f"got {value!r}")
         resolve_device(self.device)
         return self
 
 
+def _positive_finite(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < math.inf
+
+
+def _typed(name: str, value, hint):
+    """``value`` if it has one of the types of ``hint`` (``int``, ``str | None``, ...), an int as a float where a
+    float is declared; else an ``InputError``."""
+    kinds = typing.get_args(hint) or (hint,)
+    for kind in kinds:
+        if kind is type(None) and value is None:
+            return None
+        if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if kind is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if kind in (str, bool, dict) and isinstance(value, kind):
+            return value
+        if kind is str and isinstance(value, os.PathLike):
+            return os.fspath(value)
+    expected = " or ".join("null" if k is type(None) else k.__name__ for k in kinds)
+    raise InputError(f"{name} must be {expected}, got {value!r}")
+
+
 def resolve_device(name: str) -> torch.device:
+    """``auto`` (CUDA when available, else the CPU), ``cpu``, ``cuda``, ``cuda:N`` or ``mps`` where present."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise InputError(f"--device {name} requested but CUDA is not available")
     try:
-        return torch.device(name)
-    except RuntimeError:
-        raise InputError(f"unknown device {name!r}; use auto, cpu or cuda") from None
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        device = None
+    if device is None or device.type not in ("cpu", "cuda", "mps"):
+        raise InputError(f"unknown device {name!r}; use auto, cpu, cuda, cuda:N or mps")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"--device {name} requested but CUDA is not available")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise InputError(f"--device {name}: there are only {torch.cuda.device_count()} CUDA devices")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise InputError("--device mps requested but MPS is not available")
+    return device
 
 
 def value_estimator(model: VAE) -> str:
@@ -178,71 +240,127 @@ def model_for(cfg: Config, data: Dataset) -> VAE:
 
 
 def train(cfg: Config, resume: bool = False, progress: bool = True, data: Dataset | None = None) -> TrainState:
-    """Train (or with ``resume`` continue) the run in ``cfg.out``; returns the final state."""
+    """Train (or with ``resume`` continue) the run in ``cfg.out`` while holding its lock; returns the final state.
+
+    Stops with :class:`~discvae.errors.Diverged` at the first non-finite loss or gradient, leaving the checkpoint of
+    the last finished epoch as it was."""
     cfg.check()
-    out = Path(cfg.out)
+    out = check_output(cfg.out)
+    device = resolve_device(cfg.device)
+    with run_lock(out):
+        ckpt = open_run(cfg, out, resume)
+        torch.manual_seed(cfg.seed)
+        data = data or load_dataset(cfg.dataset, cfg.data_dir, cfg.download)
+        check_memory(cfg, data, device)
+        x_train, x_test = data.x_train.to(device), data.x_test.to(device)
+        model = model_for(cfg, data).to(device)
+        state = TrainState(model, torch.optim.Adam(model.parameters(), lr=cfg.lr),
+                           torch.Generator().manual_seed(cfg.seed))
+        if ckpt is not None:
+            state.load_state_dict(ckpt)
+            for group in state.optimizer.param_groups:
+                group["lr"] = cfg.lr
+        check_estimator(model, x_train[:2], cfg)
+        write_json(out / CONFIG, dataclasses.asdict(cfg))
+
+        n = len(x_train)
+        # the fixed mini-batch of the gradient-variance diagnostic (Fig. 5), binarised once with its own generator
+        x_fixed = binarize(x_train[:cfg.batch_size], cfg.binarize, torch.Generator(device).manual_seed(cfg.seed))
+        for epoch in range(state.epoch, cfg.epochs):
+            model.train()
+            start, sums = time.perf_counter(), torch.zeros(3, dtype=torch.float64, device=device)
+            order = torch.randperm(n, generator=state.shuffle).to(device)
+            bar = tqdm(range(0, n, cfg.batch_size), desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False,
+                       disable=not progress)
+            for i in bar:
+                x = binarize(x_train[order[i:i + cfg.batch_size]], cfg.binarize)
+                terms = model(x, cfg.estimator, **estimator_options(cfg, state.step))
+                state.optimizer.zero_grad(set_to_none=True)
+                terms.loss.backward()
+                check_finite(terms.loss, model, epoch + 1, state, cfg)
+                state.optimizer.step()
+                state.step += 1
+                sums += torch.stack([terms.neg_elbo, terms.expected_ll, terms.kl]).double() * len(x)
+                if progress:
+                    bar.set_postfix(loss=f"{terms.neg_elbo.item():.2f}", refresh=False)
+            state.elapsed += time.perf_counter() - start
+            model.eval()
+            train_terms = dict(zip(("neg_elbo", "expected_ll", "kl"), (sums / n).tolist(), strict=True))
+            test_terms = elbo_terms(model, x_test, cfg.batch_size, cfg.binarize)
+            state.epoch = epoch + 1
+            grad_var = {}
+            if cfg.grad_var_every and state.epoch % cfg.grad_var_every == 0:
+                grad_var = gradient_variance(model, x_fixed, cfg.estimator, cfg.grad_var_repeats,
+                                             **estimator_options(cfg, state.step))
+            state.history.append({"epoch": state.epoch, "step": state.step, "time": round(state.elapsed, 3),
+                                  **{f"train_{k}": v for k, v in train_terms.items()},
+                                  **{f"test_{k}": v for k, v in test_terms.items()},
+                                  **{f"grad_{k}": v for k, v in grad_var.items()}})
+            save_checkpoint(out / CHECKPOINT, state.state_dict(cfg))
+            write_csv(out / METRICS, state.history)
+            if progress:
+                tqdm.write(f"epoch {state.epoch}: train -ELBO {train_terms['neg_elbo']:.2f}  "
+                           f"test -ELBO {test_terms['neg_elbo']:.2f}  ({state.elapsed:.1f}s)")
+    return state
+
+
+def open_run(cfg: Config, out: Path, resume: bool) -> dict | None:
+    """Under the run's lock: the checkpoint to continue from (``resume``), or None after checking that ``out``
+    may hold a new run -- it is missing, empty, or holds only what a discvae run that stopped before its first
+    checkpoint left there. Leftovers of killed writes are removed."""
+    remove_stale_temporaries(out)
     if resume:
         ckpt = load_checkpoint(out)
-        changed = [k for k, v in ckpt["config"].items() if k not in RESUMABLE and getattr(cfg, k) != v]
+        saved = Config.from_dict(ckpt["config"], f"the configuration in {out / CHECKPOINT}")
+        changed = [k for k in dataclasses.asdict(saved) if k not in RESUMABLE and getattr(cfg, k) != getattr(saved, k)]
         if changed:
             raise InputError(f"cannot resume {out} with a different {', '.join(changed)}")
-    elif (out / CHECKPOINT).exists():
+        if cfg.epochs < ckpt["epoch"]:
+            raise InputError(f"{out} has already trained {ckpt['epoch']} epochs; --epochs {cfg.epochs} would not "
+                             "continue it")
+        return ckpt
+    if (out / CHECKPOINT).exists():
         raise InputError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
-    device = resolve_device(cfg.device)
-    torch.manual_seed(cfg.seed)
-    data = data or load_dataset(cfg.dataset, cfg.data_dir, cfg.download)
-    x_train, x_test = data.x_train.to(device), data.x_test.to(device)
-    model = model_for(cfg, data).to(device)
-    state = TrainState(model, torch.optim.Adam(model.parameters(), lr=cfg.lr),
-                       torch.Generator().manual_seed(cfg.seed))
-    if resume:
-        state.load_state_dict(ckpt)
-    check_estimator(model, x_train[:2], cfg)
-    write_json(out / CONFIG, dataclasses.asdict(cfg))
+    foreign = sorted(p.name for p in out.iterdir() if p.name not in (LOCK, CONFIG))
+    if not foreign and (out / CONFIG).exists():
+        try:
+            Config.from_dict(read_config(out))
+        except InputError:
+            foreign = [CONFIG]
+    if foreign:
+        raise InputError(f"{out} is not empty and not a discvae run (it holds {', '.join(foreign[:3])}"
+                         f"{', ...' if len(foreign) > 3 else ''}); choose a new or empty --out")
+    return None
 
-    n = len(x_train)
-    # the fixed mini-batch of the gradient-variance diagnostic (Fig. 5), binarised once with its own generator
-    x_fixed = binarize(x_train[:cfg.batch_size], cfg.binarize, torch.Generator(device).manual_seed(cfg.seed))
-    for epoch in range(state.epoch, cfg.epochs):
-        model.train()
-        start, sums = time.perf_counter(), torch.zeros(3, dtype=torch.float64)
-        order = torch.randperm(n, generator=state.shuffle).to(device)
-        bar = tqdm(range(0, n, cfg.batch_size), desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False,
-                   disable=not progress)
-        for i in bar:
-            x = binarize(x_train[order[i:i + cfg.batch_size]], cfg.binarize)
-            terms = model(x, cfg.estimator, **estimator_options(cfg, state.step))
-            state.optimizer.zero_grad(set_to_none=True)
-            terms.loss.backward()
-            state.optimizer.step()
-            state.step += 1
-            sums += torch.tensor([terms.neg_elbo.item(), terms.expected_ll.item(), terms.kl.item()]) * len(x)
-            bar.set_postfix(loss=f"{terms.neg_elbo.item():.2f}", refresh=False)
-        state.elapsed += time.perf_counter() - start
-        model.eval()
-        train_terms = dict(zip(("neg_elbo", "expected_ll", "kl"), (sums / n).tolist(), strict=True))
-        test_terms = elbo_terms(model, x_test, cfg.batch_size, cfg.binarize)
-        state.epoch = epoch + 1
-        grad_var = {}
-        if cfg.grad_var_every and state.epoch % cfg.grad_var_every == 0:
-            grad_var = gradient_variance(model, x_fixed, cfg.estimator, cfg.grad_var_repeats,
-                                         **estimator_options(cfg, state.step))
-        state.history.append({"epoch": state.epoch, "step": state.step, "time": round(state.elapsed, 3),
-                              **{f"train_{k}": v for k, v in train_terms.items()},
-                              **{f"test_{k}": v for k, v in test_terms.items()},
-                              **{f"grad_{k}": v for k, v in grad_var.items()}})
-        save_checkpoint(out / CHECKPOINT, state.state_dict(cfg))
-        write_csv(out / METRICS, state.history)
-        if progress:
-            tqdm.write(f"epoch {state.epoch}: train -ELBO {train_terms['neg_elbo']:.2f}  "
-                       f"test -ELBO {test_terms['neg_elbo']:.2f}  ({state.elapsed:.1f}s)")
-    return state
+
+def check_memory(cfg: Config, data: Dataset, device: torch.device) -> None:
+    """Refuse a configuration whose training step cannot fit in the device's free memory (see
+    :mod:`discvae.memory`), with both figures."""
+    options = estimator_options(cfg, 0)
+    need = step_bytes(lambda: model_for(cfg, data), data.x_train.shape[1:], min(cfg.batch_size, len(data.x_train)),
+                      lambda model, x: model(x, cfg.estimator, **options))
+    have = available_bytes(device)
+    if need is not None and have is not None and need > have:
+        raise InputError(f"a training step would need about {gib(need)} of memory, more than the {gib(have)} "
+                         f"free on {device}; lower --batch-size, --num-samples or --latent-dim")
+
+
+def check_finite(loss: torch.Tensor, model: VAE, epoch: int, state: TrainState, cfg: Config) -> None:
+    """Raise :class:`Diverged` if the loss or a gradient is NaN or infinite (one host synchronisation)."""
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    if bool(torch.isfinite(loss) & torch.isfinite(torch.nn.utils.get_total_norm(grads))):
+        return
+    where = f"non-finite loss or gradient at epoch {epoch}, step {state.step + 1} (lr {cfg.lr:g})"
+    if state.epoch:
+        raise Diverged(f"{where}; the last good checkpoint (epoch {state.epoch}) is in {cfg.out}: continue it "
+                       f"with a smaller lr, discvae train --resume --out {cfg.out} --lr {cfg.lr / 10:g}")
+    raise Diverged(f"{where}, before the first checkpoint; start again with a smaller --lr")
 
 
 def load_run(run_dir, device: str = "cpu", ckpt: dict | None = None) -> tuple[Config, VAE, Dataset]:
     """The config, trained model (eval mode) and dataset of a finished or running run; ``ckpt``, a checkpoint the
     caller already loaded from it, saves reading it again."""
-    cfg = Config.from_dict(read_config(run_dir))
+    cfg = Config.from_dict(read_config(run_dir), f"{Path(run_dir) / CONFIG}")
     ckpt = ckpt or load_checkpoint(run_dir, device)
     data = load_dataset(cfg.dataset, cfg.data_dir, False)
     model = model_for(cfg, data)

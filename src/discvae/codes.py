@@ -1,0 +1,113 @@
+"""``discvae encode``: a run's deterministic codes and posterior parameters for every image of a split, as ``.npz``.
+
+The codes are ``VAE.codes``: bits [q(z_i = 1|x) > 1/2], a categorical's most probable class per group, a Gaussian's
+means; ``probs`` are ``VAE.encode``'s posterior probabilities (means). The images are fed as the run was evaluated:
+a run trained on binarised data sees them binarised once (``evaluation.fixed_binarization``, seed 0).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .data import Dataset
+from .errors import InputError
+from .evaluation import fixed_binarization
+from .runs import atomic_path
+from .training import load_run
+
+SPLITS = ("train", "test", "all")
+
+
+def split_images(data: Dataset, split: str) -> tuple[torch.Tensor, np.ndarray | None]:
+    """The images of ``split`` (``all``: train then test) and their labels, None when the dataset has none."""
+    if split not in SPLITS:
+        raise InputError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
+    parts = [("train", data.x_train, data.y_train), ("test", data.x_test, data.y_test)]
+    chosen = [(x, y) for name, x, y in parts if split in (name, "all")]
+    x = torch.cat([x for x, _ in chosen])
+    labelled = all(y is not None for _, y in chosen)
+    return x, torch.cat([y for _, y in chosen]).numpy() if labelled else None
+
+
+def labels_of(data: Dataset, split: str, what: str) -> np.ndarray:
+    """The labels of ``split``; an ``InputError`` naming ``what`` needs them when the dataset has none."""
+    labels = split_images(data, split)[1]
+    if labels is None:
+        raise InputError(f"{what} needs class labels, and dataset {data.name!r} has none for its {split} split")
+    return labels
+
+
+def load_coded_run(run_dir, latent: str | None = None):
+    """``training.load_run(run_dir)`` -> (config, model, data); ``latent``: the latent family required."""
+    cfg, model, data = load_run(run_dir)
+    if latent and cfg.latent != latent:
+        raise InputError(f"{run_dir} has a {cfg.latent} latent; this needs a {latent} one")
+    return cfg, model, data
+
+
+def one_dataset(configs) -> None:
+    """An ``InputError`` unless all ``configs`` (run configurations) name the same dataset."""
+    datasets = {cfg.dataset for cfg in configs}
+    if len(datasets) > 1:
+        raise InputError(f"the runs must share one dataset, got {', '.join(sorted(datasets))}")
+
+
+def load_coded_runs(run_dirs, latent: str, reserved=()) -> dict:
+    """Directory name -> (config, model, data) of each of ``run_dirs``: runs with ``latent`` latents on one dataset,
+    whose directory names are distinct and none of ``reserved``."""
+    names = [Path(r).resolve().name for r in run_dirs]
+    if len(set(names)) < len(names) or set(names) & set(reserved):
+        taboo = f", other than {', '.join(reserved)}," if reserved else ""
+        raise InputError(f"run directories need distinct names{taboo} to label them: {', '.join(names)}")
+    runs = {name: load_coded_run(run, latent) for name, run in zip(names, run_dirs, strict=True)}
+    one_dataset(cfg for cfg, _, _ in runs.values())
+    return runs
+
+
+def encode_run(run_dir, out, split: str = "all", batch_size: int = 1024) -> dict[str, np.ndarray]:
+    """Write ``out`` (``.npz``, atomically) for the images of ``split`` of the run in ``run_dir``; returns its arrays.
+
+    Arrays: ``codes`` (one row per image), ``probs``, ``labels`` (when the dataset has them), ``packed``
+    (``np.packbits`` of the bits along the last axis, Bernoulli runs only), and ``latent``, ``latent_dim``,
+    ``groups``, ``split``.
+    """
+    if batch_size < 1:
+        raise InputError("--batch-size must be at least 1")
+    cfg, model, data = load_run(run_dir)
+    x, labels = split_images(data, split)
+    inputs = fixed_binarization(x, cfg.binarize)
+    codes, probs = model.codes(inputs, batch_size).numpy(), model.encode(inputs, batch_size).numpy()
+    arrays = {"codes": codes, "probs": probs, "latent": np.array(cfg.latent), "latent_dim": np.array(cfg.latent_dim),
+              "groups": np.array(cfg.groups), "split": np.array(split),
+              **({} if labels is None else {"labels": labels}),
+              **({"packed": np.packbits(codes, axis=-1)} if cfg.latent == "bernoulli" else {})}
+    with atomic_path(out) as tmp, open(tmp, "wb") as fh:
+        np.savez(fh, **arrays)
+    return arrays
+
+
+def framed_grid(path, rows: list[torch.Tensor], frames, title: str) -> None:
+    """Rows of images (``figures.image_grid``, 2-pixel gaps) with a coloured frame around the image in column
+    ``j`` of row ``i`` for each ``(i, j, colour)`` of ``frames``, under ``title``; a palette PNG at ``path``. The
+    images are shown about 56 pixels high, smaller when there are many rows."""
+    from matplotlib.patches import Rectangle
+
+    from .figures import image_grid, plt, save_figure
+
+    pad, dpi, title_px = 2, 100, 30
+    grid = image_grid(rows, pad)
+    h = (grid.shape[0] - pad) // len(rows) - pad
+    w = (grid.shape[1] - pad) // max(len(r) for r in rows) - pad
+    scale = max(1, min(round(56 / h), 2000 // grid.shape[0]))  # screen pixels per image pixel
+    height = grid.shape[0] * scale + title_px
+    fig = plt.figure(figsize=(grid.shape[1] * scale / dpi, height / dpi), dpi=dpi)
+    ax = fig.add_axes((0, 0, 1, grid.shape[0] * scale / height))
+    ax.imshow(grid, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+    ax.set_axis_off()
+    for i, j, colour in frames:  # a line in the middle of the gap, 0.6 image pixels but at least 2 pixels wide
+        ax.add_patch(Rectangle((pad + j * (w + pad) - 1.5, pad + i * (h + pad) - 1.5), w + 2, h + 2, fill=False,
+                               edgecolor=colour, lw=max(2.0, 0.6 * scale) * 72 / dpi))
+    fig.text(0.5, 1 - 0.5 * title_px / height, title, ha="center", va="center", fontsize=9)
+    save_figure(path, fig)

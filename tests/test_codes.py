@@ -1,0 +1,70 @@
+"""``VAE.codes`` / ``VAE.encode`` and ``discvae encode``: deterministic codes, posterior probabilities, the .npz."""
+import numpy as np
+import pytest
+import torch
+
+from discvae import load_dataset
+from helpers import assert_one_line_error, run_cli, tiny_data, tiny_model, train_digits
+
+N_DIGITS, N_TEST = 1797, 297
+
+
+@pytest.mark.parametrize("latent,classes,groups", [("bernoulli", 5, 1), ("categorical", 4, 3), ("gaussian", 3, 1)])
+def test_codes_are_the_posterior_modes_in_any_batching(latent, classes, groups):
+    model = tiny_model(latent, classes, groups).train()
+    x = tiny_data(7)
+    q = model.posterior(x)
+    probs, codes = model.encode(x, batch_size=3), model.codes(x, batch_size=3)
+    assert model.training  # restored after encoding in eval mode
+    assert not probs.requires_grad and torch.allclose(probs, model.encode(x, batch_size=100))
+    if latent == "bernoulli":
+        assert codes.dtype == torch.uint8 and codes.shape == (7, classes)
+        assert torch.equal(codes, (q.logits > 0).to(torch.uint8))
+        assert torch.allclose(probs, torch.sigmoid(q.logits))
+    elif latent == "categorical":
+        assert codes.shape == (7, groups) and probs.shape == (7, groups, classes)
+        assert torch.equal(codes, probs.argmax(-1))
+        assert torch.allclose(probs.sum(-1), torch.ones(7, groups, dtype=probs.dtype))
+    else:
+        assert torch.allclose(codes, q.loc) and torch.equal(codes, probs)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("codes")
+    return {"bits": train_digits(root / "bits"),
+            "cat": train_digits(root / "cat", "--latent", "categorical", "--latent-dim", "10")}
+
+
+def test_encode_writes_one_row_per_image(runs, tmp_path, capsys):
+    out = tmp_path / "codes.npz"
+    code, stdout, _ = run_cli(capsys, "encode", runs["bits"], "--out", out, "--batch-size", "100")
+    assert code == 0 and str(out) in stdout
+    data = load_dataset("digits")
+    with np.load(out, allow_pickle=False) as f:
+        assert f["codes"].shape == (N_DIGITS, 8) and f["codes"].dtype == np.uint8
+        assert set(np.unique(f["codes"])) <= {0, 1}
+        assert np.array_equal(f["codes"], (f["probs"] > 0.5).astype(np.uint8))
+        assert np.array_equal(f["packed"], np.packbits(f["codes"], axis=-1)) and f["packed"].shape == (N_DIGITS, 1)
+        assert np.array_equal(f["labels"], np.concatenate([data.y_train.numpy(), data.y_test.numpy()]))
+        assert (str(f["latent"]), int(f["latent_dim"]), int(f["groups"]), str(f["split"])) == \
+            ("bernoulli", 8, 1, "all")
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_encode_a_categorical_run_on_the_test_split(runs, tmp_path, capsys):
+    out = tmp_path / "cat.npz"
+    code, _, _ = run_cli(capsys, "encode", runs["cat"], "--out", out, "--split", "test")
+    assert code == 0
+    with np.load(out, allow_pickle=False) as f:
+        assert f["codes"].shape == (N_TEST, 1) and f["probs"].shape == (N_TEST, 1, 10)
+        assert np.array_equal(f["codes"][:, 0], f["probs"][:, 0].argmax(-1))
+        assert "packed" not in f.files and str(f["split"]) == "test" and len(f["labels"]) == N_TEST
+
+
+def test_encode_rejects_bad_input(runs, tmp_path, capsys):
+    code, _, err = run_cli(capsys, "encode", tmp_path / "nothing", "--out", tmp_path / "c.npz")
+    assert_one_line_error(code, err, "not a run directory")
+    code, _, err = run_cli(capsys, "encode", runs["bits"], "--out", tmp_path / "c.npz", "--batch-size", "0")
+    assert_one_line_error(code, err, "--batch-size")
+    assert not (tmp_path / "c.npz").exists()

@@ -1,0 +1,323 @@
+"""Safety and failure behaviour (README): checkpoints never run code, run directories are not clobbered and have one
+writer, writes are atomic and durable, training stops at the first non-finite step, and every bad input ends with
+one line on stderr and exit status 2 -- never a traceback."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from discvae import runs
+from discvae.cli import build_parser, main
+
+
+class Payload:
+    """Unpickling this runs ``touch PATH`` (the attack a shared checkpoint could carry)."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.path}",))
+
+
+def cli(capsys, *argv):
+    try:
+        code = main([str(a) for a in argv])
+    except SystemExit as exit_:  # argparse
+        code = exit_.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_error(result, match):
+    code, _, err = result
+    assert code == 2, err
+    assert len(err.strip().splitlines()) == 1, err
+    assert match in err and "Traceback" not in err, err
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A 1-epoch digits run, copied by each test that changes it."""
+    run = tmp_path_factory.mktemp("trained") / "run"
+    assert main(["train", "--dataset", "digits", "--latent-dim", "8", "--epochs", "1", "--batch-size", "256",
+                 "--grad-var-every", "0", "--out", str(run), "--quiet"]) == 0
+    return run
+
+
+@pytest.fixture
+def run(trained, tmp_path):
+    dst = tmp_path / "run"
+    shutil.copytree(trained, dst)
+    return dst
+
+
+@pytest.fixture
+def read_only(tmp_path):
+    """Make a directory unwritable, even for root (``chattr +i``) where chmod is not enough; undo it afterwards."""
+    made = []
+
+    def make(path):
+        if os.geteuid() != 0:
+            path.chmod(0o555)
+        elif subprocess.run(["chattr", "+i", str(path)], capture_output=True).returncode != 0:
+            pytest.skip("cannot make a directory read-only here")
+        made.append(path)
+        return path
+
+    yield make
+    for path in made:
+        if os.geteuid() == 0:
+            subprocess.run(["chattr", "-i", str(path)], check=True)
+        path.chmod(0o755)
+
+
+# 1. Opening a checkpoint never runs its code.
+
+def commands_reading(run, tmp_path):
+    reproduce_out = tmp_path / "repro"
+    shutil.copytree(run, reproduce_out / "fc_bvae_mnist")
+    return {"evaluate": ["evaluate", run, "--k", "2"], "reconstruct": ["reconstruct", run],
+            "plot": ["plot", run, "--out", tmp_path / "figs"], "resume": ["train", "--resume", "--out", run,
+                                                                           "--epochs", "2", "--quiet"],
+            "reproduce": ["reproduce", "--out", reproduce_out, "--only", "fc_bvae_mnist", "--dataset", "digits",
+                          "--epochs", "1", "--k", "2", "--quiet"]}
+
+
+@pytest.mark.parametrize("how", ["payload alone", "payload inside a valid checkpoint"])
+def test_a_checkpoint_with_a_code_payload_is_refused_by_every_command(run, tmp_path, capsys, how):
+    marker = tmp_path / "PWNED"
+    ckpt = torch.load(run / runs.CHECKPOINT, weights_only=True)
+    torch.save(Payload(marker) if how == "payload alone" else {**ckpt, "note": Payload(marker)}, run / runs.CHECKPOINT)
+    for name, argv in commands_reading(run, tmp_path).items():
+        assert_error(cli(capsys, *argv), "refusing checkpoint")
+        assert not marker.exists(), f"{name} ran the checkpoint's code"
+
+
+# 2. --out never overwrites a user's files; 3. one trainer per run directory.
+
+TRAIN = ["train", "--dataset", "digits", "--latent-dim", "8", "--epochs", "1", "--batch-size", "256", "--quiet"]
+
+
+def test_out_refuses_a_folder_that_is_not_a_discvae_run(tmp_path, capsys):
+    folder = tmp_path / "notes"
+    folder.mkdir()
+    (folder / "config.json").write_text("my notes\n")
+    assert_error(cli(capsys, *TRAIN, "--out", folder), "not a discvae run")
+    assert (folder / "config.json").read_text() == "my notes\n"
+    (folder / "config.json").unlink()
+    (folder / "README").write_text("project\n")
+    assert_error(cli(capsys, *TRAIN, "--out", folder), "not a discvae run")
+    assert sorted(p.name for p in folder.iterdir() if p.name != runs.LOCK) == ["README"]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert cli(capsys, *TRAIN, "--out", empty)[0] == 0
+
+
+def test_a_run_killed_before_its_first_checkpoint(run, capsys):
+    (run / runs.CHECKPOINT).unlink()
+    (run / runs.METRICS).unlink()
+    assert_error(cli(capsys, "train", "--resume", "--out", run), "start it again without --resume")
+    assert cli(capsys, *TRAIN, "--out", run)[0] == 0  # its own config.json may be replaced
+
+
+def test_a_second_trainer_is_refused_and_told_the_holders_pid(tmp_path, capsys):
+    folder = tmp_path / "busy"
+    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent("""
+        import sys, time
+        from discvae.runs import run_lock
+        with run_lock(sys.argv[1]):
+            print("locked", flush=True)
+            time.sleep(60)
+        """), str(folder)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        assert_error(cli(capsys, *TRAIN, "--out", folder), f"in use by another discvae process (pid {holder.pid})")
+    finally:
+        holder.kill()
+        holder.wait(10)
+    assert cli(capsys, *TRAIN, "--out", folder)[0] == 0  # the lock died with its holder
+
+
+# 4. File-system errors are checked before the work.
+
+def test_read_only_run_directory(run, tmp_path, capsys, read_only):
+    read_only(run)
+    assert_error(cli(capsys, "train", "--resume", "--out", run, "--epochs", "2"), "cannot write")
+    assert_error(cli(capsys, "evaluate", run), "cannot write")
+    assert_error(cli(capsys, "reconstruct", run), "cannot write")
+    assert_error(cli(capsys, *TRAIN, "--out", run / "sub"), "cannot write")
+    assert not (run / "eval.json").exists()
+
+
+def test_evaluate_checks_its_output_before_computing(run, capsys, monkeypatch):
+    import discvae.evaluation as evaluation
+
+    (run / "eval.json").mkdir()
+    monkeypatch.setattr(evaluation, "evaluate", lambda *a, **k: pytest.fail("computed before checking the output"))
+    assert_error(cli(capsys, "evaluate", run), "is a directory")
+
+
+@pytest.mark.parametrize("case", ["out is a file", "out under a file", "reconstruct a file", "plot a file",
+                                  "evaluate a file", "plot into a file"])
+def test_paths_that_are_files(tmp_path, capsys, run, case):
+    f = tmp_path / "file.txt"
+    f.write_text("x")
+    argv, match = {"out is a file": ([*TRAIN, "--out", f], "not a directory"),
+                   "out under a file": ([*TRAIN, "--out", f / "run"], "is a file"),
+                   "reconstruct a file": (["reconstruct", f], "not a run directory"),
+                   "plot a file": (["plot", f], "not a run directory"),
+                   "evaluate a file": (["evaluate", f], "not a run directory"),
+                   "plot into a file": (["plot", run, "--out", f], "not a directory")}[case]
+    assert_error(cli(capsys, *argv), match)
+    assert f.read_text() == "x"
+
+
+# 5. Malformed run contents.
+
+CONFIG_DAMAGE = {
+    "a string for an int": lambda c: {**c, "latent_dim": "eight"},
+    "a float for an int": lambda c: {**c, "latent_dim": 8.0},
+    "null for a string": lambda c: {**c, "dataset": None},
+    "a string for options": lambda c: {**c, "estimator_options": "num_samples=2"},
+    "a list": lambda c: [c],
+}
+
+
+@pytest.mark.parametrize("damage", [*CONFIG_DAMAGE, "invalid UTF-8", "a directory"])
+def test_malformed_config(run, tmp_path, capsys, damage):
+    path = run / runs.CONFIG
+    if damage == "invalid UTF-8":
+        path.write_bytes(b'{"dataset": "\xff\xfe"}')
+    elif damage == "a directory":
+        path.unlink()
+        path.mkdir()
+    else:
+        path.write_text(json.dumps(CONFIG_DAMAGE[damage](json.loads(path.read_text()))))
+    for argv in (["evaluate", run, "--k", "2"], ["train", "--resume", "--out", run, "--epochs", "2"],
+                 ["reconstruct", run], ["plot", run, "--out", tmp_path / "figs"]):
+        assert_error(cli(capsys, *argv), "config.json")
+
+
+@pytest.mark.parametrize("content", [{"foo": 1}, torch.zeros(3)], ids=["dict without keys", "a tensor"])
+def test_checkpoint_without_the_expected_entries(run, tmp_path, capsys, content):
+    torch.save(content, run / runs.CHECKPOINT)
+    for argv in commands_reading(run, tmp_path).values():
+        assert_error(cli(capsys, *argv), "not a discvae checkpoint")
+
+
+# 6. Options; divergence.
+
+@pytest.mark.parametrize("argv,match", [
+    (["--device", "meta"], "unknown device"),
+    (["--device", "mps"], "mps"),
+    (["--seed", str(2**64)], "--seed"),
+    (["--seed", "-1"], "--seed"),
+    (["--latent-dim", "10000000"], "GiB"),
+    (["--num-samples", "100000000"], "GiB"),
+    (["--lr", "inf"], "--lr must be a positive finite"),
+    (["--lr", "nan"], "--lr must be a positive finite"),
+    (["--estimator", "gumbel", "--tau", "inf"], "--tau must be a positive finite"),
+    (["--estimator", "gumbel", "--tau-anneal", "1", "0.5", "inf"], "schedule"),
+    (["--latent", "bernoulli", "--groups", "2"], "--groups applies to a categorical"),
+    (["--epochs", "0"], "--epochs must be at least 1"),
+])
+def test_unusable_options(tmp_path, capsys, argv, match):
+    if "mps" in argv and torch.backends.mps.is_available():
+        pytest.skip("MPS present")
+    assert_error(cli(capsys, *TRAIN, *argv, "--out", tmp_path / "run"), match)
+    assert not (tmp_path / "run").exists()
+
+
+def test_divergence_stops_at_the_first_non_finite_step_and_keeps_the_last_good_checkpoint(run, capsys):
+    before = (run / runs.CHECKPOINT).read_bytes()
+    code, _, err = cli(capsys, "train", "--resume", "--out", run, "--epochs", "3", "--lr", "1e30", "--quiet")
+    assert_error((code, "", err), "non-finite loss or gradient at epoch 2, step")
+    assert "last good checkpoint (epoch 1)" in err and "--resume" in err
+    assert (run / runs.CHECKPOINT).read_bytes() == before
+    assert cli(capsys, "train", "--resume", "--out", run, "--epochs", "2", "--lr", "1e-4", "--quiet")[0] == 0
+    assert json.loads((run / runs.CONFIG).read_text())["lr"] == 1e-4
+
+
+# 7. Degenerate data.
+
+def test_flat_data_trains_and_is_drawn(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "flat.npz", x_train=rng.random((60, 10), dtype=np.float32))
+    run = tmp_path / "run"
+    assert cli(capsys, "train", "--dataset", tmp_path / "flat.npz", "--latent-dim", "4", "--epochs", "1",
+               "--batch-size", "16", "--out", run, "--quiet")[0] == 0
+    assert cli(capsys, "reconstruct", run, "--n", "3", "--rows", "1")[0] == 0
+    assert cli(capsys, "plot", run)[0] == 0
+    import matplotlib.image as mpimg
+
+    height, width = mpimg.imread(run / "reconstructions.png").shape[:2]
+    assert (height, width) == ((2 * 3 + 1) * 11, (3 * 6 + 1) * 11)  # 2 x 5 images, 1 px gaps, scale 56 / 5 -> 11
+
+
+def test_zero_width_items_are_refused_at_load(tmp_path, capsys):
+    np.save(tmp_path / "empty.npy", np.zeros((10, 0, 8), np.float32))
+    assert_error(cli(capsys, *TRAIN, "--dataset", tmp_path / "empty.npy", "--out", tmp_path / "run"), "length 0")
+
+
+# 8. Smaller ones.
+
+def test_leftovers_of_killed_writes_are_removed_on_the_next_start(run, capsys):
+    stale = run / ".checkpoint.pt.k1ll3d.tmp"
+    stale.write_bytes(b"half a checkpoint")
+    assert cli(capsys, "train", "--resume", "--out", run, "--epochs", "2", "--quiet")[0] == 0
+    assert not stale.exists()
+
+
+def test_writes_are_durable(tmp_path, monkeypatch):
+    synced = []
+    real = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: synced.append(os.readlink(f"/proc/self/fd/{fd}")) or real(fd))
+    runs.write_json(tmp_path / "a.json", {"x": 1})
+    assert len(synced) == 2 and synced[1] == str(tmp_path)  # the file before the rename, the folder after it
+    assert json.loads((tmp_path / "a.json").read_text()) == {"x": 1}
+
+
+def test_ctrl_c_during_start_up_exits_130_without_a_traceback(tmp_path):
+    proc = subprocess.Popen([sys.executable, "-m", "discvae", *TRAIN, "--out", str(tmp_path / "run")],
+                            stderr=subprocess.PIPE, text=True)
+    time.sleep(0.3)  # still importing torch
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and err.strip() == "discvae: interrupted", err
+
+
+def test_mean_baseline_with_a_last_batch_of_one(tmp_path, capsys):
+    assert cli(capsys, *TRAIN, "--batch-size", "1499", "--baseline", "mean", "--out", tmp_path / "run")[0] == 0
+
+
+def test_resume_with_fewer_epochs_than_done_is_refused_and_changes_nothing(run, capsys):
+    assert cli(capsys, "train", "--resume", "--out", run, "--epochs", "2", "--quiet")[0] == 0
+    config = (run / runs.CONFIG).read_text()
+    assert_error(cli(capsys, "train", "--resume", "--out", run, "--epochs", "1"), "already trained 2 epochs")
+    assert (run / runs.CONFIG).read_text() == config
+
+
+# 9. Conventions.
+
+def test_version(capsys):
+    from discvae import __version__
+
+    code, out, _ = cli(capsys, "--version")
+    assert code == 0 and out.strip() == f"discvae {__version__}"
+
+
+def test_every_flag_of_every_subcommand_has_help():
+    parser = build_parser()
+    commands = next(a for a in parser._actions if a.dest == "command").choices
+    missing = [f"{name} {'/'.join(a.option_strings) or a.dest}" for name, sub in commands.items()
+               for a in sub._actions if a.dest != "help" and a.option_strings and not a.help]
+    assert not missing
