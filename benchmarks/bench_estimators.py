@@ -30,7 +30,7 @@ def main():
     for name, (latent, c, labels) in MODELS.items():
         model, opt, x = fc_model(latent, c, B)
         specs = [parse_spec(label, args.num_samples) for label in labels]
-        t = interleaved_medians({s.label: adam_step(model, opt, x, s.estimator, **s.options) for s in specs},
+        t = interleaved_medians({s.label: adam_step(model, opt, x, s.estimator) for s in specs},
                                 args.rounds, args.steps)
         print(f"\n{name} (c = {c})\n{'estimator':18s} {'ms/step':>8s} {'/ importance':>12s}")
         for label, seconds in t.items():

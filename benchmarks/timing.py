@@ -32,8 +32,9 @@ def fc_model(latent: str, c: int, batch: int):
     return model, torch.optim.Adam(model.parameters(), lr=1e-3), torch.rand(batch, 1, 28, 28)
 
 
-def adam_step(model, optimizer, x, estimator: str, **options):
-    """A closure running one optimisation step of ``model`` on ``x`` with ``estimator``."""
+def adam_step(model, optimizer, x, estimator, **options):
+    """A closure running one optimisation step of ``model`` on ``x`` with ``estimator(q, f, **options)`` (a
+    function or a registered name)."""
     def step():
         loss = model(x, estimator, **options).loss
         optimizer.zero_grad(set_to_none=True)

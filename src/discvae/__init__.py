@@ -10,7 +10,7 @@ __version__ = "0.1.0"
 _EXPORTS = {"Bernoulli": "distributions", "Categorical": "distributions", "Gaussian": "distributions",
             "Config": "training", "train": "training", "load_run": "training", "Dataset": "data",
             "load_dataset": "data", "InputError": "errors", "Diverged": "errors", "ESTIMATORS": "estimators",
-            "VAE": "models", "build_model": "models"}
+            "Estimator": "estimators", "make_estimator": "estimators", "VAE": "models", "build_model": "models"}
 __all__ = sorted(_EXPORTS)
 
 

@@ -1,6 +1,8 @@
 """The ``discvae`` command: ``train``, ``reconstruct``, ``evaluate``, ``plot``, ``reproduce``, ``compare``.
 
 Bad input (and a file-system error) ends with one line on stderr and exit status 2; Ctrl-C with exit status 130.
+Library errors name parameters as Python spells them (``num_samples``); :func:`main` shows them as flags
+(``--num-samples``), here and nowhere else.
 """
 from __future__ import annotations
 
@@ -341,11 +343,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def flag(param: str) -> str:
+    """The command-line flag of a library parameter: ``num_samples`` -> ``--num-samples``."""
+    return "--" + param.replace("_", "-")
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (InputError, OSError) as err:
+    except InputError as err:
+        print(f"discvae {args.command}: error: {err.renamed(flag)}", file=sys.stderr)
+        return 2
+    except OSError as err:
         print(f"discvae {args.command}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -115,7 +115,7 @@ def clustering(run_dirs: list, out, gaussian: str | None = None, seed: int = 0, 
     images; write ``out/clustering.json``, ``confusion.png`` and ``clusters.png`` (the run with the highest NMI)
     and ``report.md``, whose path it returns."""
     if n_init < 1 or batch_size < 1:
-        raise InputError("--n-init and --batch-size must be at least 1")
+        raise InputError("n_init and batch_size must be at least 1", "n_init", "batch_size")
     out = Path(out)
     runs = load_coded_runs(run_dirs, "categorical")
     for name, (cfg, _, _) in runs.items():

@@ -74,7 +74,7 @@ def encode_run(run_dir, out, split: str = "all", batch_size: int = 1024) -> dict
     ``groups``, ``split``.
     """
     if batch_size < 1:
-        raise InputError("--batch-size must be at least 1")
+        raise InputError("batch_size must be at least 1", "batch_size")
     cfg, model, data = load_run(run_dir)
     x, labels = split_images(data, split)
     inputs = fixed_binarization(x, cfg.binarize)

@@ -33,7 +33,7 @@ import torch
 from .data import Dataset, load_dataset
 from .distributions import state_count
 from .errors import InputError
-from .estimators import ESTIMATORS, EXACT_MAX_STATES
+from .estimators import EXACT_MAX_STATES, Estimator, exact, make_estimator
 from .evaluation import fixed_binarization, iwae_bound
 from .figures import plt, save_figure
 from .gradients import gradient_samples
@@ -45,11 +45,10 @@ IWAE_CSV = "iwae.csv"
 
 @dataclasses.dataclass
 class Spec:
-    """One estimator of the comparison: its label (the spec text), registry name and options."""
+    """One estimator of the comparison: its label (the spec text) and the estimator (registered name, options)."""
 
     label: str
-    estimator: str
-    options: dict
+    estimator: Estimator
 
 
 def _value(text: str):
@@ -62,22 +61,21 @@ def _value(text: str):
 
 
 def parse_spec(text: str, num_samples: int) -> Spec:
-    """``NAME[:key=value[:key=value...]]``; ``num_samples`` defaults to the comparison's budget."""
+    """``NAME[:key=value[:key=value...]]``; ``num_samples`` defaults to the comparison's budget. The name and the
+    options are checked here (``make_estimator``), before any work."""
     name, *pairs = text.split(":")
-    if name not in ESTIMATORS:
-        raise InputError(f"unknown estimator {name!r} in {text!r}; choose from {', '.join(ESTIMATORS)}")
     options = {"num_samples": num_samples}
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key:
             raise InputError(f"estimator spec {text!r}: options are key=value, separated by ':'")
         options[key.replace("-", "_")] = _value(value)
-    return Spec(text, name, options)
+    return Spec(text, make_estimator(name, **options))
 
 
 def evals_per_point(spec: Spec, q, batch_size: int) -> float:
     """Decoder evaluations per data point and step: M, or S / batch for ``exact``."""
-    return q.num_states / batch_size if spec.estimator == "exact" else spec.options["num_samples"]
+    return q.num_states / batch_size if spec.estimator.function is exact else spec.estimator.options["num_samples"]
 
 
 def enumerable_config(cfg: Config, bias_latent_dim: int) -> Config:
@@ -98,11 +96,11 @@ def bias_variance(model, x: torch.Tensor, specs: list[Spec], repeats: int) -> li
     decoder = [p for p in model.decoder.parameters() if p.requires_grad]
     params = encoder + decoder
     n_enc = sum(p.numel() for p in encoder)
-    truth = torch.cat([g.reshape(-1) for g in torch.autograd.grad(model(x, "exact").loss, params)])
+    truth = torch.cat([g.reshape(-1) for g in torch.autograd.grad(model(x, exact).loss, params)])
     q = model.posterior(x)
     rows = []
     for spec in specs:
-        samples = gradient_samples(lambda s=spec: model(x, s.estimator, **s.options).loss, params, repeats)
+        samples = gradient_samples(lambda s=spec: model(x, s.estimator).loss, params, repeats)
         err, var = samples.mean(0) - truth, samples.var(0)
         evals = evals_per_point(spec, q, len(x))
         row = {"label": spec.label, "evals_per_point": evals}
@@ -224,7 +222,7 @@ def report_markdown(title: str, settings: dict, bias_rows: list[dict], final: li
 def train_and_evaluate(base: Config, spec: Spec, out: Path, data: Dataset, eval_every: int, x_eval: torch.Tensor,
                        iwae_k: int, x_final: torch.Tensor, final_k: int, progress: bool) -> tuple[dict, dict]:
     """Train ``spec`` (in ``out/runs/LABEL``) with bounds along the way; its curves and its row of the final table."""
-    cfg = dataclasses.replace(base, estimator=spec.estimator, estimator_options=spec.options,
+    cfg = dataclasses.replace(base, estimator=spec.estimator.name, estimator_options=spec.estimator.options,
                               out=str(out / "runs" / spec.label.replace("/", "_")))
     bounds = train_with_bounds(cfg, data, eval_every, x_eval, iwae_k, progress)
     metrics = read_csv(Path(cfg.out) / "metrics.csv")
@@ -251,8 +249,9 @@ def compare(base: Config, specs: list[Spec], out, eval_every: int = 5, iwae_k: i
     if len({s.label for s in specs}) != len(specs):
         raise InputError("each estimator spec may appear only once")
     if min(eval_every, iwae_k, iwae_n, final_k, final_n, bias_batch) < 1 or bias_repeats < 2 or base.epochs < 0:
-        raise InputError("--eval-every, --iwae-k/-n, --final-k/-n and --bias-batch must be positive, --epochs at "
-                         "least 0 (0: bias and variance only) and --bias-repeats at least 2")
+        raise InputError("eval_every, iwae_k, iwae_n, final_k, final_n and bias_batch must be positive, epochs at "
+                         "least 0 (0: bias and variance only) and bias_repeats at least 2", "eval_every", "iwae_k",
+                         "iwae_n", "final_k", "final_n", "bias_batch", "epochs", "bias_repeats")
     dataclasses.replace(base, epochs=max(base.epochs, 1)).check()  # epochs = 0: bias and variance only
     out = check_output(out)
     data = data or load_dataset(base.dataset, base.data_dir, base.download)

@@ -7,11 +7,15 @@ latent vectors ``z`` of shape ``[..., dim]`` (what the decoder reads):
 * :class:`Categorical` -- G independent one-hot groups of c classes, z in {e_1..e_c}^G flattened to G*c (eq. 27).
 * :class:`Gaussian`    -- N(mu, diag sigma^2) from (mu, log sigma^2), the reparameterised baseline (section II).
 
-Each has ``sample(n)`` (shape ``[n, ..., dim]``, no gradient), ``log_prob(z)``, ``entropy()``, ``kl_to_prior()``
-(closed form, against the uniform prior or N(0, I)), ``prior_log_prob(z)``, ``prior_sample``, ``mode()``, ``code()``
-(the deterministic code a user exports: bits, class indices or means) and, for the discrete families,
-``enumerate()`` of all states. ``proposal(xi)`` builds the same family with other natural parameters
-(the importance-sampling proposal q_I of eq. 20 / 28).
+Each has ``sample(sample_shape)`` (torch's convention: ``sample((n,))`` has shape ``[n, ..., dim]``, an int ``n``
+meaning ``(n,)``; no gradient), ``log_prob(z)``, ``entropy()``, ``kl_to_prior()`` (closed form, against the uniform
+prior or N(0, I)), ``prior_log_prob(z)``, ``prior_sample(sample_shape)``, ``mode()``, ``code()`` (the deterministic
+code a user exports: bits, class indices or means) and, for the discrete families, ``relaxed_sample(sample_shape,
+tau)`` and ``enumerate()`` of all states; the Gaussian has ``rsample(sample_shape)``. ``proposal(xi)`` builds the
+same family with other natural parameters (the importance-sampling proposal q_I of eq. 20 / 28).
+
+:func:`as_family` converts a ``torch.distributions`` posterior (``Bernoulli``, ``OneHotCategorical``, ``Normal``) to
+its family here, keeping the gradient of its parameters.
 """
 from __future__ import annotations
 
@@ -19,6 +23,7 @@ import itertools
 import math
 
 import torch
+import torch.distributions as td
 import torch.nn.functional as F
 
 from .errors import InputError
@@ -62,19 +67,20 @@ class Bernoulli:
     def num_states(self) -> int:
         return 2**self.dim
 
-    def relaxed_sample(self, n: int, tau: float) -> tuple[torch.Tensor, torch.Tensor]:
+    def relaxed_sample(self, sample_shape, tau: float) -> tuple[torch.Tensor, torch.Tensor]:
         """Binary concrete (Maddison et al. 2017): y = eta + L with logistic noise L = ln E1 - ln E2 (E ~ Exp(1)),
         ``soft = sigmoid(y / tau)`` (differentiable) and ``hard = [y > 0]``, an exact sample of q."""
-        e = torch.empty(2, n, *self.logits.shape, dtype=self.logits.dtype, device=self.logits.device).exponential_()
+        e = torch.empty(2, *_shape(sample_shape), *self.logits.shape, dtype=self.logits.dtype,
+                        device=self.logits.device).exponential_()
         y = self.logits + (e[0].log() - e[1].log())
         return torch.sigmoid(y / tau), (y > 0).to(y.dtype)
 
     def proposal(self, xi: torch.Tensor) -> "Bernoulli":
         return Bernoulli(xi.expand_as(self.logits))
 
-    def sample(self, n: int = 1) -> torch.Tensor:
+    def sample(self, sample_shape=()) -> torch.Tensor:
         with torch.no_grad():
-            p = self.probs.expand(n, *self.logits.shape)
+            p = self.probs.expand(*_shape(sample_shape), *self.logits.shape)
             return (torch.rand_like(p) < p).to(p.dtype)
 
     def log_prob(self, z: torch.Tensor) -> torch.Tensor:
@@ -91,8 +97,9 @@ class Bernoulli:
     def prior_log_prob(self, z: torch.Tensor) -> torch.Tensor:
         return torch.full(z.shape[:-1], -self.dim * math.log(2.0), dtype=z.dtype, device=z.device)
 
-    def prior_sample(self, n: int) -> torch.Tensor:
-        return torch.randint(0, 2, (n, self.dim), device=self.logits.device).to(self.logits.dtype)
+    def prior_sample(self, sample_shape=()) -> torch.Tensor:
+        bits = torch.randint(0, 2, (*_shape(sample_shape), self.dim), device=self.logits.device)
+        return bits.to(self.logits.dtype)
 
     def enumerate(self) -> torch.Tensor:
         """All 2^c states, shape ``[2^c, c]`` (bit i of row k is bit i of k, most significant first)."""
@@ -148,10 +155,10 @@ class Categorical:
     def num_states(self) -> int:
         return self.classes**self.groups
 
-    def relaxed_sample(self, n: int, tau: float) -> tuple[torch.Tensor, torch.Tensor]:
+    def relaxed_sample(self, sample_shape, tau: float) -> tuple[torch.Tensor, torch.Tensor]:
         """Concrete / Gumbel-softmax per group (Jang et al. 2017): y = eta - ln E (E ~ Exp(1)), ``soft =
         softmax(y / tau)`` computed as exp(log_softmax) and ``hard = one_hot(argmax y)``, an exact sample of q."""
-        y = self._grouped - torch.empty(n, *self._grouped.shape, dtype=self.logits.dtype,
+        y = self._grouped - torch.empty(*_shape(sample_shape), *self._grouped.shape, dtype=self.logits.dtype,
                                         device=self.logits.device).exponential_().log()
         soft = torch.log_softmax(y / tau, -1).exp()
         return soft.flatten(-2), F.one_hot(y.argmax(-1), self.classes).to(y.dtype).flatten(-2)
@@ -159,10 +166,10 @@ class Categorical:
     def proposal(self, xi: torch.Tensor) -> "Categorical":
         return Categorical(xi.expand_as(self.logits), self.groups)
 
-    def sample(self, n: int = 1) -> torch.Tensor:
+    def sample(self, sample_shape=()) -> torch.Tensor:
         """Gumbel-max: argmax(eta - ln E), E ~ Exp(1)."""
         with torch.no_grad():
-            g = self._grouped.expand(n, *self._grouped.shape)
+            g = self._grouped.expand(*_shape(sample_shape), *self._grouped.shape)
             e = torch.empty_like(g).exponential_()
             return F.one_hot((g - e.log()).argmax(-1), self.classes).to(g.dtype).flatten(-2)
 
@@ -180,8 +187,8 @@ class Categorical:
     def prior_log_prob(self, z: torch.Tensor) -> torch.Tensor:
         return torch.full(z.shape[:-1], -self.groups * math.log(self.classes), dtype=z.dtype, device=z.device)
 
-    def prior_sample(self, n: int) -> torch.Tensor:
-        k = torch.randint(0, self.classes, (n, self.groups), device=self.logits.device)
+    def prior_sample(self, sample_shape=()) -> torch.Tensor:
+        k = torch.randint(0, self.classes, (*_shape(sample_shape), self.groups), device=self.logits.device)
         return F.one_hot(k, self.classes).to(self.logits.dtype).flatten(-2)
 
     def enumerate(self) -> torch.Tensor:
@@ -221,14 +228,14 @@ class Gaussian:
         """The posterior means mu."""
         return self.loc
 
-    def rsample(self, n: int = 1) -> torch.Tensor:
+    def rsample(self, sample_shape=()) -> torch.Tensor:
         """z = mu + sigma * eps, eps ~ N(0, I) (eq. 8)."""
-        eps = torch.randn(n, *self.loc.shape, dtype=self.loc.dtype, device=self.loc.device)
+        eps = torch.randn(*_shape(sample_shape), *self.loc.shape, dtype=self.loc.dtype, device=self.loc.device)
         return self.loc + (0.5 * self.logvar).exp() * eps
 
-    def sample(self, n: int = 1) -> torch.Tensor:
+    def sample(self, sample_shape=()) -> torch.Tensor:
         with torch.no_grad():
-            return self.rsample(n)
+            return self.rsample(sample_shape)
 
     def log_prob(self, z: torch.Tensor) -> torch.Tensor:
         return -0.5 * ((z - self.loc) ** 2 / self.logvar.exp() + self.logvar + math.log(2 * math.pi)).sum(-1)
@@ -243,14 +250,49 @@ class Gaussian:
     def prior_log_prob(self, z: torch.Tensor) -> torch.Tensor:
         return -0.5 * (z**2 + math.log(2 * math.pi)).sum(-1)
 
-    def prior_sample(self, n: int) -> torch.Tensor:
-        return torch.randn(n, self.dim, dtype=self.loc.dtype, device=self.loc.device)
+    def prior_sample(self, sample_shape=()) -> torch.Tensor:
+        return torch.randn(*_shape(sample_shape), self.dim, dtype=self.loc.dtype, device=self.loc.device)
 
     def enumerate(self) -> torch.Tensor:
         raise InputError("a Gaussian latent cannot be enumerated")
 
 
 FAMILIES = {"bernoulli": Bernoulli, "categorical": Categorical, "gaussian": Gaussian}
+
+
+def _from_one_hot(d: td.OneHotCategorical) -> Categorical:
+    """Logits ``[B, c]``: one group; ``[B, G, c]`` (batch shape ``[B, G]``): G groups, flattened to ``[B, G*c]``."""
+    if d.logits.dim() > 3:
+        raise InputError(f"a OneHotCategorical posterior has batch shape [B] or [B, G], got {list(d.batch_shape)}")
+    return Categorical(d.logits.flatten(-2), d.logits.shape[-2]) if d.logits.dim() == 3 else Categorical(d.logits)
+
+
+# torch.distributions type -> its family here, with the same (differentiable) parameters; the last batch axis of
+# a Bernoulli or Normal is the latent's
+FROM_TORCH = {td.Bernoulli: lambda d: Bernoulli(d.logits), td.OneHotCategorical: _from_one_hot,
+              td.Normal: lambda d: Gaussian(torch.cat([d.loc, 2 * d.scale.log()], -1))}
+
+
+def as_family(q):
+    """``q`` as one of the families above: a discvae ``Bernoulli``, ``Categorical`` or ``Gaussian`` as it is; a
+    ``torch.distributions`` ``Bernoulli`` ``[B, c]`` as ``Bernoulli(logits)``, ``OneHotCategorical`` as
+    ``Categorical(logits)`` (batch shape ``[B]``: one group; ``[B, G]``: G groups), ``Normal(loc, scale)``
+    ``[B, c]`` as ``Gaussian([loc, 2 ln scale])``, each also wrapped in ``Independent(..., 1)``. Gradients flow to
+    the torch distribution's parameters. Anything else is an ``InputError``."""
+    if isinstance(q, tuple(FAMILIES.values())):
+        return q
+    base = q.base_dist if isinstance(q, td.Independent) and q.reinterpreted_batch_ndims == 1 else q
+    for kind, convert in FROM_TORCH.items():
+        if isinstance(base, kind):
+            return convert(base)
+    raise InputError(f"an estimator takes a discvae Bernoulli, Categorical or Gaussian, or a torch.distributions "
+                     f"Bernoulli, OneHotCategorical or Normal (also in Independent(..., 1)), not "
+                     f"{q if isinstance(q, td.Distribution) else type(q).__name__}")
+
+
+def _shape(sample_shape) -> torch.Size:
+    """torch's ``sample_shape``, an int n meaning ``(n,)``."""
+    return torch.Size((sample_shape,) if isinstance(sample_shape, int) else sample_shape)
 
 
 def state_count(latent: str, latent_dim: int, groups: int = 1) -> int | None:

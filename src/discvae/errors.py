@@ -1,8 +1,24 @@
 """Exceptions for bad user input: the CLI prints their message on one line and exits with status 2."""
+import re
 
 
 class InputError(ValueError):
-    """Bad arguments, missing or corrupt files, incompatible checkpoints."""
+    """Bad arguments, missing or corrupt files, incompatible checkpoints.
+
+    The message names parameters as Python spells them (``num_samples must be ...``); ``params`` lists the names it
+    mentions, so that a front end can show its own names for them (:meth:`renamed`).
+    """
+
+    def __init__(self, message: str, *params: str):
+        super().__init__(message)
+        self.params = params
+
+    def renamed(self, rename) -> str:
+        """The message with each whole-word occurrence of a name in ``params`` replaced by ``rename(name)``."""
+        if not self.params:
+            return str(self)
+        pattern = r"\b(" + "|".join(map(re.escape, self.params)) + r")\b"
+        return re.sub(pattern, lambda m: rename(m[1]), str(self))
 
 
 class Diverged(InputError):

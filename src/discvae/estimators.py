@@ -1,10 +1,15 @@
 """Gradient estimators of the expected log-likelihood E_q[f(z)], f(z) = ln p(x|z).
 
 Each estimator is one pure function ``estimator(q, f, num_samples=1, **options) -> surrogate`` of a latent
-distribution ``q`` (see :mod:`discvae.distributions`, gradients flowing to the encoder through its parameters) and a
-black box ``f``: ``f(z)`` takes ``z`` of shape ``[M, B', dim]`` (``B'`` the batch size, or 1 for a state shared by
-the batch) and returns ``[M, B]``. The returned ``surrogate`` has shape ``[B]``: its *value* is the estimate of
-E_q[f(z)] and its *gradient* is the estimated gradient. Nothing else knows which estimator runs.
+distribution ``q`` (a family of :mod:`discvae.distributions`, or a ``torch.distributions`` ``Bernoulli``,
+``OneHotCategorical`` or ``Normal``, converted by :func:`~discvae.distributions.as_family`; gradients flow to the
+encoder through its parameters) and a black box ``f``: ``f(z)`` takes ``z`` of shape ``[M, B', dim]`` (``B'`` the
+batch size, or 1 for a state shared by the batch) and returns ``[M, B]``. The returned ``surrogate`` has shape
+``[B]``: its *value* is the estimate of E_q[f(z)] and its *gradient* is the estimated gradient. Nothing else knows
+which estimator runs: the model and the training loop take any such function, e.g. a user's own.
+
+``make_estimator(name_or_function, **options)`` resolves a registered name (``ESTIMATORS``) once and checks the
+options against the function's signature, returning an :class:`Estimator` value ``(q, f) -> surrogate``.
 
 Unbiased for grad E_q[f]: ``importance`` (any baseline), ``rloo``, ``disarm``, ``exact``. ``vimco`` is unbiased for
 the gradient of a different objective, the M-sample IWAE bound. ``gumbel``, ``st-gumbel`` and ``straight-through``
@@ -13,11 +18,15 @@ are biased. ``num_samples`` M counts decoder evaluations per data point (``disar
 """
 from __future__ import annotations
 
+import functools
+import inspect
 import math
+from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
-from .distributions import Bernoulli
+from .distributions import Bernoulli, as_family
 from .errors import InputError
 
 BASELINES = ("none", "mean", "loo")
@@ -34,13 +43,22 @@ def _baseline(fz: torch.Tensor, kind: str) -> torch.Tensor | float:
         return 0.0
     if kind == "loo":
         if m < 2:
-            raise InputError("the loo baseline needs --num-samples of at least 2")
+            raise InputError("the loo baseline needs num_samples of at least 2", "num_samples")
         return (fz.sum(0, keepdim=True) - fz) / (m - 1)
     if kind == "mean":
         return (fz.sum() - fz) / (n - 1) if n > 1 else 0.0
     raise InputError(f"unknown baseline {kind!r}; choose one of {', '.join(BASELINES)}")
 
 
+def _posterior_as_family(estimator: Callable) -> Callable:
+    """``estimator`` taking its posterior ``q`` as a ``torch.distributions`` object too (see ``as_family``)."""
+    @functools.wraps(estimator)
+    def wrapped(q, f, *args, **options):
+        return estimator(as_family(q), f, *args, **options)
+    return wrapped
+
+
+@_posterior_as_family
 def importance(q, f, num_samples: int = 1, proposal: str | torch.Tensor | None = None,
                baseline: str = "none") -> torch.Tensor:
     """Importance sampling from q_I (paper eq. 14-18).
@@ -68,6 +86,7 @@ def importance(q, f, num_samples: int = 1, proposal: str | torch.Tensor | None =
     return (w.detach() * fz + advantage * (w - w.detach())).mean(0)
 
 
+@_posterior_as_family
 def reparam(q, f, num_samples: int = 1) -> torch.Tensor:
     """Reparameterised sampling z = mu + sigma eps (eq. 8-11), for the Gaussian family."""
     if not hasattr(q, "rsample"):
@@ -77,11 +96,12 @@ def reparam(q, f, num_samples: int = 1) -> torch.Tensor:
 
 def _need_samples(name: str, num_samples: int, pairs: bool = False) -> None:
     if pairs and (num_samples < 2 or num_samples % 2):
-        raise InputError(f"{name} needs an even --num-samples (2 per antithetic pair), got {num_samples}")
+        raise InputError(f"{name} needs an even num_samples (2 per antithetic pair), got {num_samples}", "num_samples")
     if num_samples < 2:
-        raise InputError(f"{name} needs --num-samples of at least 2, got {num_samples}")
+        raise InputError(f"{name} needs num_samples of at least 2, got {num_samples}", "num_samples")
 
 
+@_posterior_as_family
 def rloo(q, f, num_samples: int = 2) -> torch.Tensor:
     """REINFORCE leave-one-out (Kool et al. 2019): the score function with baseline b_m = mean_{j != m} f(z_j),
     (1/M) sum_m (f(z_m) - b_m) grad ln q(z_m), z_m ~ q; unbiased, M >= 2. Same as ``importance(baseline="loo")``."""
@@ -89,6 +109,7 @@ def rloo(q, f, num_samples: int = 2) -> torch.Tensor:
     return importance(q, f, num_samples, baseline="loo")
 
 
+@_posterior_as_family
 def vimco(q, f, num_samples: int = 2) -> torch.Tensor:
     """VIMCO (Mnih & Rezende 2016) for the M-sample IWAE bound L = ln (1/M) sum_m w_m, z_m ~ q,
     ln w_m = f(z_m) + ln p(z_m) - ln q(z_m).
@@ -113,6 +134,7 @@ def vimco(q, f, num_samples: int = 2) -> torch.Tensor:
     return bound + score + q.kl_to_prior()
 
 
+@_posterior_as_family
 def disarm(q, f, num_samples: int = 2) -> torch.Tensor:
     """DisARM (Dong, Mnih & Tucker 2020) for Bernoulli latents: M / 2 antithetic pairs b = [u < sigma(eta)],
     b' = [1 - u < sigma(eta)] sharing u ~ U(0, 1)^c. Encoder gradient per pair and bit
@@ -135,10 +157,11 @@ def _relaxed(q, num_samples: int, tau: float) -> tuple[torch.Tensor, torch.Tenso
     if not getattr(q, "discrete", False):
         raise InputError("relaxed estimators need a bernoulli or categorical latent")
     if not tau > 0:
-        raise InputError(f"the temperature tau must be positive, got {tau}")
+        raise InputError(f"the temperature tau must be positive, got {tau}", "tau")
     return q.relaxed_sample(num_samples, tau)
 
 
+@_posterior_as_family
 def gumbel(q, f, num_samples: int = 1, tau: float = 1.0) -> torch.Tensor:
     """Concrete / Gumbel-softmax relaxation (Jang et al. 2017; Maddison et al. 2017): (1/M) sum_m f(z~_m) with
     z~_m = softmax((eta + g_m) / tau) per group (binary concrete sigmoid((eta + L) / tau) for bits), gradients
@@ -148,6 +171,7 @@ def gumbel(q, f, num_samples: int = 1, tau: float = 1.0) -> torch.Tensor:
     return f(soft).mean(0)
 
 
+@_posterior_as_family
 def st_gumbel(q, f, num_samples: int = 1, tau: float = 1.0) -> torch.Tensor:
     """Straight-through Gumbel-softmax (Jang et al. 2017): the forward pass decodes the hard sample z = argmax
     (an exact sample of q, so the value is unbiased), the backward pass the relaxed one: z + z~ - sg(z~). The
@@ -156,6 +180,7 @@ def st_gumbel(q, f, num_samples: int = 1, tau: float = 1.0) -> torch.Tensor:
     return f(hard + soft - soft.detach()).mean(0)
 
 
+@_posterior_as_family
 def straight_through(q, f, num_samples: int = 1) -> torch.Tensor:
     """Straight-through (Bengio et al. 2013; as in VQ-VAE): decode z ~ q, backpropagate as if z were its mean:
     z + E_q[z] - sg(E_q[z]), i.e. grad = (df/dz)(z) dE_q[z]/d eta. Value unbiased, gradient BIASED."""
@@ -168,6 +193,7 @@ def straight_through(q, f, num_samples: int = 1) -> torch.Tensor:
 EXACT_MAX_STATES = 4096
 
 
+@_posterior_as_family
 def exact(q, f, num_samples: int = 1) -> torch.Tensor:
     """sum_z q(z|x) f(z) over every latent state z (S = c^G for categoricals, 2^c for bits; at most
     EXACT_MAX_STATES = 4096): each state is decoded once for the whole batch (f sees z of shape [S, 1, dim]).
@@ -183,3 +209,69 @@ def exact(q, f, num_samples: int = 1) -> torch.Tensor:
 
 ESTIMATORS = {"importance": importance, "reparam": reparam, "rloo": rloo, "vimco": vimco, "disarm": disarm,
               "gumbel": gumbel, "st-gumbel": st_gumbel, "straight-through": straight_through, "exact": exact}
+
+
+@dataclass(frozen=True)
+class Estimator:
+    """An estimator function with options bound: ``Estimator(q, f, **more)`` is ``function(q, f, **options,
+    **more)``, ``more`` overriding ``options`` (e.g. an annealed temperature). ``name`` is the registered name of
+    ``function`` or its qualified name. Build it with :func:`make_estimator`, which checks the options."""
+
+    name: str
+    function: Callable
+    options: dict = field(default_factory=dict)
+
+    def __call__(self, q, f, **more) -> torch.Tensor:
+        return self.function(q, f, **{**self.options, **more})
+
+    def __repr__(self) -> str:
+        return f"{self.name}({', '.join(f'{k}={v!r}' for k, v in self.options.items())})"
+
+
+def estimator_name(function: Callable) -> str:
+    """The name ``function`` is registered under in ``ESTIMATORS``, else ``module.qualname`` (for a callable object,
+    of its class)."""
+    registered = [name for name, fn in ESTIMATORS.items() if fn is function]
+    named = function if hasattr(function, "__qualname__") else type(function)
+    return registered[0] if registered else f"{named.__module__}.{named.__qualname__}"
+
+
+def make_estimator(estimator: str | Callable, **options) -> Estimator:
+    """``estimator`` -- a name of ``ESTIMATORS``, a function ``estimator(q, f, **options) -> surrogate [B]`` (the
+    contract of this module) or an :class:`Estimator` (its options updated by ``options``) -- resolved once, with
+    ``options`` bound after checking them against the function's signature (:func:`check_options`). Option
+    *values* are checked by the estimator when it runs (e.g. ``num_samples`` of at least 2 for rloo)."""
+    if isinstance(estimator, Estimator):
+        return make_estimator(estimator.function, **{**estimator.options, **options})
+    function = _resolve(estimator)
+    name = estimator_name(function)
+    check_options(name, function, options)
+    return Estimator(name, function, options)
+
+
+def _resolve(estimator: str | Callable) -> Callable:
+    """The function registered as ``estimator``, or ``estimator`` itself if it is callable; else an InputError."""
+    if isinstance(estimator, str):
+        if estimator not in ESTIMATORS:
+            raise InputError(f"unknown estimator {estimator!r}; choose one of {', '.join(ESTIMATORS)}")
+        return ESTIMATORS[estimator]
+    if not callable(estimator):
+        raise InputError(f"an estimator is a registered name or a function estimator(q, f, **options), not "
+                         f"{estimator!r}")
+    return estimator
+
+
+def check_options(name: str, function: Callable, options: dict) -> None:
+    """InputError unless ``function(q, f, **options)`` binds (``inspect.Signature.bind``): an option the function
+    does not take is named with those it takes, a required one left out by Python's own message."""
+    signature = inspect.signature(function)
+    try:
+        signature.bind(None, None, **options)
+    except TypeError as err:
+        takes = [p.name for p in list(signature.parameters.values())[2:]
+                 if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+        unknown = [k for k in options if k not in takes]
+        if unknown:
+            raise InputError(f"estimator {name} takes no option {unknown[0]!r} (it takes "
+                             f"{', '.join(takes) or 'none'})", unknown[0], *takes) from None
+        raise InputError(f"estimator {name}: {err}") from None

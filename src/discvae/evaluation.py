@@ -167,7 +167,7 @@ def evaluate_run(run_dir, k: int = 1000, chunk: int = 100, batch_size: int = 500
     drawn after ``torch.manual_seed(seed)``.
     """
     if k < 1 or chunk < 1 or batch_size < 1:
-        raise InputError("--k, --chunk and --batch-size must be at least 1")
+        raise InputError("k, chunk and batch_size must be at least 1", "k", "chunk", "batch_size")
     ckpt = load_checkpoint(run_dir)  # read once: the epoch recorded is that of the weights evaluated
     check_output(Path(run_dir) / EVAL, "file")  # before the work, not after it
     cfg, model, data = load_run(run_dir, ckpt=ckpt)

@@ -155,7 +155,7 @@ def plot_runs(run_dirs: list, out=None, n: int = 16, rows: int = 2, seed: int = 
     also ``reconstructions.png``: the test images above each run's reconstructions, in the order given.
     """
     if n < 1 or rows < 1:
-        raise InputError("--n and --rows must be at least 1")
+        raise InputError("n and rows must be at least 1", "n", "rows")
     names = [Path(r).resolve().name for r in run_dirs]
     if len(set(names)) < len(names):
         raise InputError(f"run directories need distinct names to label them: {', '.join(names)}")

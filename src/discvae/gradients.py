@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import torch
 
+from .estimators import importance
+
 
 def gradient_samples(loss_fn, params: list[torch.Tensor], repeats: int) -> torch.Tensor:
     """``repeats`` independent evaluations of grad ``loss_fn()`` w.r.t. ``params``, flattened: ``[repeats, P]``."""
@@ -26,10 +28,10 @@ def moments(samples: torch.Tensor) -> dict:
     return {"var": samples.var(0).mean().item(), "mean_sq": samples.mean(0).pow(2).sum().item()}
 
 
-def gradient_variance(model, x: torch.Tensor, estimator: str = "importance", repeats: int = 16,
-                      **options) -> dict:
+def gradient_variance(model, x: torch.Tensor, estimator=importance, repeats: int = 16, **options) -> dict:
     """Keys ``encoder_var``, ``encoder_mean_sq``, ``decoder_var``, ``decoder_mean_sq`` for the loss of ``model`` on
-    the fixed batch ``x`` with ``estimator(**options)``; ``R = repeats`` independent estimates."""
+    the fixed batch ``x`` with ``estimator(q, f, **options)`` (a function or a registered name, as ``model``
+    takes it); ``R = repeats`` independent estimates."""
     encoder = [p for p in model.encoder.parameters() if p.requires_grad]
     decoder = [p for p in model.decoder.parameters() if p.requires_grad]
     samples = gradient_samples(lambda: model(x, estimator, **options).loss, encoder + decoder, repeats)

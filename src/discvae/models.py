@@ -2,14 +2,14 @@
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import torch
 from torch import nn
 
 from .distributions import FAMILIES
 from .errors import InputError
-from .estimators import ESTIMATORS
+from .estimators import importance, make_estimator
 from .likelihoods import LIKELIHOODS
 
 ARCHS = ("fc", "cnn", "linear", "nonlinear")
@@ -29,7 +29,7 @@ class VAE(nn.Module):
     """q(z|x) from ``encoder`` (natural parameters, eq. 4), p(x|z) from ``decoder`` and ``likelihood``.
 
     The negative ELBO is -E_q[ln p(x|z)] + KL(q(z|x) || p(z)) (eq. 1-2): the KL in closed form, the expectation by
-    the estimator chosen per call.
+    the estimator passed to each call.
     """
 
     def __init__(self, encoder: nn.Module, decoder: nn.Module, latent: str, latent_dim: int, groups: int = 1,
@@ -78,9 +78,15 @@ class VAE(nn.Module):
         """ln p(x|z) for ``x`` ``[B, ...]`` and ``z`` ``[M, B or 1, dim]``, shape ``[M, B]``."""
         return self.likelihood.log_prob(x.flatten(1), self.decode(z))
 
-    def forward(self, x: torch.Tensor, estimator: str = "importance", **options) -> Terms:
+    def forward(self, x: torch.Tensor, estimator: Callable | str = importance, **options) -> Terms:
+        """The terms of the negative ELBO on the batch ``x``, E_q[ln p(x|z)] estimated by ``estimator(q, f,
+        **options)`` with f(z) = ln p(x|z): any function of the contract of :mod:`discvae.estimators` (e.g. an
+        :class:`~discvae.estimators.Estimator` from ``make_estimator``), or a registered name, resolved and its
+        options checked by ``make_estimator``."""
+        if isinstance(estimator, str):
+            estimator, options = make_estimator(estimator, **options), {}
         q = self.posterior(x)
-        expected_ll = ESTIMATORS[estimator](q, lambda z: self.log_likelihood(x, z), **options)
+        expected_ll = estimator(q, lambda z: self.log_likelihood(x, z), **options)
         kl = q.kl_to_prior()
         ell, kl_mean = expected_ll.mean(), kl.mean()
         return Terms(kl_mean - ell, (kl_mean - ell).detach(), ell.detach(), kl_mean.detach())

@@ -41,7 +41,8 @@ def select(only: str | None) -> list[str]:
     wanted = [s.strip() for s in only.split(",") if s.strip()]
     unknown = [s for s in wanted if s not in GRID]
     if unknown or not wanted:
-        raise InputError(f"unknown model {', '.join(unknown) or repr(only)} in --only; choose from {', '.join(GRID)}")
+        raise InputError(f"unknown model {', '.join(unknown) or repr(only)} in only; choose from {', '.join(GRID)}",
+                         "only")
     return [name for name in GRID if name in wanted]
 
 

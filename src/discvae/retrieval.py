@@ -197,7 +197,7 @@ def retrieval(run_dirs: list, out, seed: int = 0, per_class: int = PER_CLASS, ba
     protocol of the module docstring; write ``out/retrieval.json``, ``pr_curves.png``, ``query_grid.png`` (the
     run with the highest mAP) and ``report.md``, whose path it returns."""
     if per_class < 1 or batch_size < 1:
-        raise InputError("--per-class and --batch-size must be at least 1")
+        raise InputError("per_class and batch_size must be at least 1", "per_class", "batch_size")
     out = Path(out)
     runs = load_coded_runs(run_dirs, "bernoulli", BASELINES)
     names, data = list(runs), next(iter(runs.values()))[2]
@@ -228,12 +228,15 @@ def pr_figure(path, results: dict, runs: list[str]) -> None:
     from .figures import plt, save_figure
 
     lengths = sorted({int(b) for by_bits in results.values() for b in by_bits})
+    palette = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    colors = {name: palette[i % len(palette)] for i, name in enumerate(results)}  # one colour per method
     fig, axes = plt.subplots(1, len(lengths), figsize=(4.5 * len(lengths), 4), dpi=90, squeeze=False)
     for ax, n_bits in zip(axes[0], lengths, strict=True):
         for name, by_bits in results.items():
             if str(n_bits) in by_bits:
                 pr = by_bits[str(n_bits)]["pr"]
-                ax.plot(pr["recall"], pr["precision"], "-o" if name in runs else "--", ms=3, lw=1.3, label=name)
+                ax.plot(pr["recall"], pr["precision"], "-o" if name in runs else "--", ms=3, lw=1.3, label=name,
+                        color=colors[name])
         ax.set(xlabel="recall", ylabel="precision", title=f"{n_bits} bits: Hamming radius 0..{n_bits}",
                xlim=(0, 1.02), ylim=(0, 1.02))
         ax.grid(alpha=0.3)

@@ -1,9 +1,10 @@
 """Configuration, the training loop and loading trained runs.
 
-``Config`` is plain data (saved as ``config.json``). ``train(cfg)`` runs Adam over shuffled mini-batches sliced from
-the in-memory dataset, and after every epoch appends train/test metrics to ``metrics.csv`` and rewrites
-``checkpoint.pt`` atomically; ``train(cfg, resume=True)`` continues bit for bit where the checkpoint left off.
-Everything one process owns lives in :class:`TrainState`.
+``Config`` is plain data (saved as ``config.json``), the estimator among it by name and options. ``train(cfg)`` runs
+Adam over shuffled mini-batches sliced from the in-memory dataset, and after every epoch appends train/test metrics
+to ``metrics.csv`` and rewrites ``checkpoint.pt`` atomically; ``train(cfg, resume=True)`` continues bit for bit where
+the checkpoint left off; ``train(cfg, estimator=my_estimator)`` trains with a function of one's own (see
+:func:`estimator_for`). Everything one process owns lives in :class:`TrainState`.
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from tqdm.auto import tqdm
 from .data import Dataset, load_dataset
 from .distributions import FAMILIES
 from .errors import Diverged, InputError
-from .estimators import ESTIMATORS
+from .estimators import Estimator, importance, make_estimator, reparam
 from .gradients import gradient_variance
 from .likelihoods import BINARIZE, LIKELIHOODS, binarize
 from .memory import available_bytes, gib, step_bytes
@@ -60,6 +61,7 @@ class Config:
     groups: int = 1
     likelihood: str = "bernoulli"
     binarize: str = "none"
+    # a name of discvae.estimators.ESTIMATORS, or the qualified name of the function train(estimator=...) was given
     estimator: str = "importance"
     estimator_options: dict = field(default_factory=lambda: {"num_samples": 1})
     # option -> [start, end, rate]: the option is max(end, start * exp(-rate * step)) (annealing, Jang et al. 2017)
@@ -90,31 +92,32 @@ class Config:
         try:
             return cls(**d)
         except InputError as err:
-            raise InputError(f"{source}: {err}") from None
+            raise InputError(f"{source}: {err}", *err.params) from None
 
     def check(self) -> "Config":
         """Fail on any setting that cannot train, before anything is loaded or written."""
-        for name, ok, need in [("epochs", self.epochs >= 1, "at least 1"), ("batch-size", self.batch_size >= 1,
+        for name, ok, need in [("epochs", self.epochs >= 1, "at least 1"), ("batch_size", self.batch_size >= 1,
                                "at least 1"), ("lr", 0 < self.lr < math.inf, "a positive finite number"),
                                ("seed", 0 <= self.seed <= MAX_SEED, f"between 0 and 2^63 - 1 = {MAX_SEED}"),
-                               ("groups", self.groups >= 1, "at least 1"), ("latent-dim", self.latent_dim >= 1,
+                               ("groups", self.groups >= 1, "at least 1"), ("latent_dim", self.latent_dim >= 1,
                                "at least 1")]:
             if not ok:
-                raise InputError(f"--{name} must be {need}, got {getattr(self, name.replace('-', '_'))}")
-        for name, value, choices in [("estimator", self.estimator, ESTIMATORS), ("init", self.init, INITS),
-                                     ("binarize", self.binarize, BINARIZE), ("latent", self.latent, FAMILIES),
-                                     ("likelihood", self.likelihood, LIKELIHOODS), ("arch", self.arch, ARCHS)]:
+                raise InputError(f"{name} must be {need}, got {getattr(self, name)}", name)
+        for name, value, choices in [("init", self.init, INITS), ("binarize", self.binarize, BINARIZE),
+                                     ("latent", self.latent, FAMILIES), ("likelihood", self.likelihood, LIKELIHOODS),
+                                     ("arch", self.arch, ARCHS)]:
             if value not in choices:
                 raise InputError(f"unknown {name} {value!r}; choose one of {', '.join(choices)}")
         if self.groups != 1 and not FAMILIES[self.latent].has_groups:
-            raise InputError(f"--groups applies to a categorical latent, not to a {self.latent} one")
+            raise InputError(f"groups applies to a categorical latent, not to a {self.latent} one", "groups")
         if self.grad_var_every < 0 or self.grad_var_repeats < 2:
-            raise InputError("--grad-var-every must be >= 0 (0: never) and --grad-var-repeats >= 2")
+            raise InputError("grad_var_every must be >= 0 (0: never) and grad_var_repeats >= 2", "grad_var_every",
+                             "grad_var_repeats")
         num_samples = self.estimator_options.get("num_samples", 1)
         if not isinstance(num_samples, int) or isinstance(num_samples, bool) or num_samples < 1:
-            raise InputError(f"--num-samples must be an integer of at least 1, got {num_samples!r}")
+            raise InputError(f"num_samples must be an integer of at least 1, got {num_samples!r}", "num_samples")
         if "tau" in self.estimator_options and not _positive_finite(self.estimator_options["tau"]):
-            raise InputError(f"--tau must be a positive finite number, got {self.estimator_options['tau']!r}")
+            raise InputError(f"tau must be a positive finite number, got {self.estimator_options['tau']!r}", "tau")
         for name, value in self.estimator_schedule.items():
             if not (isinstance(value, list) and len(value) == 3 and all(_positive_finite(v) or v == 0 for v in value)
                     and value[0] > 0):
@@ -158,17 +161,17 @@ def resolve_device(name: str) -> torch.device:
     if device is None or device.type not in ("cpu", "cuda", "mps"):
         raise InputError(f"unknown device {name!r}; use auto, cpu, cuda, cuda:N or mps")
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise InputError(f"--device {name} requested but CUDA is not available")
+        raise InputError(f"device {name} requested but CUDA is not available", "device")
     if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        raise InputError(f"--device {name}: there are only {torch.cuda.device_count()} CUDA devices")
+        raise InputError(f"device {name}: there are only {torch.cuda.device_count()} CUDA devices", "device")
     if device.type == "mps" and not torch.backends.mps.is_available():
-        raise InputError("--device mps requested but MPS is not available")
+        raise InputError("device mps requested but MPS is not available", "device")
     return device
 
 
-def value_estimator(model: VAE) -> str:
+def value_estimator(model: VAE):
     """The estimator used to report metrics: plain Monte Carlo from q (importance with xi = eta), or reparam."""
-    return "reparam" if model.latent == "gaussian" else "importance"
+    return importance if FAMILIES[model.latent].discrete else reparam
 
 
 @torch.no_grad()
@@ -189,14 +192,20 @@ def estimator_options(cfg: Config, step: int) -> dict:
                                          for name, (start, end, rate) in cfg.estimator_schedule.items()}}
 
 
-def check_estimator(model: VAE, x: torch.Tensor, cfg: Config) -> None:
-    """Fail before training starts if the estimator rejects its options or this latent family."""
+def estimator_for(cfg: Config, function=None) -> Estimator:
+    """The estimator ``cfg`` trains with, its options those of step 0 (``estimator_options(cfg, 0)``, the training
+    loop passing the annealed ones of each step): ``function`` (a function ``estimator(q, f, **options)`` of one's
+    own) if given, else the registered ``cfg.estimator``. Unknown names and options fail here."""
+    return make_estimator(function or cfg.estimator, **estimator_options(cfg, 0))
+
+
+def check_estimator(model: VAE, x: torch.Tensor, estimator: Estimator) -> None:
+    """Fail before training starts if ``estimator`` rejects this latent family or the values of its options: one
+    forward pass on the rows ``x``, without gradient, the random state restored."""
     rng = torch.get_rng_state()
     try:
         with torch.no_grad():
-            model(x, cfg.estimator, **estimator_options(cfg, 0))
-    except TypeError as err:
-        raise InputError(f"estimator {cfg.estimator!r} does not take these options: {err}") from None
+            model(x, estimator)
     finally:
         torch.set_rng_state(rng)
 
@@ -239,19 +248,25 @@ def model_for(cfg: Config, data: Dataset) -> VAE:
                        cfg.init)
 
 
-def train(cfg: Config, resume: bool = False, progress: bool = True, data: Dataset | None = None) -> TrainState:
+def train(cfg: Config, resume: bool = False, progress: bool = True, data: Dataset | None = None,
+          estimator=None) -> TrainState:
     """Train (or with ``resume`` continue) the run in ``cfg.out`` while holding its lock; returns the final state.
 
-    Stops with :class:`~discvae.errors.Diverged` at the first non-finite loss or gradient, leaving the checkpoint of
-    the last finished epoch as it was."""
+    ``estimator``, a function ``estimator(q, f, **options) -> surrogate`` (see :mod:`discvae.estimators`), trains
+    in place of ``cfg.estimator`` with the options ``cfg.estimator_options``; ``config.json`` records its name
+    (``estimator_name``: the registered one, else ``module.qualname``), and resuming the run takes the same
+    function again. Stops with :class:`~discvae.errors.Diverged` at the first non-finite loss or gradient, leaving
+    the checkpoint of the last finished epoch as it was."""
     cfg.check()
+    estimator = estimator_for(cfg, estimator)
+    cfg = dataclasses.replace(cfg, estimator=estimator.name)
     out = check_output(cfg.out)
     device = resolve_device(cfg.device)
     with run_lock(out):
         ckpt = open_run(cfg, out, resume)
         torch.manual_seed(cfg.seed)
         data = data or load_dataset(cfg.dataset, cfg.data_dir, cfg.download)
-        check_memory(cfg, data, device)
+        check_memory(cfg, data, device, estimator)
         x_train, x_test = data.x_train.to(device), data.x_test.to(device)
         model = model_for(cfg, data).to(device)
         state = TrainState(model, torch.optim.Adam(model.parameters(), lr=cfg.lr),
@@ -260,7 +275,7 @@ def train(cfg: Config, resume: bool = False, progress: bool = True, data: Datase
             state.load_state_dict(ckpt)
             for group in state.optimizer.param_groups:
                 group["lr"] = cfg.lr
-        check_estimator(model, x_train[:2], cfg)
+        check_estimator(model, x_train[:2], estimator)
         write_json(out / CONFIG, dataclasses.asdict(cfg))
 
         n = len(x_train)
@@ -274,7 +289,7 @@ def train(cfg: Config, resume: bool = False, progress: bool = True, data: Datase
                        disable=not progress)
             for i in bar:
                 x = binarize(x_train[order[i:i + cfg.batch_size]], cfg.binarize)
-                terms = model(x, cfg.estimator, **estimator_options(cfg, state.step))
+                terms = model(x, estimator, **estimator_options(cfg, state.step))
                 state.optimizer.zero_grad(set_to_none=True)
                 terms.loss.backward()
                 check_finite(terms.loss, model, epoch + 1, state, cfg)
@@ -290,7 +305,7 @@ def train(cfg: Config, resume: bool = False, progress: bool = True, data: Datase
             state.epoch = epoch + 1
             grad_var = {}
             if cfg.grad_var_every and state.epoch % cfg.grad_var_every == 0:
-                grad_var = gradient_variance(model, x_fixed, cfg.estimator, cfg.grad_var_repeats,
+                grad_var = gradient_variance(model, x_fixed, estimator, cfg.grad_var_repeats,
                                              **estimator_options(cfg, state.step))
             state.history.append({"epoch": state.epoch, "step": state.step, "time": round(state.elapsed, 3),
                                   **{f"train_{k}": v for k, v in train_terms.items()},
@@ -333,16 +348,16 @@ def open_run(cfg: Config, out: Path, resume: bool) -> dict | None:
     return None
 
 
-def check_memory(cfg: Config, data: Dataset, device: torch.device) -> None:
-    """Refuse a configuration whose training step cannot fit in the device's free memory (see
+def check_memory(cfg: Config, data: Dataset, device: torch.device, estimator: Estimator) -> None:
+    """Refuse a configuration whose training step with ``estimator`` cannot fit in the device's free memory (see
     :mod:`discvae.memory`), with both figures."""
-    options = estimator_options(cfg, 0)
     need = step_bytes(lambda: model_for(cfg, data), data.x_train.shape[1:], min(cfg.batch_size, len(data.x_train)),
-                      lambda model, x: model(x, cfg.estimator, **options))
+                      lambda model, x: model(x, estimator))
     have = available_bytes(device)
     if need is not None and have is not None and need > have:
         raise InputError(f"a training step would need about {gib(need)} of memory, more than the {gib(have)} "
-                         f"free on {device}; lower --batch-size, --num-samples or --latent-dim")
+                         f"free on {device}; lower batch_size, num_samples or latent_dim", "batch_size",
+                         "num_samples", "latent_dim")
 
 
 def check_finite(loss: torch.Tensor, model: VAE, epoch: int, state: TrainState, cfg: Config) -> None:
