@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from .callbacks import TensorBoard
 from .data import DATASETS
 from .distributions import FAMILIES
 from .errors import InputError
@@ -70,6 +71,8 @@ def _add_train(sub):
     p.add_argument("--out", help="run directory (default runs/DATASET-ARCH-LATENTDIM-ESTIMATOR-sSEED)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out where it stopped")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--tensorboard", metavar="DIR", help="also log every metric of each epoch for TensorBoard into "
+                   "DIR (needs the tensorboard package; not part of the run: a resumed run may log or not)")
     p.set_defaults(func=cmd_train)
 
 
@@ -77,6 +80,7 @@ def cmd_train(args) -> None:
     given = vars(args)
     resume = given.pop("resume", False)
     quiet = given.pop("quiet", False)
+    callbacks = [TensorBoard(given.pop("tensorboard"), "--tensorboard")] if "tensorboard" in given else []
     options = {ESTIMATOR_FLAGS[k]: given.pop(k) for k in list(given) if k in ESTIMATOR_FLAGS}
     schedule = {SCHEDULE_FLAGS[k]: given.pop(k) for k in list(given) if k in SCHEDULE_FLAGS}
     fields = {f.name for f in dataclasses.fields(Config)}
@@ -97,7 +101,7 @@ def cmd_train(args) -> None:
         if "out" not in given:
             name = Path(cfg.dataset).stem if cfg.dataset.endswith((".npy", ".npz")) else cfg.dataset
             cfg.out = f"runs/{name}-{cfg.arch}-{cfg.latent}{cfg.latent_dim}-{cfg.estimator}-s{cfg.seed}"
-    train(cfg, resume=resume, progress=not quiet)
+    train(cfg, resume=resume, progress=not quiet, callbacks=callbacks)
     print(cfg.out)
 
 

@@ -2,9 +2,10 @@
 
 ``Config`` is plain data (saved as ``config.json``), the estimator among it by name and options. ``train(cfg)`` runs
 Adam over shuffled mini-batches sliced from the in-memory dataset, and after every epoch appends train/test metrics
-to ``metrics.csv`` and rewrites ``checkpoint.pt`` atomically; ``train(cfg, resume=True)`` continues bit for bit where
-the checkpoint left off; ``train(cfg, estimator=my_estimator)`` trains with a function of one's own (see
-:func:`estimator_for`). Everything one process owns lives in :class:`TrainState`.
+to ``metrics.csv`` and rewrites ``checkpoint.pt`` atomically (callbacks of :mod:`discvae.callbacks`, which
+``train(cfg, callbacks=[...])`` extends); ``train(cfg, resume=True)`` continues bit for bit where the checkpoint left
+off; ``train(cfg, estimator=my_estimator)`` trains with a function of one's own (see :func:`estimator_for`).
+Everything one process owns lives in :class:`TrainState`.
 """
 from __future__ import annotations
 
@@ -17,8 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
+from .callbacks import CallbackList, Checkpoint, MetricsCSV, ProgressBar
 from .data import Dataset, load_dataset
 from .distributions import FAMILIES
 from .errors import Diverged, InputError
@@ -31,14 +32,11 @@ from .runs import (
     CHECKPOINT,
     CONFIG,
     LOCK,
-    METRICS,
     check_output,
     load_checkpoint,
     read_config,
     remove_stale_temporaries,
     run_lock,
-    save_checkpoint,
-    write_csv,
     write_json,
 )
 
@@ -249,19 +247,21 @@ def model_for(cfg: Config, data: Dataset) -> VAE:
 
 
 def train(cfg: Config, resume: bool = False, progress: bool = True, data: Dataset | None = None,
-          estimator=None) -> TrainState:
+          estimator=None, callbacks=None) -> TrainState:
     """Train (or with ``resume`` continue) the run in ``cfg.out`` while holding its lock; returns the final state.
 
     ``estimator``, a function ``estimator(q, f, **options) -> surrogate`` (see :mod:`discvae.estimators`), trains
     in place of ``cfg.estimator`` with the options ``cfg.estimator_options``; ``config.json`` records its name
     (``estimator_name``: the registered one, else ``module.qualname``), and resuming the run takes the same
-    function again. Stops with :class:`~discvae.errors.Diverged` at the first non-finite loss or gradient, leaving
-    the checkpoint of the last finished epoch as it was."""
+    function again. ``callbacks`` (:class:`~discvae.callbacks.Callback`) run after the built-in ones: the checkpoint,
+    ``metrics.csv`` and (with ``progress``) the progress bar. Stops with :class:`~discvae.errors.Diverged` at the
+    first non-finite loss or gradient, leaving the checkpoint of the last finished epoch as it was."""
     cfg.check()
     estimator = estimator_for(cfg, estimator)
     cfg = dataclasses.replace(cfg, estimator=estimator.name)
     out = check_output(cfg.out)
     device = resolve_device(cfg.device)
+    hooks = CallbackList([Checkpoint(out), MetricsCSV(out), *([ProgressBar()] if progress else []), *(callbacks or [])])
     with run_lock(out):
         ckpt = open_run(cfg, out, resume)
         torch.manual_seed(cfg.seed)
@@ -281,13 +281,13 @@ def train(cfg: Config, resume: bool = False, progress: bool = True, data: Datase
         n = len(x_train)
         # the fixed mini-batch of the gradient-variance diagnostic (Fig. 5), binarised once with its own generator
         x_fixed = binarize(x_train[:cfg.batch_size], cfg.binarize, torch.Generator(device).manual_seed(cfg.seed))
+        hooks.on_train_start(state, cfg)
         for epoch in range(state.epoch, cfg.epochs):
             model.train()
             start, sums = time.perf_counter(), torch.zeros(3, dtype=torch.float64, device=device)
             order = torch.randperm(n, generator=state.shuffle).to(device)
-            bar = tqdm(range(0, n, cfg.batch_size), desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False,
-                       disable=not progress)
-            for i in bar:
+            hooks.on_epoch_start(state, math.ceil(n / cfg.batch_size))
+            for i in range(0, n, cfg.batch_size):
                 x = binarize(x_train[order[i:i + cfg.batch_size]], cfg.binarize)
                 terms = model(x, estimator, **estimator_options(cfg, state.step))
                 state.optimizer.zero_grad(set_to_none=True)
@@ -296,27 +296,30 @@ def train(cfg: Config, resume: bool = False, progress: bool = True, data: Datase
                 state.optimizer.step()
                 state.step += 1
                 sums += torch.stack([terms.neg_elbo, terms.expected_ll, terms.kl]).double() * len(x)
-                if progress:
-                    bar.set_postfix(loss=f"{terms.neg_elbo.item():.2f}", refresh=False)
+                hooks.on_step_end(state, terms)
             state.elapsed += time.perf_counter() - start
-            model.eval()
-            train_terms = dict(zip(("neg_elbo", "expected_ll", "kl"), (sums / n).tolist(), strict=True))
-            test_terms = elbo_terms(model, x_test, cfg.batch_size, cfg.binarize)
             state.epoch = epoch + 1
-            grad_var = {}
-            if cfg.grad_var_every and state.epoch % cfg.grad_var_every == 0:
-                grad_var = gradient_variance(model, x_fixed, estimator, cfg.grad_var_repeats,
-                                             **estimator_options(cfg, state.step))
-            state.history.append({"epoch": state.epoch, "step": state.step, "time": round(state.elapsed, 3),
-                                  **{f"train_{k}": v for k, v in train_terms.items()},
-                                  **{f"test_{k}": v for k, v in test_terms.items()},
-                                  **{f"grad_{k}": v for k, v in grad_var.items()}})
-            save_checkpoint(out / CHECKPOINT, state.state_dict(cfg))
-            write_csv(out / METRICS, state.history)
-            if progress:
-                tqdm.write(f"epoch {state.epoch}: train -ELBO {train_terms['neg_elbo']:.2f}  "
-                           f"test -ELBO {test_terms['neg_elbo']:.2f}  ({state.elapsed:.1f}s)")
+            state.history.append(epoch_row(state, cfg, sums / n, x_test, x_fixed, estimator))
+            hooks.on_epoch_end(state, state.history[-1])
+        hooks.on_train_end(state)
     return state
+
+
+def epoch_row(state: TrainState, cfg: Config, train_terms: torch.Tensor, x_test: torch.Tensor,
+              x_fixed: torch.Tensor, estimator: Estimator) -> dict:
+    """The metrics of the epoch ``state.epoch`` just finished (a row of ``metrics.csv``): the train terms averaged
+    over its steps, the test terms of the model as it is now and, every ``cfg.grad_var_every`` epochs, the gradient
+    variance on the fixed mini-batch ``x_fixed``. Leaves the model in eval mode."""
+    state.model.eval()
+    train_terms = dict(zip(("neg_elbo", "expected_ll", "kl"), train_terms.tolist(), strict=True))
+    test_terms = elbo_terms(state.model, x_test, cfg.batch_size, cfg.binarize)
+    grad_var = {}
+    if cfg.grad_var_every and state.epoch % cfg.grad_var_every == 0:
+        grad_var = gradient_variance(state.model, x_fixed, estimator, cfg.grad_var_repeats,
+                                     **estimator_options(cfg, state.step))
+    return {"epoch": state.epoch, "step": state.step, "time": round(state.elapsed, 3),
+            **{f"train_{k}": v for k, v in train_terms.items()}, **{f"test_{k}": v for k, v in test_terms.items()},
+            **{f"grad_{k}": v for k, v in grad_var.items()}}
 
 
 def open_run(cfg: Config, out: Path, resume: bool) -> dict | None:

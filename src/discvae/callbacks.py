@@ -1,0 +1,151 @@
+"""Hooks into the training loop: ``train(cfg, callbacks=[...])``.
+
+A callback subclasses :class:`Callback` and overrides the methods it needs; each is called with the loop's
+:class:`~discvae.training.TrainState`. ``train`` always runs :class:`Checkpoint`, then :class:`MetricsCSV`, then
+(with ``progress``) :class:`ProgressBar`, and then the caller's callbacks in the order given, so by the time a
+callback sees an epoch's row, ``checkpoint.pt`` and ``metrics.csv`` hold that epoch. :class:`TensorBoard` (the
+``--tensorboard DIR`` option) logs the metrics for TensorBoard.
+
+A callback must not draw from torch's random number generators, nor change the model or the optimizer: the
+checkpoint holds the generator state and a resumed run continues bit for bit only if nothing else draws.
+"""
+from __future__ import annotations
+
+import typing
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from .errors import InputError
+from .runs import CHECKPOINT, METRICS, check_output, save_checkpoint, write_csv
+
+if typing.TYPE_CHECKING:
+    from .models import Terms
+    from .training import Config, TrainState
+
+
+class Callback:
+    """No-op hooks, called in this order: ``on_train_start`` once (also when resuming a finished run), per epoch
+    ``on_epoch_start``, ``on_step_end`` after each optimizer step and ``on_epoch_end``, then ``on_train_end`` once
+    training has finished (not when it stops with an exception)."""
+
+    def on_train_start(self, state: TrainState, cfg: Config) -> None:
+        """Before the first epoch (of this process: ``state.epoch`` epochs are done when resuming). ``cfg`` is the
+        run's configuration as saved in ``config.json``."""
+
+    def on_epoch_start(self, state: TrainState, batches: int) -> None:
+        """Epoch ``state.epoch + 1`` is about to run ``batches`` mini-batches."""
+
+    def on_step_end(self, state: TrainState, terms: Terms) -> None:
+        """After optimizer step ``state.step``; ``terms`` (``loss``, ``neg_elbo``, ``expected_ll``, ``kl``) are the
+        mini-batch's, tensors on the training device (``.item()`` waits for the device)."""
+
+    def on_epoch_end(self, state: TrainState, row: dict) -> None:
+        """Epoch ``state.epoch`` is done; ``row`` is its metrics (a row of ``metrics.csv``), ``state.history[-1]``."""
+
+    def on_train_end(self, state: TrainState) -> None:
+        """Training reached ``cfg.epochs``."""
+
+
+class CallbackList(Callback):
+    """Calls each of ``callbacks`` in order."""
+
+    def __init__(self, callbacks):
+        self.callbacks = list(callbacks)
+
+    def on_train_start(self, state, cfg):
+        for c in self.callbacks:
+            c.on_train_start(state, cfg)
+
+    def on_epoch_start(self, state, batches):
+        for c in self.callbacks:
+            c.on_epoch_start(state, batches)
+
+    def on_step_end(self, state, terms):
+        for c in self.callbacks:
+            c.on_step_end(state, terms)
+
+    def on_epoch_end(self, state, row):
+        for c in self.callbacks:
+            c.on_epoch_end(state, row)
+
+    def on_train_end(self, state):
+        for c in self.callbacks:
+            c.on_train_end(state)
+
+
+class Checkpoint(Callback):
+    """Rewrites ``RUN_DIR/checkpoint.pt`` atomically after every epoch (what ``--resume`` continues from)."""
+
+    def __init__(self, run_dir):
+        self.path = Path(run_dir) / CHECKPOINT
+
+    def on_train_start(self, state, cfg):
+        self.cfg = cfg
+
+    def on_epoch_end(self, state, row):
+        save_checkpoint(self.path, state.state_dict(self.cfg))
+
+
+class MetricsCSV(Callback):
+    """Rewrites ``RUN_DIR/metrics.csv`` atomically after every epoch: one row per epoch of ``state.history``."""
+
+    def __init__(self, run_dir):
+        self.path = Path(run_dir) / METRICS
+
+    def on_epoch_end(self, state, row):
+        write_csv(self.path, state.history)
+
+
+class ProgressBar(Callback):
+    """A tqdm bar over each epoch's mini-batches (with the last one's -ELBO), then one line per epoch."""
+
+    def on_train_start(self, state, cfg):
+        self.epochs, self.bar = cfg.epochs, None
+
+    def on_epoch_start(self, state, batches):
+        self.bar = tqdm(total=batches, desc=f"epoch {state.epoch + 1}/{self.epochs}", leave=False)
+
+    def on_step_end(self, state, terms):
+        self.bar.set_postfix(loss=f"{terms.neg_elbo.item():.2f}", refresh=False)
+        self.bar.update()
+
+    def on_epoch_end(self, state, row):
+        self.bar.close()
+        tqdm.write(f"epoch {state.epoch}: train -ELBO {row['train_neg_elbo']:.2f}  "
+                   f"test -ELBO {row['test_neg_elbo']:.2f}  ({state.elapsed:.1f}s)")
+
+
+class TensorBoard(Callback):
+    """Logs every number of each epoch's row (``train_neg_elbo``, ``test_neg_elbo``, ``grad_encoder_var``, ``time``,
+    ...) as a TensorBoard scalar against the epoch, into event files in ``log_dir`` (``tensorboard --logdir
+    LOG_DIR``); a resumed run adds a file beside the first. Needs the ``tensorboard`` package (``pip install
+    tensorboard``, or the ``tensorboard`` extra); without it the constructor raises an ``InputError`` naming
+    ``needed_by``."""
+
+    def __init__(self, log_dir, needed_by: str = "the TensorBoard callback"):
+        self.writer_class = summary_writer(needed_by)
+        self.log_dir = check_output(log_dir)
+        self.writer = None
+
+    def on_epoch_end(self, state, row):
+        if self.writer is None:  # created with the first row, so a run killed before it leaves no folder
+            self.writer = self.writer_class(str(self.log_dir))
+        for name, value in row.items():
+            if name != "epoch" and isinstance(value, (int, float)):
+                self.writer.add_scalar(name, value, state.epoch)
+        self.writer.flush()  # an interrupted run keeps every finished epoch
+
+    def on_train_end(self, state):
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+
+
+def summary_writer(needed_by: str):
+    """``torch.utils.tensorboard.SummaryWriter``, imported now; an ``InputError`` if tensorboard is missing."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise InputError(f"{needed_by} needs the tensorboard package: pip install tensorboard") from None
+    return SummaryWriter
