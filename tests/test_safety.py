@@ -89,7 +89,10 @@ def commands_reading(run, tmp_path):
             "plot": ["plot", run, "--out", tmp_path / "figs"], "resume": ["train", "--resume", "--out", run,
                                                                            "--epochs", "2", "--quiet"],
             "reproduce": ["reproduce", "--out", reproduce_out, "--only", "fc_bvae_mnist", "--dataset", "digits",
-                          "--epochs", "1", "--k", "2", "--quiet"]}
+                          "--epochs", "1", "--k", "2", "--quiet"],
+            "encode": ["encode", run, "--out", tmp_path / "codes.npz"],
+            "retrieval": ["retrieval", run, "--out", tmp_path / "retrieval"],
+            "clustering": ["clustering", run, "--out", tmp_path / "clustering"]}
 
 
 @pytest.mark.parametrize("how", ["payload alone", "payload inside a valid checkpoint"])
