@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from timing import adam_step, fc_model, interleaved_medians, parse_args
 
-from discvae.compare import parse_spec
+from discvae.experiments.compare import parse_spec
 
 B = 2048
 MODELS = {  # latent, c, estimator specs

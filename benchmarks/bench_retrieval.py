@@ -26,7 +26,7 @@ import numpy as np
 from timing import interleaved_medians
 
 from discvae import load_dataset
-from discvae.retrieval import BLOCK_ITEMS, LSH, hamming, pack, select_queries
+from discvae.applications.retrieval import BLOCK_ITEMS, LSH, hamming, pack, select_queries
 
 N_QUERIES, N_RANDOM, BITS = 1000, 1_000_000, 64
 FULL = "full ranking (popcount + sort)"

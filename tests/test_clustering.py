@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from discvae import Config
-from discvae.clustering import cluster_metrics, cluster_order, seed_groups, summarize
+from discvae.applications.clustering import cluster_metrics, cluster_order, seed_groups, summarize
 from helpers import assert_one_line_error, run_cli, train_digits
 
 

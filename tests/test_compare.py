@@ -7,8 +7,8 @@ import pytest
 
 from discvae import Config, Dataset, load_dataset
 from discvae.cli import main
-from discvae.compare import compare, parse_spec
 from discvae.estimators import ESTIMATORS
+from discvae.experiments.compare import compare, parse_spec
 from discvae.training import estimator_options
 
 SPECS = ["importance:num_samples=1", "rloo", "disarm", "vimco", "gumbel:tau=0.5", "st-gumbel", "straight-through",

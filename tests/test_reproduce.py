@@ -5,7 +5,7 @@ import re
 import matplotlib.image as mpimg
 
 from discvae.cli import main
-from discvae.reproduce import GRID
+from discvae.experiments.reproduce import GRID
 
 
 def test_reproduce_digits(tmp_path, capsys):

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from sklearn.base import clone
 
-from discvae.retrieval import (
+from discvae.applications.retrieval import (
     ITQ,
     LSH,
     PCAH,

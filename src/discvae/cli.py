@@ -176,7 +176,7 @@ def cmd_plot(args) -> None:
 
 
 def _add_reproduce(sub):
-    from .reproduce import GRID
+    from .experiments.reproduce import GRID
 
     p = sub.add_parser("reproduce", help="train, evaluate and plot the paper's experiment grid -> report.md",
                        description="Train (or resume) the paper's models in OUT/NAME with its settings, evaluate "
@@ -197,7 +197,7 @@ def _add_reproduce(sub):
 
 
 def cmd_reproduce(args) -> None:
-    from .reproduce import reproduce
+    from .experiments.reproduce import reproduce
 
     if args.epochs < 1:
         raise InputError("--epochs must be at least 1")
@@ -253,7 +253,7 @@ def _add_compare(sub):
 
 
 def cmd_compare(args) -> None:
-    from .compare import compare, parse_spec
+    from .experiments.compare import compare, parse_spec
 
     specs = [parse_spec(s, args.num_samples) for s in args.estimators]
     check_output(args.out)
@@ -268,7 +268,7 @@ def cmd_compare(args) -> None:
 
 
 def _add_encode(sub):
-    from .codes import SPLITS
+    from .applications.codes import SPLITS
 
     p = sub.add_parser("encode", help="a run's deterministic codes and posterior probabilities -> .npz",
                        description="Encode the images of a split with a trained run and write an .npz: codes (bits "
@@ -284,7 +284,7 @@ def _add_encode(sub):
 
 
 def cmd_encode(args) -> None:
-    from .codes import encode_run
+    from .applications.codes import encode_run
 
     out = check_output(args.out, "file")
     arrays = encode_run(args.run_dir, out, args.split, args.batch_size)
@@ -306,7 +306,7 @@ def _add_retrieval(sub):
 
 
 def cmd_retrieval(args) -> None:
-    from .retrieval import retrieval
+    from .applications.retrieval import retrieval
 
     print(retrieval(args.run_dirs, check_output(args.out), args.seed, args.per_class, args.batch_size))
 
@@ -330,7 +330,7 @@ def _add_clustering(sub):
 
 
 def cmd_clustering(args) -> None:
-    from .clustering import clustering
+    from .applications.clustering import clustering
 
     print(clustering(args.run_dirs, check_output(args.out), args.gaussian, args.seed, args.n_init, args.batch_size))
 

@@ -14,11 +14,11 @@ import json
 import math
 from pathlib import Path
 
-from .errors import InputError
-from .evaluation import EVAL, evaluate_run
-from .figures import plot_runs
-from .runs import CHECKPOINT, check_output, load_checkpoint, write_text
-from .training import Config, train
+from ..errors import InputError
+from ..evaluation import EVAL, evaluate_run
+from ..figures import plot_runs
+from ..runs import CHECKPOINT, check_output, load_checkpoint, write_text
+from ..training import Config, train
 
 # name -> (figure group, its dataset, architecture and latent); the rest is PAPER
 GRID = {

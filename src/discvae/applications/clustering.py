@@ -32,10 +32,10 @@ from sklearn.decomposition import PCA
 from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 from sklearn.metrics.cluster import contingency_matrix
 
+from ..errors import InputError
+from ..evaluation import fixed_binarization
+from ..runs import write_json, write_text
 from .codes import framed_grid, labels_of, load_coded_run, load_coded_runs, one_dataset, split_images
-from .errors import InputError
-from .evaluation import fixed_binarization
-from .runs import write_json, write_text
 
 SEED_FREE = ("seed", "out", "data_dir", "download", "device", "grad_var_every", "grad_var_repeats")
 METRICS = ("acc_one_to_one", "acc_many_to_one", "nmi", "ari")
@@ -151,7 +151,7 @@ def clustering(run_dirs: list, out, gaussian: str | None = None, seed: int = 0, 
 def confusion_figure(path, labels: np.ndarray, clusters: np.ndarray, order: np.ndarray, name: str,
                      metrics: dict) -> None:
     """The class x cluster counts, clusters in ``order`` (non-empty ones only), as a heat map."""
-    from .figures import plt, save_figure
+    from ..figures import plt, save_figure
 
     classes = np.unique(labels)
     shown = order[np.isin(order, clusters)]
@@ -178,7 +178,7 @@ def clusters_figure(path, model, x: torch.Tensor, clusters: np.ndarray, probs: n
                     members: int = MEMBERS) -> None:
     """One row per cluster k in ``order``: its template (the one-hot state e_k decoded, framed) and its ``members``
     most typical members, the images assigned to k with the highest q(z = k|x) (``probs`` ``[N, c]``)."""
-    from .figures import templates
+    from ..figures import templates
 
     decoded = templates(model, x.shape[1:])
     rows = []

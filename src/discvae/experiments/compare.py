@@ -30,15 +30,15 @@ from pathlib import Path
 
 import torch
 
-from .data import Dataset, load_dataset
-from .distributions import state_count
-from .errors import InputError
-from .estimators import EXACT_MAX_STATES, Estimator, exact, make_estimator
-from .evaluation import fixed_binarization, iwae_bound
-from .figures import plt, save_figure
-from .gradients import gradient_samples
-from .runs import CHECKPOINT, check_output, load_checkpoint, read_csv, write_csv, write_json, write_text
-from .training import Config, model_for, train
+from ..data import Dataset, load_dataset
+from ..distributions import state_count
+from ..errors import InputError
+from ..estimators import EXACT_MAX_STATES, Estimator, exact, make_estimator
+from ..evaluation import fixed_binarization, iwae_bound
+from ..figures import plt, save_figure
+from ..gradients import gradient_samples
+from ..runs import CHECKPOINT, check_output, load_checkpoint, read_csv, write_csv, write_json, write_text
+from ..training import Config, model_for, train
 
 IWAE_CSV = "iwae.csv"
 

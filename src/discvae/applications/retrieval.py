@@ -35,10 +35,10 @@ from sklearn.base import BaseEstimator, TransformerMixin
 from sklearn.decomposition import PCA
 from sklearn.metrics import average_precision_score
 
+from ..errors import InputError
+from ..evaluation import fixed_binarization
+from ..runs import write_json, write_text
 from .codes import framed_grid, labels_of, load_coded_runs
-from .errors import InputError
-from .evaluation import fixed_binarization
-from .runs import write_json, write_text
 
 PER_CLASS, TOP_K, RADIUS = 100, (500, 1000), 2
 GRID_QUERIES, GRID_HITS = 8, 10
@@ -225,7 +225,7 @@ def retrieval(run_dirs: list, out, seed: int = 0, per_class: int = PER_CLASS, ba
 def pr_figure(path, results: dict, runs: list[str]) -> None:
     """Precision against recall over the Hamming radius, one panel per code length, every method of ``results``
     (name -> bits -> metrics; the discvae ``runs`` solid, the baselines dashed)."""
-    from .figures import plt, save_figure
+    from ..figures import plt, save_figure
 
     lengths = sorted({int(b) for by_bits in results.values() for b in by_bits})
     palette = plt.rcParams["axes.prop_cycle"].by_key()["color"]

@@ -11,11 +11,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .data import Dataset
-from .errors import InputError
-from .evaluation import fixed_binarization
-from .runs import atomic_path
-from .training import load_run
+from ..data import Dataset
+from ..errors import InputError
+from ..evaluation import fixed_binarization
+from ..runs import atomic_path
+from ..training import load_run
 
 SPLITS = ("train", "test", "all")
 
@@ -94,7 +94,7 @@ def framed_grid(path, rows: list[torch.Tensor], frames, title: str) -> None:
     images are shown about 56 pixels high, smaller when there are many rows."""
     from matplotlib.patches import Rectangle
 
-    from .figures import image_grid, plt, save_figure
+    from ..figures import image_grid, plt, save_figure
 
     pad, dpi, title_px = 2, 100, 30
     grid = image_grid(rows, pad)

@@ -1,0 +1,1 @@
+"""Experiments built on the core: ``compare`` (estimators side by side) and ``reproduce`` (the paper's grid)."""
