@@ -8,7 +8,7 @@ import pytest
 from discvae import Config, Dataset, load_dataset
 from discvae.cli import main
 from discvae.estimators import ESTIMATORS
-from discvae.experiments.compare import compare, parse_spec
+from discvae.experiments.compare import Comparison, compare, parse_spec
 from discvae.training import estimator_options
 
 SPECS = ["importance:num_samples=1", "rloo", "disarm", "vimco", "gumbel:tau=0.5", "st-gumbel", "straight-through",
@@ -25,9 +25,9 @@ def test_compare_on_digits_writes_its_report(tmp_path, digits):
     base = Config(dataset="digits", latent_dim=6, epochs=2, batch_size=128, binarize="dynamic", grad_var_every=1,
                   grad_var_repeats=3)
     specs = [parse_spec(s, 2) for s in SPECS]
-    kwargs = dict(eval_every=1, iwae_k=5, iwae_n=64, final_k=10, final_n=128, bias_batch=16, bias_repeats=30,
-                  data=digits)
-    results = compare(base, specs, tmp_path, **kwargs)
+    comparison = Comparison(out=tmp_path, eval_every=1, iwae_k=5, iwae_n=64, final_k=10, final_n=128, bias_batch=16,
+                          bias_repeats=30)
+    results = compare(base, specs, comparison, data=digits)
     report = (tmp_path / "report.md").read_text()
     for s in SPECS:
         assert f"| {s} |" in report
@@ -42,14 +42,14 @@ def test_compare_on_digits_writes_its_report(tmp_path, digits):
     assert settings["epochs"] == 2 and settings["init"] == "torch" and "- init: `torch`" in report
     # restarting resumes: finished runs are reused, not retrained
     metrics = (tmp_path / "runs" / "rloo" / "metrics.csv").read_text()
-    compare(base, specs[1:2], tmp_path, **kwargs)
+    compare(base, specs[1:2], comparison, data=digits)
     assert (tmp_path / "runs" / "rloo" / "metrics.csv").read_text() == metrics
 
 
 def test_compare_with_zero_epochs_measures_bias_and_variance_only(tmp_path, digits):
     base = Config(dataset="digits", latent="categorical", latent_dim=5, groups=2, epochs=0, batch_size=128)
-    results = compare(base, [parse_spec("rloo", 2), parse_spec("exact", 2)], tmp_path, bias_epochs=0, bias_batch=8,
-                      bias_repeats=5, data=digits)
+    comparison = Comparison(out=tmp_path, bias_epochs=0, bias_batch=8, bias_repeats=5)
+    results = compare(base, [parse_spec("rloo", 2), parse_spec("exact", 2)], comparison, data=digits)
     assert results["final"] == [] and not (tmp_path / "runs").exists() and not (tmp_path / "curves.png").exists()
     assert "## Training" not in (tmp_path / "report.md").read_text()
     assert results["bias_variance"][1]["evals_per_point"] == 25 / 8  # 5^2 states decoded once per batch of 8

@@ -15,12 +15,8 @@ from pathlib import Path
 import torch
 
 from .callbacks import TensorBoard
-from .data import DATASETS
-from .distributions import FAMILIES
 from .errors import InputError
-from .estimators import BASELINES, ESTIMATORS
-from .likelihoods import BINARIZE, LIKELIHOODS
-from .models import ARCHS, INITS
+from .flags import add_flags, build, flag, given
 from .runs import CONFIG, check_output, read_config
 from .training import RESUMABLE, Config, load_run, train
 
@@ -30,45 +26,10 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
-# CLI flag -> key of Config.estimator_options; each estimator function takes these keywords.
-ESTIMATOR_FLAGS = {"num_samples": "num_samples", "proposal": "proposal", "baseline": "baseline", "tau": "tau"}
-# CLI flag -> key of Config.estimator_schedule: [start, end, rate] of an annealed option
-SCHEDULE_FLAGS = {"tau_anneal": "tau"}
-
-
 def _add_train(sub):
-    d = Config()
     p = sub.add_parser("train", help="train a VAE", description="Train a VAE; defaults are the paper's MNIST "
-                       "settings (Adam, lr 1e-3, batch 2048, 300 epochs).", argument_default=argparse.SUPPRESS)
-    p.add_argument("--dataset", help=f"{', '.join(DATASETS)} or a .npy/.npz file (default {d.dataset})")
-    p.add_argument("--data-dir", help="folder holding mnist/ and fashion-mnist/ (default $DISCVAE_DATA, "
-                   "else ~/.cache/discvae)")
-    p.add_argument("--download", action="store_true", help="fetch missing MNIST/Fashion-MNIST files")
-    p.add_argument("--arch", choices=ARCHS, help=f"Table I architecture (default {d.arch})")
-    p.add_argument("--init", choices=INITS, help="weight initialisation: torch (PyTorch's default) or he "
-                   "(N(0, 2/fan_in), zero biases) (default torch)")
-    p.add_argument("--latent", choices=list(FAMILIES), help=f"latent family (default {d.latent})")
-    p.add_argument("--latent-dim", type=int, help=f"bits, classes per group, or Gaussian dims (default {d.latent_dim})")
-    p.add_argument("--groups", type=int, help="independent categorical groups (default 1)")
-    p.add_argument("--likelihood", choices=list(LIKELIHOODS), help=f"p(x|z) (default {d.likelihood})")
-    p.add_argument("--binarize", choices=BINARIZE, help=f"data binarisation (default {d.binarize})")
-    p.add_argument("--estimator", choices=list(ESTIMATORS), help=f"gradient estimator (default {d.estimator})")
-    p.add_argument("--num-samples", type=int, help="samples of z per data point, M (default 1)")
-    p.add_argument("--proposal", choices=("posterior", "uniform"),
-                   help="importance proposal q_I: xi = eta (default, eq. 23/29) or uniform (xi = 0)")
-    p.add_argument("--baseline", choices=BASELINES, help="control variate of the importance estimator: none "
-                   "(default, the paper), mean (over the rest of the batch) or loo (over the other M-1 samples)")
-    p.add_argument("--tau", type=float, help="temperature of gumbel / st-gumbel (default 1)")
-    p.add_argument("--tau-anneal", type=float, nargs=3, metavar=("START", "END", "RATE"),
-                   help="anneal tau as max(END, START exp(-RATE step)) (Jang et al. 2017); overrides --tau")
-    p.add_argument("--epochs", type=int, help=f"(default {d.epochs})")
-    p.add_argument("--batch-size", type=int, help=f"(default {d.batch_size})")
-    p.add_argument("--lr", type=float, help=f"Adam learning rate (default {d.lr})")
-    p.add_argument("--seed", type=int, help=f"fixes every random number (default {d.seed})")
-    p.add_argument("--grad-var-every", type=int, help="record gradient variance every N epochs (default 1, 0: never)")
-    p.add_argument("--grad-var-repeats", type=int, help="independent gradient estimates R for it (default 16)")
-    p.add_argument("--device", help="auto, cpu, cuda, cuda:N or mps (default auto)")
-    p.add_argument("--out", help="run directory (default runs/DATASET-ARCH-LATENTDIM-ESTIMATOR-sSEED)")
+                       "settings (Adam, lr 1e-3, batch 2048, 300 epochs).")
+    add_flags(p, Config)
     p.add_argument("--resume", action="store_true", help="continue the run in --out where it stopped")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--tensorboard", metavar="DIR", help="also log every metric of each epoch for TensorBoard into "
@@ -77,32 +38,37 @@ def _add_train(sub):
 
 
 def cmd_train(args) -> None:
-    given = vars(args)
-    resume = given.pop("resume", False)
-    quiet = given.pop("quiet", False)
-    callbacks = [TensorBoard(given.pop("tensorboard"), "--tensorboard")] if "tensorboard" in given else []
-    options = {ESTIMATOR_FLAGS[k]: given.pop(k) for k in list(given) if k in ESTIMATOR_FLAGS}
-    schedule = {SCHEDULE_FLAGS[k]: given.pop(k) for k in list(given) if k in SCHEDULE_FLAGS}
-    fields = {f.name for f in dataclasses.fields(Config)}
-    if resume:
-        if "out" not in given:
+    settings = given(args, Config)
+    callbacks = [TensorBoard(args.tensorboard, "--tensorboard")] if args.tensorboard else []
+    if args.resume:
+        if "out" not in settings:
             raise InputError("--resume needs --out RUN_DIR")
-        saved = read_config(given["out"])
-        fixed = sorted(k for k in given if k in fields and k not in RESUMABLE and given[k] != saved.get(k))
-        if fixed or options or schedule:
-            raise InputError("--resume continues the saved configuration; cannot change "
-                             f"{', '.join(fixed or [*options, *schedule])}")
-        cfg = Config.from_dict({**saved, **{k: v for k, v in given.items() if k in fields}},
-                               f"{Path(given['out']) / CONFIG}")
+        saved = Config.from_dict(read_config(settings["out"]), f"{Path(settings['out']) / CONFIG}")
+        changed = _changes(settings, dataclasses.asdict(saved))
+        if changed:
+            raise InputError(f"--resume continues the saved configuration; cannot change {', '.join(changed)}")
+        cfg = dataclasses.replace(saved, **{k: v for k, v in settings.items() if k in RESUMABLE})
     else:
-        cfg = Config(**{k: v for k, v in given.items() if k in fields})
-        cfg.estimator_options = {"num_samples": 1, **options}
-        cfg.estimator_schedule = schedule
-        if "out" not in given:
+        cfg = build(Config, settings)
+        if "out" not in settings:
             name = Path(cfg.dataset).stem if cfg.dataset.endswith((".npy", ".npz")) else cfg.dataset
             cfg.out = f"runs/{name}-{cfg.arch}-{cfg.latent}{cfg.latent_dim}-{cfg.estimator}-s{cfg.seed}"
-    train(cfg, resume=resume, progress=not quiet, callbacks=callbacks)
+    train(cfg, resume=args.resume, progress=not args.quiet, callbacks=callbacks)
     print(cfg.out)
+
+
+def _changes(settings: dict, saved: dict) -> list[str]:
+    """The settings given that differ from the ``saved`` run's and may not change when it resumes (for a dict, the
+    keys given that differ)."""
+    changed = []
+    for name, value in settings.items():
+        if name in RESUMABLE:
+            continue
+        if isinstance(value, dict):
+            changed += [key for key, v in value.items() if v != saved[name].get(key)]
+        elif value != saved[name]:
+            changed.append(name)
+    return changed
 
 
 def _add_reconstruct(sub):
@@ -176,95 +142,51 @@ def cmd_plot(args) -> None:
 
 
 def _add_reproduce(sub):
-    from .experiments.reproduce import GRID
+    from .experiments.reproduce import FIXED, GRID, Reproduction
 
     p = sub.add_parser("reproduce", help="train, evaluate and plot the paper's experiment grid -> report.md",
                        description="Train (or resume) the paper's models in OUT/NAME with its settings, evaluate "
                        "them, plot them and write OUT/report.md. Models: " + ", ".join(GRID) + ".")
-    p.add_argument("--out", required=True, help="folder of the runs and the report")
-    p.add_argument("--only", help="comma-separated subset of the models")
-    p.add_argument("--epochs", type=int, default=300, help="train each run to at least this many epochs (default "
-                   "300, the paper's)")
-    p.add_argument("--dataset", choices=("digits",), help="run every model on the embedded 8x8 digits (quick)")
-    p.add_argument("--data-dir", help="folder holding mnist/ and fashion-mnist/")
-    p.add_argument("--k", type=int, default=1000, help="IWAE samples (default 1000)")
-    p.add_argument("--chunk", type=int, default=100, help="IWAE samples drawn at a time (default 100)")
-    p.add_argument("--grad-var-every", type=int, default=5, help="record gradient variance every N epochs "
-                   "(default 5)")
-    p.add_argument("--reevaluate", action="store_true", help="evaluate again even if eval.json is current")
+    add_flags(p, Reproduction)
+    add_flags(p, Config, skip=FIXED, defaults={"grad_var_every": 5})
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_reproduce)
 
 
 def cmd_reproduce(args) -> None:
-    from .experiments.reproduce import reproduce
+    from .experiments.reproduce import Reproduction, reproduce
 
-    if args.epochs < 1:
-        raise InputError("--epochs must be at least 1")
-    flags = {"only": args.only, "epochs": args.epochs, "dataset": args.dataset, "data-dir": args.data_dir,
-             "k": args.k, "chunk": args.chunk, "grad-var-every": args.grad_var_every}
-    command = shlex.join(["discvae", "reproduce", "--out", args.out] + [
-        t for key, v in flags.items() if v is not None for t in (f"--{key}", str(v))])
-    print(reproduce(args.out, args.only, args.epochs, args.dataset, args.data_dir, args.k, args.chunk,
-                    args.grad_var_every, args.reevaluate, not args.quiet, command))
+    print(reproduce(build(Config, given(args, Config)), build(Reproduction, given(args, Reproduction)),
+                    progress=not args.quiet, command=shlex.join(["discvae", *args.argv])))
 
 
 def _add_compare(sub):
-    d = Config()
+    from .experiments.compare import BASE_DEFAULTS, NOT_FLAGS, Comparison
+
     p = sub.add_parser("compare", help="several estimators side by side: bias, variance, training curves",
                        description="Run several gradient estimators on the same model, data, seed and budget "
                        "(M decoder evaluations per data point and step) and write report.md, bias_variance.png, "
-                       "curves.png and results.json into --out. Restarting with the same arguments resumes.")
+                       "curves.png and results.json into --out; --epochs 0 measures bias and variance only. "
+                       "Restarting with the same arguments resumes.")
     p.add_argument("estimators", nargs="+", metavar="ESTIMATOR",
                    help="NAME or NAME:key=value:... (e.g. importance:num_samples=1, gumbel:tau=0.5)")
-    p.add_argument("--out", required=True, help="report directory")
-    p.add_argument("--dataset", default="digits", help=f"{', '.join(DATASETS)} or a .npy/.npz file (default digits)")
-    p.add_argument("--data-dir", help="folder holding mnist/ and fashion-mnist/")
-    p.add_argument("--arch", choices=ARCHS, default=d.arch, help=f"Table I architecture (default {d.arch})")
-    p.add_argument("--init", choices=INITS, default=d.init, help="weight initialisation (default torch)")
-    p.add_argument("--latent", choices=("bernoulli", "categorical"), default=d.latent,
-                   help=f"latent family (default {d.latent})")
-    p.add_argument("--latent-dim", type=int, default=d.latent_dim,
-                   help=f"bits or classes per group (default {d.latent_dim})")
-    p.add_argument("--groups", type=int, default=1, help="independent categorical groups (default 1)")
-    p.add_argument("--binarize", choices=BINARIZE, default=d.binarize, help=f"data binarisation (default {d.binarize})")
-    p.add_argument("--num-samples", type=int, default=2, help="decoder evaluations per data point M (default 2)")
-    p.add_argument("--epochs", type=int, default=10,
-                   help="epochs per estimator (default 10; 0: bias and variance only)")
-    p.add_argument("--batch-size", type=int, default=d.batch_size, help=f"(default {d.batch_size})")
-    p.add_argument("--lr", type=float, default=d.lr, help=f"Adam learning rate (default {d.lr})")
-    p.add_argument("--seed", type=int, default=0, help="fixes every random number (default 0)")
-    p.add_argument("--eval-every", type=int, default=5, help="epochs between test IWAE bounds (default 5)")
-    p.add_argument("--iwae-k", type=int, default=100, help="samples of the bound during training (default 100)")
-    p.add_argument("--iwae-n", type=int, default=1000, help="test points for it (default 1000)")
-    p.add_argument("--final-k", type=int, default=1000, help="samples of the final bound (default 1000)")
-    p.add_argument("--final-n", type=int, default=10000, help="test points for it (default 10000)")
-    p.add_argument("--grad-var-every", type=int, default=5, help="epochs between gradient variances (default 5)")
-    p.add_argument("--grad-var-repeats", type=int, default=16, help="independent gradient estimates for it "
-                   "(default 16)")
-    p.add_argument("--bias-latent-dim", type=int, default=10,
-                   help="bits/classes of the enumerable bias model when the run's latent is too large (default 10)")
-    p.add_argument("--bias-epochs", type=int, default=1, help="epochs of exact training of it (default 1)")
-    p.add_argument("--bias-batch", type=int, default=100, help="training points of the fixed batch (default 100)")
-    p.add_argument("--bias-repeats", type=int, default=200, help="independent estimates R (default 200)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default auto)")
+    add_flags(p, Comparison)
+    add_flags(p, Config, skip=NOT_FLAGS, defaults=BASE_DEFAULTS)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_compare)
 
 
 def cmd_compare(args) -> None:
-    from .experiments.compare import compare, parse_spec
+    from .experiments.compare import Comparison, compare, parse_spec
 
-    specs = [parse_spec(s, args.num_samples) for s in args.estimators]
-    check_output(args.out)
-    base = Config(dataset=args.dataset, data_dir=args.data_dir, arch=args.arch, init=args.init,
-                  latent=args.latent, latent_dim=args.latent_dim, groups=args.groups, binarize=args.binarize,
-                  epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-                  grad_var_every=args.grad_var_every, grad_var_repeats=args.grad_var_repeats, device=args.device,
-                  out=args.out)
-    compare(base, specs, args.out, args.eval_every, args.iwae_k, args.iwae_n, args.final_k, args.final_n,
-            args.bias_latent_dim, args.bias_epochs, args.bias_batch, args.bias_repeats, progress=not args.quiet)
-    print(Path(args.out) / "report.md")
+    base, settings = given(args, Config), build(Comparison, given(args, Comparison))
+    if "seed" in base and settings.seeds:
+        raise InputError("give --seed or --seeds, not both")
+    base = build(Config, base)
+    specs = [parse_spec(s, base.estimator_options["num_samples"]) for s in args.estimators]
+    check_output(settings.out)
+    compare(base, specs, settings, progress=not args.quiet)
+    print(Path(settings.out) / "report.md")
 
 
 def _add_encode(sub):
@@ -347,13 +269,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def flag(param: str) -> str:
-    """The command-line flag of a library parameter: ``num_samples`` -> ``--num-samples``."""
-    return "--" + param.replace("_", "-")
-
-
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     args = build_parser().parse_args(argv)
+    args.argv = argv
     try:
         args.func(args)
     except InputError as err:

@@ -14,16 +14,17 @@ import math
 import os
 import time
 import typing
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field
 from pathlib import Path
 
 import torch
 
 from .callbacks import CallbackList, Checkpoint, MetricsCSV, ProgressBar
-from .data import Dataset, load_dataset
+from .data import DATASETS, Dataset, load_dataset
 from .distributions import FAMILIES
 from .errors import Diverged, InputError
-from .estimators import Estimator, importance, make_estimator, reparam
+from .estimators import BASELINES, ESTIMATORS, Estimator, importance, make_estimator, reparam
+from .flags import Flag, setting
 from .gradients import gradient_variance
 from .likelihoods import BINARIZE, LIKELIHOODS, binarize
 from .memory import available_bytes, gib, step_bytes
@@ -47,31 +48,51 @@ MAX_SEED = 2**63 - 1
 
 @dataclass
 class Config:
-    """Everything a run depends on. Defaults are the paper's MNIST settings (section VI)."""
+    """Everything a run depends on, saved as its ``config.json``; defaults are the paper's MNIST settings (section
+    VI). Each field declares its command-line flag (:mod:`discvae.flags`): ``discvae train`` has one per field,
+    ``compare`` and ``reproduce`` those they do not fix themselves.
 
-    dataset: str = "mnist"
-    data_dir: str | None = None
-    download: bool = False
-    arch: str = "fc"
-    init: str = "torch"
-    latent: str = "bernoulli"
-    latent_dim: int = 50
-    groups: int = 1
-    likelihood: str = "bernoulli"
-    binarize: str = "none"
-    # a name of discvae.estimators.ESTIMATORS, or the qualified name of the function train(estimator=...) was given
-    estimator: str = "importance"
-    estimator_options: dict = field(default_factory=lambda: {"num_samples": 1})
-    # option -> [start, end, rate]: the option is max(end, start * exp(-rate * step)) (annealing, Jang et al. 2017)
-    estimator_schedule: dict = field(default_factory=dict)
-    epochs: int = 300
-    batch_size: int = 2048
-    lr: float = 1e-3
-    seed: int = 0
-    grad_var_every: int = 1
-    grad_var_repeats: int = 16
-    device: str = "auto"
-    out: str = "runs/mnist"
+    ``estimator`` is a name of ``discvae.ESTIMATORS`` (or, once trained with ``train(estimator=fn)``, the qualified
+    name of ``fn``) and ``estimator_options`` the keyword arguments it is called with; ``estimator_schedule`` maps an
+    option to ``[start, end, rate]``, the option at step t being ``max(end, start * exp(-rate * t))`` (annealing,
+    Jang et al. 2017). ``check()`` validates the whole configuration.
+    """
+
+    dataset: str = setting("mnist", Flag(f"{', '.join(DATASETS)} or a .npy/.npz file"))
+    data_dir: str | None = setting(None, Flag("folder holding mnist/ and fashion-mnist/ (default $DISCVAE_DATA, "
+                                              "else ~/.cache/discvae)"))
+    download: bool = setting(False, Flag("fetch missing MNIST/Fashion-MNIST files"))
+    arch: str = setting("fc", Flag("Table I architecture", choices=ARCHS))
+    init: str = setting("torch", Flag("weight initialisation: torch (PyTorch's default) or he (N(0, 2/fan_in), zero "
+                                      "biases)", choices=INITS))
+    latent: str = setting("bernoulli", Flag(f"latent family: {', '.join(FAMILIES)}"))
+    latent_dim: int = setting(50, Flag("bits, classes per group, or Gaussian dims"))
+    groups: int = setting(1, Flag("independent categorical groups"))
+    likelihood: str = setting("bernoulli", Flag("p(x|z)", choices=list(LIKELIHOODS)))
+    binarize: str = setting("none", Flag("data binarisation", choices=BINARIZE))
+    estimator: str = setting("importance", Flag("gradient estimator", choices=list(ESTIMATORS)))
+    estimator_options: dict = setting(
+        MISSING,
+        Flag("samples of z per data point, M", type=int, key="num_samples"),
+        Flag("importance proposal q_I: xi = eta (default, eq. 23/29) or uniform (xi = 0)",
+             choices=("posterior", "uniform"), key="proposal"),
+        Flag("control variate of the importance estimator: none (default, the paper), mean (over the rest of the "
+             "batch) or loo (over the other M-1 samples)", choices=BASELINES, key="baseline"),
+        Flag("temperature of gumbel / st-gumbel (default 1)", type=float, key="tau"),
+        factory=lambda: {"num_samples": 1})
+    estimator_schedule: dict = setting(
+        MISSING,
+        Flag("anneal tau as max(END, START exp(-RATE step)) (Jang et al. 2017); overrides --tau", type=float,
+             nargs=3, metavar=("START", "END", "RATE"), key="tau", name="tau_anneal"),
+        factory=dict)
+    epochs: int = setting(300, Flag("epochs to train"))
+    batch_size: int = setting(2048, Flag("images per step"))
+    lr: float = setting(1e-3, Flag("Adam learning rate"))
+    seed: int = setting(0, Flag("fixes every random number"))
+    grad_var_every: int = setting(1, Flag("record gradient variance every N epochs (0: never)"))
+    grad_var_repeats: int = setting(16, Flag("independent gradient estimates R for it"))
+    device: str = setting("auto", Flag("auto, cpu, cuda, cuda:N or mps"))
+    out: str = setting("runs/mnist", Flag("run directory (default runs/DATASET-ARCH-LATENTDIM-ESTIMATOR-sSEED)"))
 
     def __post_init__(self):
         """Every field has its declared type (an int where a float is declared becomes a float)."""

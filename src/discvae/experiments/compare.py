@@ -26,8 +26,10 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from dataclasses import MISSING
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from ..data import Dataset, load_dataset
@@ -36,11 +38,21 @@ from ..errors import InputError
 from ..estimators import EXACT_MAX_STATES, Estimator, exact, make_estimator
 from ..evaluation import fixed_binarization, iwae_bound
 from ..figures import plt, save_figure
+from ..flags import Flag, setting
 from ..gradients import gradient_samples
 from ..runs import CHECKPOINT, check_output, load_checkpoint, read_csv, write_csv, write_json, write_text
 from ..training import Config, model_for, train
 
 IWAE_CSV = "iwae.csv"
+# the command line's defaults for the base configuration: a quick comparison on the digits at M = 2
+BASE_DEFAULTS = {"dataset": "digits", "num_samples": 2, "epochs": 10, "grad_var_every": 5}
+# settings of the base configuration that are no flags of compare: each spec names its estimator and options
+# (num_samples, their default, is the budget M), and the runs live in the comparison's directory
+NOT_FLAGS = ("estimator", "proposal", "baseline", "tau", "estimator_schedule", "out")
+# the measured columns: with several seeds, their mean and standard deviation
+BIAS_MEASURES = ("encoder_bias", "encoder_noise_floor", "decoder_bias", "decoder_noise_floor", "encoder_var",
+                 "encoder_var_per_eval", "truth_encoder_norm")
+FINAL_MEASURES = ("test_neg_elbo", "test_neg_iwae", "ms_per_step", "train_time", "encoder_var")
 
 
 @dataclasses.dataclass
@@ -49,6 +61,41 @@ class Spec:
 
     label: str
     estimator: Estimator
+
+
+@dataclasses.dataclass
+class Comparison:
+    """What ``compare`` does besides training its runs (whose settings are the base :class:`Config`).
+
+    ``seeds``: run the whole comparison once per seed (in ``out/seed-N``) and report the mean and sample standard
+    deviation over them; empty, the base configuration's seed alone (directly in ``out``).
+    """
+
+    out: str = setting(MISSING, Flag("report directory"))
+    seeds: list[int] = setting(MISSING, Flag("several seeds: the comparison runs with each (in OUT/seed-N) and the "
+                                             "report shows mean ± std over them (default: --seed alone)",
+                                             metavar="SEED"), factory=list)
+    eval_every: int = setting(5, Flag("epochs between test IWAE bounds"))
+    iwae_k: int = setting(100, Flag("samples of the bound during training"))
+    iwae_n: int = setting(1000, Flag("test points for it"))
+    final_k: int = setting(1000, Flag("samples of the final bound"))
+    final_n: int = setting(10000, Flag("test points for it"))
+    bias_latent_dim: int = setting(10, Flag("bits/classes of the enumerable bias model when the run's latent is "
+                                            "too large"))
+    bias_epochs: int = setting(1, Flag("epochs of exact training of it"))
+    bias_batch: int = setting(100, Flag("training points of the fixed batch"))
+    bias_repeats: int = setting(200, Flag("independent estimates R"))
+
+    def check(self) -> "Comparison":
+        """Fail on a setting that cannot be measured."""
+        sizes = ("eval_every", "iwae_k", "iwae_n", "final_k", "final_n", "bias_batch")
+        if min(getattr(self, name) for name in sizes) < 1 or self.bias_repeats < 2 or self.bias_epochs < 0:
+            raise InputError("eval_every, iwae_k, iwae_n, final_k, final_n and bias_batch must be positive, "
+                             "bias_epochs at least 0 and bias_repeats at least 2", *sizes, "bias_epochs",
+                             "bias_repeats")
+        if len(set(self.seeds)) != len(self.seeds):
+            raise InputError(f"seeds must differ, got {' '.join(map(str, self.seeds))}", "seeds")
+        return self
 
 
 def _value(text: str):
@@ -181,25 +228,40 @@ def _fmt(v: float) -> str:
     return f"{v:.3g}" if v == v else "-"
 
 
-def report_markdown(title: str, settings: dict, bias_rows: list[dict], final: list[dict]) -> str:
+def _cell(row: dict, key: str, fmt=_fmt) -> str:
+    """``row[key]`` formatted, with ``± std`` when the row is a mean over seeds."""
+    return fmt(row[key]) + (f" ± {fmt(row[f'{key}_std'])}" if f"{key}_std" in row else "")
+
+
+def _table(head: list[str], rows: list[dict], cells) -> list[str]:
+    return ["| " + " | ".join(head) + " |", "|" + "---|" * len(head),
+            *("| " + " | ".join(cells(r)) + " |" for r in rows)]
+
+
+def report_markdown(title: str, settings: dict, bias_rows: list[dict], final: list[dict],
+                    seeds: list[int] = ()) -> str:
+    """``report.md``: the settings, the bias/variance table and (if ``final``) the training table; with several
+    ``seeds``, the rows are means over them (``± std``) and the figures of each seed are linked."""
     s = settings
     lines = [f"# {title}", "", "## Settings", ""]
     lines += [f"- {k}: `{v}`" for k, v in s.items()]
     lines += ["", "Equal budget: every sampling estimator has the same M decoder evaluations per data point and step "
-              "(disarm: M/2 antithetic pairs); exact decodes each latent state once per batch.", "",
-              "## Bias and variance against the exact gradient", "",
+              "(disarm: M/2 antithetic pairs); exact decodes each latent state once per batch.", ""]
+    if seeds:
+        lines += [f"Every number is the mean ± sample standard deviation over the {len(seeds)} seeds "
+                  f"{', '.join(map(str, seeds))}; each seed's own report and figures: "
+                  + ", ".join(f"[seed {seed}](seed-{seed}/report.md)" for seed in seeds) + ".", ""]
+    lines += ["## Bias and variance against the exact gradient", "",
               f"Model: {s['bias_model']}, fixed batch of {s['bias_batch']} training points, "
               f"{s['bias_repeats']} independent estimates each. Bias = norm of the mean error; noise floor = "
               "sqrt(tr Cov / R), the size an unbiased estimator's mean error has from noise alone. vimco estimates "
-              "the gradient of the IWAE bound, a different objective, so its 'bias' here is that difference.", "",
-              "| estimator | evals/point | encoder bias | noise floor | decoder bias | noise floor | encoder var | "
-              "var x evals |", "|---|---|---|---|---|---|---|---|"]
-    for r in bias_rows:
-        lines.append(f"| {r['label']} | {_fmt(r['evals_per_point'])} | {_fmt(r['encoder_bias'])} | "
-                     f"{_fmt(r['encoder_noise_floor'])} | {_fmt(r['decoder_bias'])} | "
-                     f"{_fmt(r['decoder_noise_floor'])} | {_fmt(r['encoder_var'])} | "
-                     f"{_fmt(r['encoder_var_per_eval'])} |")
-    lines += ["", f"(norm of the exact encoder gradient: {_fmt(bias_rows[0]['truth_encoder_norm'])})", "",
+              "the gradient of the IWAE bound, a different objective, so its 'bias' here is that difference.", ""]
+    lines += _table(["estimator", "evals/point", "encoder bias", "noise floor", "decoder bias", "noise floor",
+                     "encoder var", "var x evals"], bias_rows,
+                    lambda r: [r["label"], _fmt(r["evals_per_point"]), *(_cell(r, key) for key in (
+                        "encoder_bias", "encoder_noise_floor", "decoder_bias", "decoder_noise_floor", "encoder_var",
+                        "encoder_var_per_eval"))])
+    lines += ["", f"(norm of the exact encoder gradient: {_cell(bias_rows[0], 'truth_encoder_norm')})", "",
               "![bias and variance](bias_variance.png)", ""]
     if not final:
         return "\n".join(lines)
@@ -208,28 +270,29 @@ def report_markdown(title: str, settings: dict, bias_rows: list[dict], final: li
               f"every {s['eval_every']} epochs; final bound with K = {s['final_k']} on {s['final_n']} test points. "
               "Test -ELBO is the single-sample Monte Carlo ELBO on the whole test set (same for every estimator). "
               "Time per step excludes evaluation. Encoder-gradient variance: per-coordinate variance of R "
-              "estimates on a fixed training batch, at the last recorded epoch.", "",
-              "| estimator | epochs | steps | test -ELBO | test -IWAE (final) | time/step (ms) | train time (s) | "
-              "encoder var |", "|---|---|---|---|---|---|---|---|"]
-    for r in final:
-        lines.append(f"| {r['label']} | {r['epochs']} | {r['steps']} | {r['test_neg_elbo']:.2f} | "
-                     f"{r['test_neg_iwae']:.2f} | {r['ms_per_step']:.1f} | {r['train_time']:.0f} | "
-                     f"{_fmt(r['encoder_var'])} |")
-    lines += ["", "![training curves](curves.png)", ""]
+              "estimates on a fixed training batch, at the last recorded epoch.", ""]
+    lines += _table(["estimator", "epochs", "steps", "test -ELBO", "test -IWAE (final)", "time/step (ms)",
+                     "train time (s)", "encoder var"], final,
+                    lambda r: [r["label"], str(r["epochs"]), str(r["steps"]),
+                               _cell(r, "test_neg_elbo", "{:.2f}".format), _cell(r, "test_neg_iwae", "{:.2f}".format),
+                               _cell(r, "ms_per_step", "{:.1f}".format), _cell(r, "train_time", "{:.0f}".format),
+                               _cell(r, "encoder_var")])
+    curves = [f"seed-{seed}/curves.png" for seed in seeds] or ["curves.png"]
+    lines += ["", *(f"![training curves]({path})" for path in curves), ""]
     return "\n".join(lines)
 
 
-def train_and_evaluate(base: Config, spec: Spec, out: Path, data: Dataset, eval_every: int, x_eval: torch.Tensor,
-                       iwae_k: int, x_final: torch.Tensor, final_k: int, progress: bool) -> tuple[dict, dict]:
+def train_and_evaluate(base: Config, spec: Spec, settings: Comparison, out: Path, data: Dataset,
+                       x_eval: torch.Tensor, x_final: torch.Tensor, progress: bool) -> tuple[dict, dict]:
     """Train ``spec`` (in ``out/runs/LABEL``) with bounds along the way; its curves and its row of the final table."""
     cfg = dataclasses.replace(base, estimator=spec.estimator.name, estimator_options=spec.estimator.options,
                               out=str(out / "runs" / spec.label.replace("/", "_")))
-    bounds = train_with_bounds(cfg, data, eval_every, x_eval, iwae_k, progress)
+    bounds = train_with_bounds(cfg, data, settings.eval_every, x_eval, settings.iwae_k, progress)
     metrics = read_csv(Path(cfg.out) / "metrics.csv")
     model = model_for(cfg, data)
     model.load_state_dict(load_checkpoint(cfg.out)["model"])
     torch.manual_seed(base.seed)
-    neg_iwae = -iwae_bound(model.eval(), x_final, final_k).mean().item()
+    neg_iwae = -iwae_bound(model.eval(), x_final, settings.final_k).mean().item()
     variances = [r["grad_encoder_var"] for r in metrics if not math.isnan(r.get("grad_encoder_var", math.nan))]
     last = metrics[-1]
     row = {"label": spec.label, "epochs": int(last["epoch"]), "steps": int(last["step"]),
@@ -239,59 +302,106 @@ def train_and_evaluate(base: Config, spec: Spec, out: Path, data: Dataset, eval_
     return {"metrics": metrics, "bounds": bounds}, row
 
 
-def compare(base: Config, specs: list[Spec], out, eval_every: int = 5, iwae_k: int = 100, iwae_n: int = 1000,
-            final_k: int = 1000, final_n: int = 10000, bias_latent_dim: int = 10, bias_epochs: int = 1,
-            bias_batch: int = 100, bias_repeats: int = 200, data: Dataset | None = None,
+def compare(base: Config, specs: list[Spec], settings: Comparison, data: Dataset | None = None,
             progress: bool = False) -> dict:
-    """Run the comparison described in the module docstring; returns what ``results.json`` holds."""
+    """Run the comparison described in the module docstring and write its report into ``settings.out``.
+
+    Args:
+        base: the settings every run shares (its ``estimator``, options and ``out`` are each spec's own);
+            ``epochs = 0`` measures bias and variance only.
+        specs: the estimators, from :func:`parse_spec`.
+        settings: where the report goes, what is measured, and the seeds.
+        data: the dataset, if already loaded (else ``base.dataset`` is loaded).
+        progress: show progress bars.
+
+    Returns:
+        What ``results.json`` holds: ``settings``, ``bias_variance`` and ``final`` (one row per spec); with several
+        seeds also ``seeds``, each measured value being the mean over them beside its standard deviation
+        (``KEY_std``).
+    """
     if not specs:
         raise InputError("compare needs at least one estimator")
     if len({s.label for s in specs}) != len(specs):
         raise InputError("each estimator spec may appear only once")
-    if min(eval_every, iwae_k, iwae_n, final_k, final_n, bias_batch) < 1 or bias_repeats < 2 or base.epochs < 0:
-        raise InputError("eval_every, iwae_k, iwae_n, final_k, final_n and bias_batch must be positive, epochs at "
-                         "least 0 (0: bias and variance only) and bias_repeats at least 2", "eval_every", "iwae_k",
-                         "iwae_n", "final_k", "final_n", "bias_batch", "epochs", "bias_repeats")
-    dataclasses.replace(base, epochs=max(base.epochs, 1)).check()  # epochs = 0: bias and variance only
-    out = check_output(out)
+    if base.epochs < 0:
+        raise InputError("epochs must be at least 0 (0: bias and variance only)", "epochs")
+    settings.check()
+    seeds = settings.seeds or [base.seed]
+    for seed in seeds:  # epochs = 0: bias and variance only
+        dataclasses.replace(base, seed=seed, epochs=max(base.epochs, 1)).check()
+    out = check_output(settings.out)
     data = data or load_dataset(base.dataset, base.data_dir, base.download)
+    if len(seeds) == 1:
+        return compare_seed(dataclasses.replace(base, seed=seeds[0]), specs, settings, out, data, progress)
+    runs = [compare_seed(dataclasses.replace(base, seed=seed), specs, settings, out / f"seed-{seed}", data, progress)
+            for seed in seeds]
+    settings_row = {k: v for k, v in runs[0]["settings"].items() if k != "seed"} | {"seeds": seeds}
+    results = {"settings": settings_row, "seeds": seeds,
+               "bias_variance": mean_std([r["bias_variance"] for r in runs], BIAS_MEASURES),
+               "final": mean_std([r["final"] for r in runs], FINAL_MEASURES)}
+    save_figure(out / "bias_variance.png", _bias_figure(results["bias_variance"]))
+    write_json(out / "results.json", results)
+    write_text(out / "report.md", report_markdown(_title(base, settings_row), settings_row, results["bias_variance"],
+                                                  results["final"], seeds))
+    return results
 
-    small = enumerable_config(base, bias_latent_dim)
+
+def mean_std(runs: list[list[dict]], measures: tuple[str, ...]) -> list[dict]:
+    """The rows of several seeds' ``runs`` (one row per spec, in the same order in each) as one row per spec: each
+    of ``measures`` the mean over the seeds, ``KEY_std`` its sample standard deviation; the rest as in the first."""
+    rows = []
+    for same_spec in zip(*runs, strict=True):
+        row = dict(same_spec[0])
+        for key in measures:
+            values = np.array([r[key] for r in same_spec], dtype=float)
+            row[key], row[f"{key}_std"] = float(values.mean()), float(values.std(ddof=1))
+        rows.append(row)
+    return rows
+
+
+def _title(base: Config, settings: dict) -> str:
+    return f"Estimators compared: {base.dataset}, {settings['arch']}, {settings['latent']}"
+
+
+def compare_seed(base: Config, specs: list[Spec], settings: Comparison, out: Path, data: Dataset,
+                 progress: bool) -> dict:
+    """The comparison with the seed of ``base``, in ``out``: bias and variance, then (``base.epochs`` > 0) the
+    training runs; writes ``results.json``, ``report.md`` and the figures there and returns the results."""
+    small = enumerable_config(base, settings.bias_latent_dim)
     small = dataclasses.replace(small, estimator="exact", estimator_options={}, estimator_schedule={},
-                                epochs=bias_epochs, grad_var_every=0, out=str(out / "bias_model"))
-    if bias_epochs:
+                                epochs=settings.bias_epochs, grad_var_every=0, out=str(out / "bias_model"))
+    if settings.bias_epochs:
         model = train(small, resume=(out / "bias_model" / CHECKPOINT).exists(), progress=progress, data=data).model
     else:
         torch.manual_seed(base.seed)
         model = model_for(small, data)
     model = model.double()
-    x = fixed_binarization(data.x_train[:bias_batch].double(), base.binarize, base.seed)
+    x = fixed_binarization(data.x_train[:settings.bias_batch].double(), base.binarize, base.seed)
     torch.manual_seed(base.seed)
-    bias_rows = bias_variance(model, x, specs, bias_repeats)
+    bias_rows = bias_variance(model, x, specs, settings.bias_repeats)
     save_figure(out / "bias_variance.png", _bias_figure(bias_rows))
 
-    x_eval = fixed_binarization(data.x_test[:iwae_n], base.binarize, base.seed)
-    x_final = fixed_binarization(data.x_test[:final_n], base.binarize, base.seed)
+    x_eval = fixed_binarization(data.x_test[:settings.iwae_n], base.binarize, base.seed)
+    x_final = fixed_binarization(data.x_test[:settings.final_n], base.binarize, base.seed)
     final = []
     if base.epochs:
         curves = {}
         for spec in specs:
-            curves[spec.label], row = train_and_evaluate(base, spec, out, data, eval_every, x_eval, iwae_k, x_final,
-                                                         final_k, progress)
+            curves[spec.label], row = train_and_evaluate(base, spec, settings, out, data, x_eval, x_final, progress)
             final.append(row)
         save_figure(out / "curves.png", _curves_figure(curves))
 
-    settings = {"dataset": base.dataset, "arch": base.arch, "init": base.init,
-                "latent": f"{base.latent} {base.latent_dim}" + (f" x {base.groups} groups" if base.groups > 1 else ""),
-                "binarize": base.binarize, "batch_size": base.batch_size, "lr": base.lr, "seed": base.seed,
-                "epochs": base.epochs,
-                "bias_model": f"{small.arch}, {small.latent} {small.latent_dim}"
-                + (f" x {small.groups}" if small.groups > 1 else "") + f", after {bias_epochs} epoch(s) of exact",
-                "bias_batch": bias_batch, "bias_repeats": bias_repeats, "eval_every": eval_every, "iwae_k": iwae_k,
-                "iwae_n": len(x_eval), "final_k": final_k, "final_n": len(x_final)}
-    results = {"settings": settings, "bias_variance": bias_rows, "final": final}
+    described = {"dataset": base.dataset, "arch": base.arch, "init": base.init,
+                 "latent": f"{base.latent} {base.latent_dim}" + (f" x {base.groups} groups" if base.groups > 1 else ""),
+                 "binarize": base.binarize, "batch_size": base.batch_size, "lr": base.lr, "seed": base.seed,
+                 "epochs": base.epochs,
+                 "bias_model": f"{small.arch}, {small.latent} {small.latent_dim}"
+                 + (f" x {small.groups}" if small.groups > 1 else "")
+                 + f", after {settings.bias_epochs} epoch(s) of exact",
+                 "bias_batch": settings.bias_batch, "bias_repeats": settings.bias_repeats,
+                 "eval_every": settings.eval_every, "iwae_k": settings.iwae_k, "iwae_n": len(x_eval),
+                 "final_k": settings.final_k, "final_n": len(x_final)}
+    results = {"settings": described, "bias_variance": bias_rows, "final": final}
     write_json(out / "results.json", results)
-    title = f"Estimators compared: {base.dataset}, {settings['arch']}, {settings['latent']}"
-    write_text(out / "report.md", report_markdown(title, settings, bias_rows, final))
+    write_text(out / "report.md", report_markdown(_title(base, described), described, bias_rows, final))
     return results
-

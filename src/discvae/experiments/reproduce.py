@@ -10,13 +10,15 @@ metrics and embeds the figures.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
+from dataclasses import MISSING
 from pathlib import Path
 
 from ..errors import InputError
 from ..evaluation import EVAL, evaluate_run
-from ..figures import plot_runs
+from ..flags import Flag, setting
 from ..runs import CHECKPOINT, check_output, load_checkpoint, write_text
 from ..training import Config, train
 
@@ -29,9 +31,23 @@ GRID = {
     "fc_bvae_fashion": ("fashion", {"dataset": "fashion-mnist", "arch": "fc", "latent": "bernoulli",
                                     "latent_dim": 50}),
 }
-PAPER = {"estimator": "importance", "estimator_options": {"num_samples": 1}, "batch_size": 2048, "lr": 1e-3,
-         "seed": 0, "binarize": "none", "likelihood": "bernoulli"}
+PAPER = {"estimator": "importance", "estimator_options": {"num_samples": 1}, "estimator_schedule": {},
+         "groups": 1, "batch_size": 2048, "lr": 1e-3, "seed": 0, "binarize": "none", "likelihood": "bernoulli"}
 REPORT = "report.md"
+# the settings the grid fixes (no flags of reproduce; its own --dataset replaces every model's)
+FIXED = ("out", *PAPER, *{key for _, fields in GRID.values() for key in fields})
+
+
+@dataclasses.dataclass
+class Reproduction:
+    """What ``reproduce`` does besides training the grid (whose other settings are the base :class:`Config`)."""
+
+    out: str = setting(MISSING, Flag("folder of the runs and the report"))
+    only: str | None = setting(None, Flag("comma-separated subset of the models"))
+    dataset: str | None = setting(None, Flag("run every model on the embedded 8x8 digits (quick)", choices=("digits",)))
+    k: int = setting(1000, Flag("IWAE samples"))
+    chunk: int = setting(100, Flag("IWAE samples drawn at a time"))
+    reevaluate: bool = setting(False, Flag("evaluate again even if eval.json is current"))
 
 
 def select(only: str | None) -> list[str]:
@@ -46,14 +62,11 @@ def select(only: str | None) -> list[str]:
     return [name for name in GRID if name in wanted]
 
 
-def config(name: str, out, epochs: int, dataset: str | None = None, data_dir: str | None = None,
-           grad_var_every: int = 5) -> Config:
-    """The paper's configuration of grid member ``name`` in ``out/name``; ``dataset`` replaces its dataset."""
-    fields = {**PAPER, **GRID[name][1], "epochs": epochs, "data_dir": data_dir, "grad_var_every": grad_var_every,
-              "out": str(Path(out) / name)}
-    if dataset:
-        fields["dataset"] = dataset
-    return Config(**fields)
+def config(name: str, base: Config, settings: Reproduction) -> Config:
+    """The paper's configuration of grid member ``name`` in ``settings.out/name``: ``base`` with the settings the
+    grid fixes; ``settings.dataset`` replaces its dataset."""
+    dataset = {"dataset": settings.dataset} if settings.dataset else {}
+    return dataclasses.replace(base, **{**PAPER, **GRID[name][1], **dataset, "out": str(Path(settings.out) / name)})
 
 
 def current_evaluation(run: Path, epoch: int) -> dict | None:
@@ -103,25 +116,37 @@ def write_report(out: Path, results: dict[str, dict], figures: dict[str, list[Pa
     return write_text(out / REPORT, "\n".join(text))
 
 
-def reproduce(out, only: str | None = None, epochs: int = 300, dataset: str | None = None,
-              data_dir: str | None = None, k: int = 1000, chunk: int = 100, grad_var_every: int = 5,
-              reevaluate: bool = False, progress: bool = True, command: str = "discvae reproduce") -> Path:
-    """Train (or resume), evaluate and plot the selected grid members in ``out``; returns the report's path."""
-    out = check_output(out)
-    names = select(only)
-    configs = {name: config(name, out, epochs, dataset, data_dir, grad_var_every).check() for name in names}
+def reproduce(base: Config, settings: Reproduction, progress: bool = True,
+              command: str = "discvae reproduce") -> Path:
+    """Train (or resume), evaluate and plot the selected grid members.
+
+    Args:
+        base: the settings of every run that the grid does not fix (``FIXED``): ``epochs`` (each run is trained to
+            at least this many), ``data_dir``, ``grad_var_every``, ``device``, ...
+        settings: the report directory, the models, the evaluation.
+        progress: show progress bars.
+        command: the command line named in the report.
+
+    Returns:
+        The path of ``report.md``.
+    """
+    from ..figures import plot_runs
+
+    out = check_output(settings.out)
+    names = select(settings.only)
+    configs = {name: config(name, base, settings).check() for name in names}
     results = {}
     for name, cfg in configs.items():
         run = Path(cfg.out)
         done = load_checkpoint(run)["epoch"] if (run / CHECKPOINT).is_file() else None
-        if done is None or done < epochs:
-            print(f"{name}: {'training' if done is None else f'resuming at epoch {done}'} to {epochs} epochs "
+        if done is None or done < cfg.epochs:
+            print(f"{name}: {'training' if done is None else f'resuming at epoch {done}'} to {cfg.epochs} epochs "
                   f"in {run}", flush=True)
             done = train(cfg, resume=done is not None, progress=progress).epoch
-        results[name] = None if reevaluate else current_evaluation(run, done)
+        results[name] = None if settings.reevaluate else current_evaluation(run, done)
         if results[name] is None:
-            print(f"{name}: evaluating (K = {k})", flush=True)
-            results[name] = evaluate_run(run, k, chunk)
+            print(f"{name}: evaluating (K = {settings.k})", flush=True)
+            results[name] = evaluate_run(run, settings.k, settings.chunk)
     figures = {}
     for group in dict.fromkeys(GRID[name][0] for name in names):
         runs = [configs[name].out for name in names if GRID[name][0] == group]
