@@ -111,3 +111,29 @@ def test_tau_anneal_is_a_plain_data_schedule_and_resumes(tmp_path, capsys):
     code, _, err = run_cli(capsys, "train", "--resume", "--out", run, "--epochs", "3", "--tau-anneal", "1", "0.1",
                            "0.1", "--quiet")
     assert code == 2 and "cannot change tau" in err
+
+
+def test_compare_over_seeds_reports_mean_and_std(tmp_path, capsys):
+    out = tmp_path / "c"
+    code, _, err = run_cli(capsys, "compare", "rloo", "exact", "--seeds", "0", "1", "--latent-dim", "4", "--epochs",
+                           "1", "--batch-size", "512", "--iwae-k", "3", "--iwae-n", "20", "--final-k", "3",
+                           "--final-n", "20", "--bias-batch", "8", "--bias-repeats", "4", "--grad-var-repeats", "2",
+                           "--out", out, "--quiet")
+    assert code == 0, err
+    results = json.loads((out / "results.json").read_text())
+    per_seed = [json.loads((out / f"seed-{s}" / "results.json").read_text()) for s in (0, 1)]
+    assert results["seeds"] == [0, 1] and [r["settings"]["seed"] for r in per_seed] == [0, 1]
+    for table, key in (("final", "test_neg_elbo"), ("final", "test_neg_iwae"), ("bias_variance", "encoder_var")):
+        for i, row in enumerate(results[table]):
+            values = [r[table][i][key] for r in per_seed]
+            assert row[key] == pytest.approx(sum(values) / 2)
+            assert row[f"{key}_std"] == pytest.approx(abs(values[0] - values[1]) / 2**0.5)
+    rloo = results["final"][0]
+    assert rloo["label"] == "rloo" and rloo["test_neg_elbo_std"] > 0  # the seeds made different runs
+    report = (out / "report.md").read_text()
+    assert f"| rloo | 1 | {rloo['steps']} | {rloo['test_neg_elbo']:.2f} ± {rloo['test_neg_elbo_std']:.2f} | " in report
+    assert "(seed-0/curves.png)" in report and (out / "seed-1" / "curves.png").exists()
+    code, _, err = run_cli(capsys, "compare", "rloo", "--seed", "1", "--seeds", "0", "1", "--out", tmp_path / "d")
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "--seed or --seeds" in err
+    code, _, err = run_cli(capsys, "compare", "rloo", "--seeds", "1", "1", "--out", tmp_path / "d")
+    assert code == 2 and "--seeds must differ" in err

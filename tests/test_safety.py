@@ -289,6 +289,21 @@ def test_writes_are_durable(tmp_path, monkeypatch):
     assert json.loads((tmp_path / "a.json").read_text()) == {"x": 1}
 
 
+def test_written_files_get_the_mode_of_a_plain_open_without_touching_the_umask(tmp_path, monkeypatch):
+    old = os.umask(0o027)
+    try:
+        def refuse(mask):
+            raise AssertionError("the umask was read or set")
+
+        monkeypatch.setattr(os, "umask", refuse)
+        runs.write_json(tmp_path / "a.json", {"x": 1})
+    finally:
+        monkeypatch.undo()
+        os.umask(old)
+    assert (tmp_path / "a.json").stat().st_mode & 0o777 == 0o640
+    assert [p.name for p in tmp_path.iterdir()] == ["a.json"]
+
+
 def test_ctrl_c_during_start_up_exits_130_without_a_traceback(tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "discvae", *TRAIN, "--out", str(tmp_path / "run")],
                             stderr=subprocess.PIPE, text=True)

@@ -1,17 +1,31 @@
 """discvae: variational autoencoders with discrete latent variables (Bartler et al. 2019 and successors).
 
 The names below are imported from their modules on first use, so ``import discvae`` itself is instant and does
-nothing else.
+nothing else (it imports neither torch nor matplotlib). The core is the top-level modules; ``discvae.experiments``
+(``compare``, ``reproduce``) and ``discvae.applications`` (``codes``, ``retrieval``, ``clustering``) are built on it.
 """
 import importlib
+from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
+
+__all__ = ["Bernoulli", "Callback", "Categorical", "Config", "Dataset", "Diverged", "ESTIMATORS", "Estimator",
+           "Gaussian", "InputError", "VAE", "build_model", "load_dataset", "load_run", "make_estimator", "train"]
+
+if TYPE_CHECKING:  # what type checkers see; at run time __getattr__ imports each name on first use
+    from .callbacks import Callback
+    from .data import Dataset, load_dataset
+    from .distributions import Bernoulli, Categorical, Gaussian
+    from .errors import Diverged, InputError
+    from .estimators import ESTIMATORS, Estimator, make_estimator
+    from .models import VAE, build_model
+    from .training import Config, load_run, train
 
 _EXPORTS = {"Bernoulli": "distributions", "Categorical": "distributions", "Gaussian": "distributions",
             "Config": "training", "train": "training", "load_run": "training", "Dataset": "data",
             "load_dataset": "data", "InputError": "errors", "Diverged": "errors", "ESTIMATORS": "estimators",
-            "Estimator": "estimators", "make_estimator": "estimators", "VAE": "models", "build_model": "models"}
-__all__ = sorted(_EXPORTS)
+            "Estimator": "estimators", "make_estimator": "estimators", "VAE": "models", "build_model": "models",
+            "Callback": "callbacks"}
 
 
 def __getattr__(name: str):

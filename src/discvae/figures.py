@@ -1,21 +1,26 @@
-"""Image grids, convergence curves and the figures of ``discvae plot`` (matplotlib, PNGs written atomically)."""
+"""Image grids, convergence curves and the figures of ``discvae plot`` (matplotlib, PNGs written atomically).
+
+Figures are made with :func:`subplots` and written with :func:`save_figure`: matplotlib ``Figure`` objects rendered
+by the Agg canvas, without ``pyplot``, so that nothing global (the backend, pyplot's list of open figures) is set
+by drawing or by importing this module.
+"""
 from __future__ import annotations
 
 import math
 from pathlib import Path
 
 import matplotlib
+import matplotlib.image
+import numpy as np
+import torch
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from PIL import Image
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from PIL import Image  # noqa: E402
-
-from .errors import InputError  # noqa: E402
-from .evaluation import INFORMATIVE_BITS, fixed_binarization, posterior_means, unit_entropies  # noqa: E402
-from .runs import METRICS, atomic_path, check_output, read_csv  # noqa: E402
-from .training import load_run  # noqa: E402
+from .errors import InputError
+from .evaluation import INFORMATIVE_BITS, fixed_binarization, posterior_means, unit_entropies
+from .runs import METRICS, atomic_path, check_output, read_csv
+from .training import load_run
 
 MAX_TEMPLATES = 400  # decode every latent state when there are at most this many
 
@@ -50,7 +55,7 @@ def save_grid(path, rows: list[torch.Tensor], scale: int | None = None) -> None:
     scale = scale or max(1, round(56 / max(_as_images(rows[0][:1]).shape[-2:])))
     grid = grid.repeat(scale, 0).repeat(scale, 1)
     with atomic_path(path) as tmp:
-        plt.imsave(tmp, grid, cmap="gray", vmin=0, vmax=1, format="png")
+        matplotlib.image.imsave(tmp, grid, cmap="gray", vmin=0, vmax=1, format="png")
 
 
 @torch.no_grad()
@@ -85,8 +90,8 @@ def convergence(path, histories: dict[str, list[dict]]) -> None:
     """Paper Fig. 5: negative ELBO, expected log-likelihood (test solid, train dashed) and the gradient variance
     (encoder solid, decoder dashed, log axis), against epoch (top) and training wall time (bottom), one colour per
     run of ``histories`` (label -> rows of metrics.csv)."""
-    fig, axes = plt.subplots(2, len(CURVES), figsize=CURVE_FIGSIZE, dpi=CURVE_DPI, squeeze=False)
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    fig, axes = subplots(2, len(CURVES), figsize=CURVE_FIGSIZE, dpi=CURVE_DPI, squeeze=False)
+    colors = matplotlib.rcParams["axes.prop_cycle"].by_key()["color"]
     for n, (label, rows) in enumerate(histories.items()):
         color = colors[n % len(colors)]
         cols = {k: np.array([r.get(k, np.nan) for r in rows], dtype=float) for k in rows[0]} if rows else {}
@@ -122,7 +127,7 @@ def unit_information(path, model, x: torch.Tensor) -> None:
     marginal, conditional = (h.numpy() / np.log(2) for h in unit_entropies(model, posterior_means(model, x)))
     information = marginal - conditional
     order = np.argsort(-information)
-    fig, ax = plt.subplots(figsize=(8, 3.2), dpi=80)
+    fig, ax = subplots(figsize=(8, 3.2), dpi=80)
     units = np.arange(1, len(order) + 1)
     ax.bar(units, marginal[order], color="0.8", label="H(E_x q(z_i|x))")
     ax.bar(units, information[order], color="tab:blue", label="I(x; z_i)")
@@ -135,12 +140,19 @@ def unit_information(path, model, x: torch.Tensor) -> None:
     save_figure(path, fig)
 
 
+def subplots(*grid, figsize=None, dpi=None, **kwargs):
+    """A new figure and its axes, as ``matplotlib.pyplot.subplots(*grid, figsize=..., dpi=..., **kwargs)`` makes
+    them, but held by no backend: draw on them and write them with :func:`save_figure`."""
+    fig = Figure(figsize=figsize, dpi=dpi)
+    return fig, fig.subplots(*grid, **kwargs)
+
+
 def save_figure(path, fig) -> None:
-    """Render ``fig`` at its dpi, close it and write it to ``path`` atomically as a PNG with a 64-colour palette
-    (a few times smaller than matplotlib's RGBA PNG, and plots have few colours)."""
-    fig.canvas.draw()
-    pixels = np.asarray(fig.canvas.buffer_rgba())[..., :3]
-    plt.close(fig)
+    """Render ``fig`` at its dpi with the Agg canvas and write it to ``path`` atomically as a PNG with a 64-colour
+    palette (a few times smaller than matplotlib's RGBA PNG, and plots have few colours)."""
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    pixels = np.asarray(canvas.buffer_rgba())[..., :3]
     with atomic_path(path) as tmp:
         Image.fromarray(pixels).quantize(64).save(tmp, format="png", optimize=True)
 

@@ -17,6 +17,7 @@ import json
 import os
 import pickle
 import re
+import secrets
 import tempfile
 from pathlib import Path
 
@@ -36,11 +37,7 @@ def atomic_path(path):
     directory (a durable atomic write), else remove it. The file gets the mode a plain ``open()`` would give."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600
+    tmp = _new_temporary(path)
     try:
         yield Path(tmp)
         _fsync(tmp, os.O_RDONLY)
@@ -49,6 +46,19 @@ def atomic_path(path):
         Path(tmp).unlink(missing_ok=True)
         raise
     _fsync(path.parent, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+
+
+def _new_temporary(path: Path) -> Path:
+    """A new empty file ``.NAME.RANDOM.tmp`` beside ``path``, created with mode 0666 less the umask as a plain
+    ``open()`` would (the system applies the umask: it is never read or set, which would race with other threads;
+    ``tempfile.mkstemp`` would make it 0600)."""
+    while True:
+        tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
+        try:
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            return tmp
+        except FileExistsError:  # 2^-48 per existing temporary
+            continue
 
 
 def _fsync(path, flags: int) -> None:

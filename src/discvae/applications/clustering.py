@@ -151,12 +151,12 @@ def clustering(run_dirs: list, out, gaussian: str | None = None, seed: int = 0, 
 def confusion_figure(path, labels: np.ndarray, clusters: np.ndarray, order: np.ndarray, name: str,
                      metrics: dict) -> None:
     """The class x cluster counts, clusters in ``order`` (non-empty ones only), as a heat map."""
-    from ..figures import plt, save_figure
+    from ..figures import save_figure, subplots
 
     classes = np.unique(labels)
     shown = order[np.isin(order, clusters)]
     table = contingency_matrix(labels, clusters)[:, np.searchsorted(np.unique(clusters), shown)]
-    fig, ax = plt.subplots(figsize=(min(16, 2 + 0.45 * len(shown)), 1.5 + 0.4 * len(classes)), dpi=90)
+    fig, ax = subplots(figsize=(min(16, 2 + 0.45 * len(shown)), 1.5 + 0.4 * len(classes)), dpi=90)
     image = ax.imshow(table, cmap="Blues", aspect="auto")
     fig.colorbar(image, ax=ax, label="images")
     if len(shown) <= 30:

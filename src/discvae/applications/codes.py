@@ -92,9 +92,10 @@ def framed_grid(path, rows: list[torch.Tensor], frames, title: str) -> None:
     """Rows of images (``figures.image_grid``, 2-pixel gaps) with a coloured frame around the image in column
     ``j`` of row ``i`` for each ``(i, j, colour)`` of ``frames``, under ``title``; a palette PNG at ``path``. The
     images are shown about 56 pixels high, smaller when there are many rows."""
+    from matplotlib.figure import Figure
     from matplotlib.patches import Rectangle
 
-    from ..figures import image_grid, plt, save_figure
+    from ..figures import image_grid, save_figure
 
     pad, dpi, title_px = 2, 100, 30
     grid = image_grid(rows, pad)
@@ -102,7 +103,7 @@ def framed_grid(path, rows: list[torch.Tensor], frames, title: str) -> None:
     w = (grid.shape[1] - pad) // max(len(r) for r in rows) - pad
     scale = max(1, min(round(56 / h), 2000 // grid.shape[0]))  # screen pixels per image pixel
     height = grid.shape[0] * scale + title_px
-    fig = plt.figure(figsize=(grid.shape[1] * scale / dpi, height / dpi), dpi=dpi)
+    fig = Figure(figsize=(grid.shape[1] * scale / dpi, height / dpi), dpi=dpi)
     ax = fig.add_axes((0, 0, 1, grid.shape[0] * scale / height))
     ax.imshow(grid, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
     ax.set_axis_off()

@@ -225,12 +225,14 @@ def retrieval(run_dirs: list, out, seed: int = 0, per_class: int = PER_CLASS, ba
 def pr_figure(path, results: dict, runs: list[str]) -> None:
     """Precision against recall over the Hamming radius, one panel per code length, every method of ``results``
     (name -> bits -> metrics; the discvae ``runs`` solid, the baselines dashed)."""
-    from ..figures import plt, save_figure
+    import matplotlib
+
+    from ..figures import save_figure, subplots
 
     lengths = sorted({int(b) for by_bits in results.values() for b in by_bits})
-    palette = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    palette = matplotlib.rcParams["axes.prop_cycle"].by_key()["color"]
     colors = {name: palette[i % len(palette)] for i, name in enumerate(results)}  # one colour per method
-    fig, axes = plt.subplots(1, len(lengths), figsize=(4.5 * len(lengths), 4), dpi=90, squeeze=False)
+    fig, axes = subplots(1, len(lengths), figsize=(4.5 * len(lengths), 4), dpi=90, squeeze=False)
     for ax, n_bits in zip(axes[0], lengths, strict=True):
         for name, by_bits in results.items():
             if str(n_bits) in by_bits:

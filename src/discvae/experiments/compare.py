@@ -37,7 +37,6 @@ from ..distributions import state_count
 from ..errors import InputError
 from ..estimators import EXACT_MAX_STATES, Estimator, exact, make_estimator
 from ..evaluation import fixed_binarization, iwae_bound
-from ..figures import plt, save_figure
 from ..flags import Flag, setting
 from ..gradients import gradient_samples
 from ..runs import CHECKPOINT, check_output, load_checkpoint, read_csv, write_csv, write_json, write_text
@@ -180,9 +179,12 @@ def train_with_bounds(cfg: Config, data: Dataset, eval_every: int, x_eval: torch
     return done
 
 
-def _bias_figure(rows: list[dict]):
-    """Bars on log axes; a zero (exact) is drawn at a tenth of the smallest non-zero value and labelled 0."""
-    fig, axes = plt.subplots(1, 2, figsize=(11, 0.5 * len(rows) + 1.6), dpi=110)
+def _bias_figure(path: Path, rows: list[dict]) -> None:
+    """``bias_variance.png``: bars on log axes; a zero (exact) is drawn at a tenth of the smallest non-zero value and
+    labelled 0."""
+    from ..figures import save_figure, subplots
+
+    fig, axes = subplots(1, 2, figsize=(11, 0.5 * len(rows) + 1.6), dpi=110)
     y = list(range(len(rows)))
     panels = [("encoder_bias", "tab:red", "encoder gradient: ||mean error|| vs exact"),
               ("encoder_var_per_eval", "tab:blue", "encoder variance x decoder evals / point")]
@@ -201,11 +203,14 @@ def _bias_figure(rows: list[dict]):
                     label="noise floor of an unbiased estimator")
     axes[0].legend(fontsize=8)
     fig.tight_layout()
-    return fig
+    save_figure(path, fig)
 
 
-def _curves_figure(curves: dict[str, dict]):
-    fig, axes = plt.subplots(2, 3, figsize=(15, 8), dpi=110)
+def _curves_figure(path: Path, curves: dict[str, dict]) -> None:
+    """``curves.png``: test -ELBO, test -IWAE bound and encoder-gradient variance against steps and wall time."""
+    from ..figures import save_figure, subplots
+
+    fig, axes = subplots(2, 3, figsize=(15, 8), dpi=110)
     for label, c in curves.items():
         m, b = c["metrics"], c["bounds"]
         for row, x in enumerate(("step", "time")):
@@ -221,7 +226,7 @@ def _curves_figure(curves: dict[str, dict]):
         axes[row, 2].set_yscale("log")
     axes[0, 0].legend(fontsize=8)
     fig.tight_layout()
-    return fig
+    save_figure(path, fig)
 
 
 def _fmt(v: float) -> str:
@@ -229,7 +234,9 @@ def _fmt(v: float) -> str:
 
 
 def _cell(row: dict, key: str, fmt=_fmt) -> str:
-    """``row[key]`` formatted, with ``± std`` when the row is a mean over seeds."""
+    """``row[key]`` formatted (``-`` if NaN), with ``± std`` when the row is a mean over seeds."""
+    if row[key] != row[key]:
+        return "-"
     return fmt(row[key]) + (f" ± {fmt(row[f'{key}_std'])}" if f"{key}_std" in row else "")
 
 
@@ -339,7 +346,7 @@ def compare(base: Config, specs: list[Spec], settings: Comparison, data: Dataset
     results = {"settings": settings_row, "seeds": seeds,
                "bias_variance": mean_std([r["bias_variance"] for r in runs], BIAS_MEASURES),
                "final": mean_std([r["final"] for r in runs], FINAL_MEASURES)}
-    save_figure(out / "bias_variance.png", _bias_figure(results["bias_variance"]))
+    _bias_figure(out / "bias_variance.png", results["bias_variance"])
     write_json(out / "results.json", results)
     write_text(out / "report.md", report_markdown(_title(base, settings_row), settings_row, results["bias_variance"],
                                                   results["final"], seeds))
@@ -379,7 +386,7 @@ def compare_seed(base: Config, specs: list[Spec], settings: Comparison, out: Pat
     x = fixed_binarization(data.x_train[:settings.bias_batch].double(), base.binarize, base.seed)
     torch.manual_seed(base.seed)
     bias_rows = bias_variance(model, x, specs, settings.bias_repeats)
-    save_figure(out / "bias_variance.png", _bias_figure(bias_rows))
+    _bias_figure(out / "bias_variance.png", bias_rows)
 
     x_eval = fixed_binarization(data.x_test[:settings.iwae_n], base.binarize, base.seed)
     x_final = fixed_binarization(data.x_test[:settings.final_n], base.binarize, base.seed)
@@ -389,7 +396,7 @@ def compare_seed(base: Config, specs: list[Spec], settings: Comparison, out: Pat
         for spec in specs:
             curves[spec.label], row = train_and_evaluate(base, spec, settings, out, data, x_eval, x_final, progress)
             final.append(row)
-        save_figure(out / "curves.png", _curves_figure(curves))
+        _curves_figure(out / "curves.png", curves)
 
     described = {"dataset": base.dataset, "arch": base.arch, "init": base.init,
                  "latent": f"{base.latent} {base.latent_dim}" + (f" x {base.groups} groups" if base.groups > 1 else ""),

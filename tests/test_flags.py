@@ -1,0 +1,79 @@
+"""Flags generated from settings dataclasses (``discvae.flags``): a field declared with its ``Flag`` is a flag."""
+import argparse
+import dataclasses
+from dataclasses import MISSING, dataclass
+
+import pytest
+
+from discvae import Config, cli
+from discvae.flags import Flag, add_flags, build, flag, given, setting
+
+
+def pairs(text: str) -> dict:
+    """A parser function for a dict-valued field: ``cat=5,gauss=2``."""
+    return {key: float(value) for key, value in (pair.split("=") for pair in text.split(","))}
+
+
+@dataclass
+class Settings:
+    out: str = setting(MISSING, Flag("where"))
+    rate: float = setting(0.5, Flag("a rate"))
+    name: str | None = setting(None, Flag("a name", choices=("a", "b")))
+    fast: bool = setting(False, Flag("go fast"))
+    seeds: list[int] = setting(MISSING, Flag("seeds", metavar="SEED"), factory=list)
+    capacity: dict = setting(MISSING, Flag("capacity per block, BLOCK=NATS,...", type=pairs), factory=dict)
+    options: dict = setting(MISSING, Flag("samples", type=int, key="num_samples"),
+                            Flag("temperature", type=float, key="tau", name="temperature"),
+                            factory=lambda: {"num_samples": 1})
+    hidden: int = 3  # no flag
+
+
+def parser(**kwargs) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="test")
+    add_flags(p, Settings, **kwargs)
+    return p
+
+
+def test_every_kind_of_field_becomes_a_flag():
+    args = parser().parse_args(["--out", "o", "--rate", "2", "--name", "b", "--fast", "--seeds", "3", "4",
+                                "--capacity", "cat=5,gauss=2", "--temperature", "0.3"])
+    values = given(args, Settings)
+    assert values == {"out": "o", "rate": 2.0, "name": "b", "fast": True, "seeds": [3, 4],
+                      "capacity": {"cat": 5.0, "gauss": 2.0}, "options": {"tau": 0.3}}
+    settings = build(Settings, values)
+    assert settings.options == {"num_samples": 1, "tau": 0.3} and settings.hidden == 3  # keys merged into the default
+    assert given(parser().parse_args(["--out", "o"]), Settings) == {"out": "o"}  # what is not given is absent
+
+
+def test_help_defaults_required_flags_and_skip(capsys):
+    p = parser(skip=("seeds", "num_samples"), defaults={"rate": 0.25})
+    text = " ".join(p.format_help().split())
+    assert "--rate RATE a rate (default 0.25)" in text and "--temperature TEMPERATURE temperature" in text
+    assert "--name {a,b} a name --fast go fast --capacity" in text  # no default shown for None and False
+    assert not {"--seeds", "--num-samples", "--hidden"} & set(text.split())
+    assert given(p.parse_args(["--out", "o"]), Settings) == {"out": "o", "rate": 0.25}
+    with pytest.raises(SystemExit):
+        p.parse_args([])
+    assert "the following arguments are required: --out" in capsys.readouterr().err
+
+
+def test_train_has_a_flag_for_every_setting_of_config():
+    commands = next(a for a in cli.build_parser()._actions if a.dest == "command").choices
+    train = commands["train"]
+    options = {o for a in train._actions for o in a.option_strings}
+    for f in dataclasses.fields(Config):
+        names = [spec.name or spec.key or f.name for spec in f.metadata["flags"]]
+        assert names and {flag(n) for n in names} <= options, f.name
+
+
+def test_a_field_added_to_config_is_a_flag_of_every_command_that_takes_config(monkeypatch, tmp_path):
+    @dataclass
+    class Extended(Config):
+        precision: str = setting("fp32", Flag("arithmetic", choices=("fp32", "bf16")))
+
+    monkeypatch.setattr(cli, "Config", Extended)
+    p = cli.build_parser()
+    for argv in (["train"], ["compare", "rloo", "--out", "c"], ["reproduce", "--out", "r"]):
+        args = p.parse_args([*argv, "--precision", "bf16"])
+        assert build(Extended, given(args, Extended)).precision == "bf16"
+    assert build(Extended, given(p.parse_args(["train"]), Extended)).precision == "fp32"

@@ -1,0 +1,68 @@
+"""What the package shows its users: imports without side effects, its public names, its typing marker."""
+import ast
+import importlib
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import discvae
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGE = Path(discvae.__file__).parent
+
+
+def run_python(code: str, **env) -> dict:
+    """Run ``code`` in a fresh interpreter (with this one's environment plus ``env``); it prints one JSON line."""
+    import os
+
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, **env})
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout.splitlines()[-1])
+
+
+def test_importing_the_package_and_building_the_cli_imports_neither_matplotlib_nor_more():
+    seen = run_python("import json, sys\n"
+                      "import discvae\n"
+                      "bare = sorted(m.split('.')[0] for m in sys.modules if m.startswith(('torch', 'matplotlib')))\n"
+                      "import discvae.cli\n"
+                      "discvae.cli.build_parser()\n"
+                      "print(json.dumps({'bare': bare, 'cli': [m for m in sys.modules if 'matplotlib' in m]}))")
+    assert seen == {"bare": [], "cli": []}
+
+
+def test_drawing_sets_no_matplotlib_backend_and_leaves_pyplot_alone(tmp_path):
+    seen = run_python("import json, sys, matplotlib\n"
+                      "from discvae.figures import save_figure, subplots\n"
+                      "fig, ax = subplots(figsize=(2, 2), dpi=50)\n"
+                      "ax.plot([0, 1], [1, 0])\n"
+                      f"save_figure({str(tmp_path / 'f.png')!r}, fig)\n"
+                      "print(json.dumps({'backend': dict.__getitem__(matplotlib.rcParams, 'backend'),\n"
+                      "                  'pyplot': 'matplotlib.pyplot' in sys.modules}))", MPLBACKEND="svg")
+    assert seen == {"backend": "svg", "pyplot": False}
+    assert (tmp_path / "f.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_all_lists_the_names_of_the_readme_python_api_and_each_resolves():
+    readme = (ROOT / "README.md").read_text()
+    used = {name.strip() for names in re.findall(r"^from discvae import (.+)$", readme, re.M)
+            for name in names.split(",")}
+    assert used and used <= set(discvae.__all__)
+    for name in discvae.__all__:
+        assert getattr(discvae, name) is getattr(importlib.import_module(f"discvae.{discvae._EXPORTS[name]}"), name)
+    # type checkers see the same names as the lazy imports give (the TYPE_CHECKING block of __init__.py)
+    tree = ast.parse((PACKAGE / "__init__.py").read_text())
+    checked = {alias.name: node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.level
+               for alias in node.names}
+    assert checked == discvae._EXPORTS and set(checked) == set(discvae.__all__)
+
+
+def test_the_package_is_marked_typed_and_ships_the_marker():
+    tomllib = pytest.importorskip("tomllib")
+    assert (PACKAGE / "py.typed").is_file()
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert "py.typed" in config["tool"]["setuptools"]["package-data"]["discvae"]
