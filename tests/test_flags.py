@@ -5,7 +5,7 @@ from dataclasses import MISSING, dataclass
 
 import pytest
 
-from discvae import Config, cli
+from discvae import Config, cli, flags
 from discvae.flags import Flag, add_flags, build, flag, given, setting
 
 
@@ -77,3 +77,10 @@ def test_a_field_added_to_config_is_a_flag_of_every_command_that_takes_config(mo
         args = p.parse_args([*argv, "--precision", "bf16"])
         assert build(Extended, given(args, Extended)).precision == "bf16"
     assert build(Extended, given(p.parse_args(["train"]), Extended)).precision == "fp32"
+
+
+def test_the_docstring_of_a_settings_dataclass_lists_its_flags_help():
+    documented = flags.documented(dataclasses.make_dataclass("Doc", [
+        ("rate", float, setting(0.5, Flag("a rate"))), ("hidden", int, dataclasses.field(default=3))]))
+    assert documented.__doc__.endswith("\n\nAttributes:\n    rate: a rate (default 0.5)")
+    assert "    latent_dim: bits, classes per group, or Gaussian dims (default 50)\n" in Config.__doc__

@@ -237,10 +237,21 @@ def estimator_name(function: Callable) -> str:
 
 
 def make_estimator(estimator: str | Callable, **options) -> Estimator:
-    """``estimator`` -- a name of ``ESTIMATORS``, a function ``estimator(q, f, **options) -> surrogate [B]`` (the
-    contract of this module) or an :class:`Estimator` (its options updated by ``options``) -- resolved once, with
-    ``options`` bound after checking them against the function's signature (:func:`check_options`). Option
-    *values* are checked by the estimator when it runs (e.g. ``num_samples`` of at least 2 for rloo)."""
+    """An estimator resolved once, its options bound after checking them against the function's signature.
+
+    Option *values* are checked by the estimator when it runs (e.g. ``num_samples`` of at least 2 for rloo).
+
+    Args:
+        estimator: a name of ``ESTIMATORS``, a function ``estimator(q, f, **options) -> surrogate [B]`` (the
+            contract of this module), or an :class:`Estimator` (its options updated by ``options``).
+        **options: keyword arguments of the function, e.g. ``num_samples=4``.
+
+    Returns:
+        The :class:`Estimator`: a callable ``(q, f, **more)`` with ``name``, ``function`` and ``options``.
+
+    Raises:
+        InputError: an unknown name, something not callable, or an option the function does not take.
+    """
     if isinstance(estimator, Estimator):
         return make_estimator(estimator.function, **{**estimator.options, **options})
     function = _resolve(estimator)

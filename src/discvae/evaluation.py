@@ -146,8 +146,20 @@ def latent_usage(model, x: torch.Tensor, batch_size: int = 2000) -> dict:
 
 
 def evaluate(model, x: torch.Tensor, k: int = 1000, chunk: int = 100, batch_size: int = 500) -> dict:
-    """Negative ELBO and its terms, the K-sample IWAE bound, exact ln p(x) where the latent has at most
-    ``EXACT_MAX_STATES`` states, and ``latent_usage``: means over the rows of ``x``, nats per example."""
+    """Evaluate ``model`` on the images ``x``.
+
+    Args:
+        model: a :class:`~discvae.models.VAE` (in eval mode).
+        x: images ``[N, ...]``, binarised as the model was trained.
+        k: importance samples of the IWAE bound.
+        chunk: samples drawn at a time.
+        batch_size: images at a time.
+
+    Returns:
+        Means over the rows of ``x``, nats per example: ``neg_elbo``, ``expected_ll``, ``kl``, ``iwae`` (the
+        K-sample bound on ln p(x)), ``exact_log_px`` where the latent has at most ``EXACT_MAX_STATES`` states, the
+        entries of :func:`latent_usage`, and ``seconds``.
+    """
     start = time.perf_counter()
     out = elbo_terms(model, x, batch_size)
     out["iwae"] = iwae_bound(model, x, k, chunk, batch_size).mean().item()
@@ -161,10 +173,20 @@ def evaluate(model, x: torch.Tensor, k: int = 1000, chunk: int = 100, batch_size
 
 def evaluate_run(run_dir, k: int = 1000, chunk: int = 100, batch_size: int = 500, train_set: bool = False,
                  seed: int = 0) -> dict:
-    """``evaluate`` on the test set (and the training set) of a run; writes ``RUN_DIR/eval.json``.
+    """:func:`evaluate` on the test set (and the training set) of a run; writes ``RUN_DIR/eval.json`` atomically.
 
-    Dynamically binarised data is binarised once with ``seed`` (``fixed_binarization``); the IWAE samples are
-    drawn after ``torch.manual_seed(seed)``.
+    Args:
+        run_dir: a run directory (``config.json`` and ``checkpoint.pt``).
+        k: importance samples of the IWAE bound.
+        chunk: samples drawn at a time.
+        batch_size: images at a time.
+        train_set: also evaluate the training set.
+        seed: dynamically binarised data is binarised once with it (``fixed_binarization``); the IWAE samples are
+            drawn after ``torch.manual_seed(seed)``.
+
+    Returns:
+        What ``eval.json`` holds: the run, its ``epoch`` and ``step``, ``train_seconds``, ``k``, the latent and the
+        thresholds used, and ``test`` (and ``train``), each a dict of :func:`evaluate`.
     """
     if k < 1 or chunk < 1 or batch_size < 1:
         raise InputError("k, chunk and batch_size must be at least 1", "k", "chunk", "batch_size")

@@ -13,12 +13,15 @@ to get a flag with its help, in every subcommand that takes the dataclass.
 
 :func:`add_flags` adds the flags to an ``argparse`` parser; a flag not given is absent from the parsed namespace
 (so that a caller can tell what was given), unless a default for it is passed. :func:`given` reads the settings
-back and :func:`build` makes the dataclass of them.
+back and :func:`build` makes the dataclass of them; :func:`documented` writes the flags' help into the dataclass's
+docstring.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import inspect
+import textwrap
 import typing
 from collections.abc import Callable, Sequence
 from dataclasses import MISSING, dataclass
@@ -53,6 +56,20 @@ def setting(default=MISSING, *flags: Flag, factory=MISSING):
     return dataclasses.field(default=default, default_factory=factory, metadata={"flags": flags})
 
 
+def documented(cls):
+    """Class decorator of a settings dataclass: its docstring gains an ``Attributes:`` section (Google style) made
+    of its flags' help, so that Python's help and the command line's are one text."""
+    lines = [inspect.cleandoc(cls.__doc__ or cls.__name__), "", "Attributes:"]
+    for f in dataclasses.fields(cls):
+        specs = f.metadata.get("flags", ())
+        if specs:
+            text = "; ".join((f"{spec.key}: " if spec.key else "") + _help(spec, _default(f, spec.key))
+                             for spec in specs)
+            lines.append(textwrap.fill(text, 116, initial_indent=f"    {f.name}: ", subsequent_indent=" " * 8))
+    cls.__doc__ = "\n".join(lines)
+    return cls
+
+
 def flag(name: str) -> str:
     """The command-line flag of a setting or parameter: ``num_samples`` -> ``--num-samples``."""
     return "--" + name.replace("_", "-")
@@ -74,6 +91,12 @@ def _dest(cls, name: str) -> str:
 def _default(f: dataclasses.Field, key: str | None):
     value = f.default_factory() if f.default_factory is not MISSING else f.default
     return value.get(key, MISSING) if key else value
+
+
+def _help(spec: Flag, default) -> str:
+    """The help of ``spec`` with its ``default`` (none shown for None, False, an empty list or no default)."""
+    shown = default is not MISSING and default is not None and default is not False and default != []
+    return spec.help + (f" (default {default})" if shown and "(default" not in spec.help else "")
 
 
 def _kind(hint):
@@ -101,9 +124,8 @@ def add_flags(parser: argparse.ArgumentParser, cls, skip=(), defaults=None) -> N
             continue
         kind, nargs = _kind(hints[f.name])
         default = defaults.get(name, _default(f, spec.key))
-        shown = default is not MISSING and default is not None and default is not False and default != []
-        text = spec.help + (f" (default {default})" if shown and "(default" not in spec.help else "")
-        options = {"dest": _dest(cls, name), "help": text, "default": defaults.get(name, argparse.SUPPRESS),
+        options = {"dest": _dest(cls, name), "help": _help(spec, default),
+                   "default": defaults.get(name, argparse.SUPPRESS),
                    "required": default is MISSING and not spec.key}
         if kind is bool and not spec.key:
             options["action"] = "store_true"

@@ -50,13 +50,29 @@ class VAE(nn.Module):
         return FAMILIES[self.latent](params)
 
     def encode(self, x: torch.Tensor, batch_size: int = 1024) -> torch.Tensor:
-        """Posterior parameters per image, on the CPU: q(z_i = 1|x) ``[N, c]`` for bits, q(z_g = k|x) ``[N, G, c]``
-        for a categorical, the means mu ``[N, c]`` for a Gaussian."""
+        """Posterior parameters per image, in batches, without gradient and in eval mode.
+
+        Args:
+            x: images ``[N, ...]`` (on any device).
+            batch_size: images per encoder call.
+
+        Returns:
+            On the CPU: q(z_i = 1|x) ``[N, c]`` for bits, q(z_g = k|x) ``[N, G, c]`` for a categorical, the means
+            mu ``[N, c]`` for a Gaussian.
+        """
         return self._per_batch(lambda q: q.probs if q.discrete else q.mean, x, batch_size)
 
     def codes(self, x: torch.Tensor, batch_size: int = 1024) -> torch.Tensor:
-        """Deterministic codes per image, on the CPU: the bits [q(z_i = 1|x) > 1/2] (the mode) as uint8 ``[N, c]``,
-        a categorical's most probable class of each group as int64 ``[N, G]``, a Gaussian's means ``[N, c]``."""
+        """Deterministic codes per image, in batches, without gradient and in eval mode.
+
+        Args:
+            x: images ``[N, ...]`` (on any device).
+            batch_size: images per encoder call.
+
+        Returns:
+            On the CPU: the bits [q(z_i = 1|x) > 1/2] (the mode) as uint8 ``[N, c]``, a categorical's most probable
+            class of each group as int64 ``[N, G]``, a Gaussian's means ``[N, c]``.
+        """
         return self._per_batch(lambda q: q.code(), x, batch_size)
 
     def _per_batch(self, fn, x: torch.Tensor, batch_size: int) -> torch.Tensor:
@@ -79,10 +95,19 @@ class VAE(nn.Module):
         return self.likelihood.log_prob(x.flatten(1), self.decode(z))
 
     def forward(self, x: torch.Tensor, estimator: Callable | str = importance, **options) -> Terms:
-        """The terms of the negative ELBO on the batch ``x``, E_q[ln p(x|z)] estimated by ``estimator(q, f,
-        **options)`` with f(z) = ln p(x|z): any function of the contract of :mod:`discvae.estimators` (e.g. an
-        :class:`~discvae.estimators.Estimator` from ``make_estimator``), or a registered name, resolved and its
-        options checked by ``make_estimator``."""
+        """The terms of the negative ELBO on the batch ``x``, E_q[ln p(x|z)] estimated by ``estimator``.
+
+        Args:
+            x: a batch of images ``[B, ...]``.
+            estimator: called as ``estimator(q, f, **options)`` with f(z) = ln p(x|z): any function of the
+                contract of :mod:`discvae.estimators` (e.g. an :class:`~discvae.estimators.Estimator` from
+                ``make_estimator``), or a registered name, resolved and its options checked by ``make_estimator``.
+            **options: keyword arguments for the estimator (e.g. ``num_samples=4``).
+
+        Returns:
+            ``Terms(loss, neg_elbo, expected_ll, kl)``, means over the batch: ``loss`` carries the estimated
+            gradient (call ``loss.backward()``), the others are detached values.
+        """
         if isinstance(estimator, str):
             estimator, options = make_estimator(estimator, **options), {}
         q = self.posterior(x)

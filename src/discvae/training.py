@@ -24,7 +24,7 @@ from .data import DATASETS, Dataset, load_dataset
 from .distributions import FAMILIES
 from .errors import Diverged, InputError
 from .estimators import BASELINES, ESTIMATORS, Estimator, importance, make_estimator, reparam
-from .flags import Flag, setting
+from .flags import Flag, documented, setting
 from .gradients import gradient_variance
 from .likelihoods import BINARIZE, LIKELIHOODS, binarize
 from .memory import available_bytes, gib, step_bytes
@@ -46,6 +46,7 @@ RESUMABLE = ("epochs", "lr", "device", "data_dir", "download", "out", "grad_var_
 MAX_SEED = 2**63 - 1
 
 
+@documented
 @dataclass
 class Config:
     """Everything a run depends on, saved as its ``config.json``; defaults are the paper's MNIST settings (section
@@ -55,7 +56,8 @@ class Config:
     ``estimator`` is a name of ``discvae.ESTIMATORS`` (or, once trained with ``train(estimator=fn)``, the qualified
     name of ``fn``) and ``estimator_options`` the keyword arguments it is called with; ``estimator_schedule`` maps an
     option to ``[start, end, rate]``, the option at step t being ``max(end, start * exp(-rate * t))`` (annealing,
-    Jang et al. 2017). ``check()`` validates the whole configuration.
+    Jang et al. 2017). ``check()`` validates the whole configuration. Each attribute is described below by the help
+    of its flag.
     """
 
     dataset: str = setting("mnist", Flag(f"{', '.join(DATASETS)} or a .npy/.npz file"))
@@ -269,14 +271,26 @@ def model_for(cfg: Config, data: Dataset) -> VAE:
 
 def train(cfg: Config, resume: bool = False, progress: bool = True, data: Dataset | None = None,
           estimator=None, callbacks=None) -> TrainState:
-    """Train (or with ``resume`` continue) the run in ``cfg.out`` while holding its lock; returns the final state.
+    """Train (or continue) the run in ``cfg.out`` while holding its lock.
 
-    ``estimator``, a function ``estimator(q, f, **options) -> surrogate`` (see :mod:`discvae.estimators`), trains
-    in place of ``cfg.estimator`` with the options ``cfg.estimator_options``; ``config.json`` records its name
-    (``estimator_name``: the registered one, else ``module.qualname``), and resuming the run takes the same
-    function again. ``callbacks`` (:class:`~discvae.callbacks.Callback`) run after the built-in ones: the checkpoint,
-    ``metrics.csv`` and (with ``progress``) the progress bar. Stops with :class:`~discvae.errors.Diverged` at the
-    first non-finite loss or gradient, leaving the checkpoint of the last finished epoch as it was."""
+    Args:
+        cfg: the configuration, checked first (``Config.check``); written to ``config.json``.
+        resume: continue the checkpoint in ``cfg.out`` bit for bit (only the ``RESUMABLE`` settings may differ).
+        progress: show a progress bar.
+        data: the dataset, if already loaded (else ``cfg.dataset`` is loaded).
+        estimator: a function ``estimator(q, f, **options) -> surrogate`` (see :mod:`discvae.estimators`) that
+            trains in place of ``cfg.estimator``, with the options ``cfg.estimator_options``; ``config.json``
+            records its name (the registered one, else ``module.qualname``), and resuming takes the same function.
+        callbacks: :class:`~discvae.callbacks.Callback` objects, run after the built-in ones: the checkpoint,
+            ``metrics.csv`` and (with ``progress``) the progress bar.
+
+    Returns:
+        The final :class:`TrainState` (``state.model``, ``state.history``: the rows of ``metrics.csv``).
+
+    Raises:
+        InputError: a setting, the data or the run directory cannot be used (before any training).
+        Diverged: at the first non-finite loss or gradient, the checkpoint of the last finished epoch left as it was.
+    """
     cfg.check()
     estimator = estimator_for(cfg, estimator)
     cfg = dataclasses.replace(cfg, estimator=estimator.name)
@@ -397,8 +411,19 @@ def check_finite(loss: torch.Tensor, model: VAE, epoch: int, state: TrainState, 
 
 
 def load_run(run_dir, device: str = "cpu", ckpt: dict | None = None) -> tuple[Config, VAE, Dataset]:
-    """The config, trained model (eval mode) and dataset of a finished or running run; ``ckpt``, a checkpoint the
-    caller already loaded from it, saves reading it again."""
+    """A finished or running run, as saved.
+
+    Args:
+        run_dir: the run directory (``config.json`` and ``checkpoint.pt``).
+        device: where the model's parameters go.
+        ckpt: the checkpoint, if the caller already loaded it from ``run_dir`` (saves reading it again).
+
+    Returns:
+        ``(cfg, model, data)``: the :class:`Config`, the trained model in eval mode and the dataset.
+
+    Raises:
+        InputError: no run there, or a config or checkpoint that is unreadable or does not match.
+    """
     cfg = Config.from_dict(read_config(run_dir), f"{Path(run_dir) / CONFIG}")
     ckpt = ckpt or load_checkpoint(run_dir, device)
     data = load_dataset(cfg.dataset, cfg.data_dir, False)

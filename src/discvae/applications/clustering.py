@@ -111,9 +111,21 @@ def baseline_features(pixels: np.ndarray, seed: int, gaussian_means: np.ndarray 
 
 def clustering(run_dirs: list, out, gaussian: str | None = None, seed: int = 0, n_init: int = 1,
                batch_size: int = 1024) -> Path:
-    """Evaluate the clusterings of the one-group categorical runs ``run_dirs`` and the k-means baselines on all
-    images; write ``out/clustering.json``, ``confusion.png`` and ``clusters.png`` (the run with the highest NMI)
-    and ``report.md``, whose path it returns."""
+    """Evaluate the clusterings (argmax_k q(z = k|x)) of one-group categorical runs and the k-means baselines on
+    all images.
+
+    Args:
+        run_dirs: trained runs with one categorical group, on one dataset.
+        out: the folder for ``clustering.json``, ``confusion.png`` and ``clusters.png`` (the run with the highest
+            NMI) and ``report.md``.
+        gaussian: a Gaussian VAE run: k-means on its posterior means too.
+        seed: seeds k-means and PCA.
+        n_init: k-means restarts, the best kept.
+        batch_size: images per encoder call.
+
+    Returns:
+        The path of ``report.md``.
+    """
     if n_init < 1 or batch_size < 1:
         raise InputError("n_init and batch_size must be at least 1", "n_init", "batch_size")
     out = Path(out)

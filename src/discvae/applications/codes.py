@@ -67,11 +67,19 @@ def load_coded_runs(run_dirs, latent: str, reserved=()) -> dict:
 
 
 def encode_run(run_dir, out, split: str = "all", batch_size: int = 1024) -> dict[str, np.ndarray]:
-    """Write ``out`` (``.npz``, atomically) for the images of ``split`` of the run in ``run_dir``; returns its arrays.
+    """Encode the images of a split with a trained run and write them as an ``.npz`` (atomically).
 
-    Arrays: ``codes`` (one row per image), ``probs``, ``labels`` (when the dataset has them), ``packed``
-    (``np.packbits`` of the bits along the last axis, Bernoulli runs only), and ``latent``, ``latent_dim``,
-    ``groups``, ``split``.
+    Args:
+        run_dir: a trained run directory.
+        out: the ``.npz`` file to write.
+        split: ``train``, ``test`` or ``all`` (train then test).
+        batch_size: images per encoder call.
+
+    Returns:
+        The arrays written: ``codes`` (one row per image, :meth:`~discvae.models.VAE.codes`), ``probs``
+        (:meth:`~discvae.models.VAE.encode`), ``labels`` (when the dataset has them), ``packed`` (``np.packbits``
+        of the bits along the last axis, Bernoulli runs only), and ``latent``, ``latent_dim``, ``groups``,
+        ``split``.
     """
     if batch_size < 1:
         raise InputError("batch_size must be at least 1", "batch_size")

@@ -193,9 +193,20 @@ def method_codes(runs: dict, x_db: torch.Tensor, x_q: torch.Tensor, seed: int, b
 
 
 def retrieval(run_dirs: list, out, seed: int = 0, per_class: int = PER_CLASS, batch_size: int = 1024) -> Path:
-    """Evaluate the codes of the Bernoulli runs ``run_dirs`` and the baselines at their code lengths by the
-    protocol of the module docstring; write ``out/retrieval.json``, ``pr_curves.png``, ``query_grid.png`` (the
-    run with the highest mAP) and ``report.md``, whose path it returns."""
+    """Evaluate the codes of Bernoulli runs as hashes, beside the baselines at their code lengths, by the protocol
+    of the module docstring.
+
+    Args:
+        run_dirs: trained runs with Bernoulli latents, on one dataset.
+        out: the folder for ``retrieval.json``, ``pr_curves.png``, ``query_grid.png`` (the run with the highest
+            mAP) and ``report.md``.
+        seed: seeds the queries and the ``lsh`` / ``itq`` baselines.
+        per_class: queries per class.
+        batch_size: images per encoder call.
+
+    Returns:
+        The path of ``report.md``.
+    """
     if per_class < 1 or batch_size < 1:
         raise InputError("per_class and batch_size must be at least 1", "per_class", "batch_size")
     out = Path(out)

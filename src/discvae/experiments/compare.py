@@ -37,7 +37,7 @@ from ..distributions import state_count
 from ..errors import InputError
 from ..estimators import EXACT_MAX_STATES, Estimator, exact, make_estimator
 from ..evaluation import fixed_binarization, iwae_bound
-from ..flags import Flag, setting
+from ..flags import Flag, documented, setting
 from ..gradients import gradient_samples
 from ..runs import CHECKPOINT, check_output, load_checkpoint, read_csv, write_csv, write_json, write_text
 from ..training import Config, model_for, train
@@ -62,13 +62,11 @@ class Spec:
     estimator: Estimator
 
 
+@documented
 @dataclasses.dataclass
 class Comparison:
-    """What ``compare`` does besides training its runs (whose settings are the base :class:`Config`).
-
-    ``seeds``: run the whole comparison once per seed (in ``out/seed-N``) and report the mean and sample standard
-    deviation over them; empty, the base configuration's seed alone (directly in ``out``).
-    """
+    """What ``compare`` does besides training its runs (whose settings are the base :class:`Config`). With ``seeds``
+    empty, the comparison runs with the base configuration's seed, directly in ``out``."""
 
     out: str = setting(MISSING, Flag("report directory"))
     seeds: list[int] = setting(MISSING, Flag("several seeds: the comparison runs with each (in OUT/seed-N) and the "

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from ..errors import InputError
 from ..evaluation import EVAL, evaluate_run
-from ..flags import Flag, setting
+from ..flags import Flag, documented, setting
 from ..runs import CHECKPOINT, check_output, load_checkpoint, write_text
 from ..training import Config, train
 
@@ -38,6 +38,7 @@ REPORT = "report.md"
 FIXED = ("out", *PAPER, *{key for _, fields in GRID.values() for key in fields})
 
 
+@documented
 @dataclasses.dataclass
 class Reproduction:
     """What ``reproduce`` does besides training the grid (whose other settings are the base :class:`Config`)."""
