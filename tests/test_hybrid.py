@@ -173,7 +173,10 @@ def test_bad_hybrid_flags_are_one_line_errors(tmp_path, capsys):
                         (["--latent", "categorical:10+gaussian:4", "--groups", "2"], "leave out --latent-dim"),
                         (["--latent", "categorical:10+gaussian:4", "--capacity", "poisson=1:10"], "has the blocks"),
                         (["--latent", "categorical:10+gaussian:4", "--capacity", "categorical=x"], "BLOCK=CMAX:STEPS")):
-        code, _, err = run_cli(capsys, "train", "--dataset", "digits", "--epochs", "1", "--out", tmp_path / "r",
-                               *argv)
+        try:
+            code, _, err = run_cli(capsys, "train", "--dataset", "digits", "--epochs", "1", "--out", tmp_path / "r",
+                                   *argv)
+        except SystemExit as exit_:  # argparse
+            code, err = exit_.code, capsys.readouterr().err
         assert_one_line_error(code, err, match)
         assert not (tmp_path / "r").exists()
