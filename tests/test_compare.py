@@ -110,7 +110,7 @@ def test_tau_anneal_is_a_plain_data_schedule_and_resumes(tmp_path, capsys):
     assert code == 0, err
     code, _, err = run_cli(capsys, "train", "--resume", "--out", run, "--epochs", "3", "--tau-anneal", "1", "0.1",
                            "0.1", "--quiet")
-    assert code == 2 and "cannot change tau" in err
+    assert code == 2 and "cannot change --tau-anneal" in err
 
 
 def test_compare_over_seeds_reports_mean_and_std(tmp_path, capsys):

@@ -21,7 +21,7 @@ class Settings:
     name: str | None = setting(None, Flag("a name", choices=("a", "b")))
     fast: bool = setting(False, Flag("go fast"))
     seeds: list[int] = setting(MISSING, Flag("seeds", metavar="SEED"), factory=list)
-    capacity: dict = setting(MISSING, Flag("capacity per block, BLOCK=NATS,...", type=pairs), factory=dict)
+    capacity: dict = setting(MISSING, Flag("capacity of a block, BLOCK=NATS[,...]", type=pairs), factory=dict)
     options: dict = setting(MISSING, Flag("samples", type=int, key="num_samples"),
                             Flag("temperature", type=float, key="tau", name="temperature"),
                             factory=lambda: {"num_samples": 1})
@@ -36,10 +36,10 @@ def parser(**kwargs) -> argparse.ArgumentParser:
 
 def test_every_kind_of_field_becomes_a_flag():
     args = parser().parse_args(["--out", "o", "--rate", "2", "--name", "b", "--fast", "--seeds", "3", "4",
-                                "--capacity", "cat=5,gauss=2", "--temperature", "0.3"])
+                                "--capacity", "cat=5,gauss=2", "--capacity", "bits=1", "--temperature", "0.3"])
     values = given(args, Settings)
     assert values == {"out": "o", "rate": 2.0, "name": "b", "fast": True, "seeds": [3, 4],
-                      "capacity": {"cat": 5.0, "gauss": 2.0}, "options": {"tau": 0.3}}
+                      "capacity": {"cat": 5.0, "gauss": 2.0, "bits": 1.0}, "options": {"tau": 0.3}}
     settings = build(Settings, values)
     assert settings.options == {"num_samples": 1, "tau": 0.3} and settings.hidden == 3  # keys merged into the default
     assert given(parser().parse_args(["--out", "o"]), Settings) == {"out": "o"}  # what is not given is absent

@@ -16,7 +16,7 @@ import torch
 
 from .callbacks import TensorBoard
 from .errors import InputError
-from .flags import add_flags, build, flag, given
+from .flags import add_flags, build, changed, flag, given
 from .runs import CONFIG, check_output, read_config
 from .training import RESUMABLE, Config, load_run, train
 
@@ -44,31 +44,18 @@ def cmd_train(args) -> None:
         if "out" not in settings:
             raise InputError("--resume needs --out RUN_DIR")
         saved = Config.from_dict(read_config(settings["out"]), f"{Path(settings['out']) / CONFIG}")
-        changed = _changes(settings, dataclasses.asdict(saved))
-        if changed:
-            raise InputError(f"--resume continues the saved configuration; cannot change {', '.join(changed)}")
+        fixed = changed(args, saved, skip=RESUMABLE)
+        if fixed:
+            raise InputError(f"--resume continues the saved configuration; cannot change {', '.join(fixed)}")
         cfg = dataclasses.replace(saved, **{k: v for k, v in settings.items() if k in RESUMABLE})
     else:
         cfg = build(Config, settings)
         if "out" not in settings:
             name = Path(cfg.dataset).stem if cfg.dataset.endswith((".npy", ".npz")) else cfg.dataset
-            cfg.out = f"runs/{name}-{cfg.arch}-{cfg.latent}{cfg.latent_dim}-{cfg.estimator}-s{cfg.seed}"
+            latent = str(cfg.space).replace(":", "").replace("+", "-")
+            cfg.out = f"runs/{name}-{cfg.arch}-{latent}-{cfg.estimator}-s{cfg.seed}"
     train(cfg, resume=args.resume, progress=not args.quiet, callbacks=callbacks)
     print(cfg.out)
-
-
-def _changes(settings: dict, saved: dict) -> list[str]:
-    """The settings given that differ from the ``saved`` run's and may not change when it resumes (for a dict, the
-    keys given that differ)."""
-    changed = []
-    for name, value in settings.items():
-        if name in RESUMABLE:
-            continue
-        if isinstance(value, dict):
-            changed += [key for key, v in value.items() if v != saved[name].get(key)]
-        elif value != saved[name]:
-            changed.append(name)
-    return changed
 
 
 def _add_reconstruct(sub):

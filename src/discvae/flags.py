@@ -7,14 +7,15 @@ to get a flag with its help, in every subcommand that takes the dataclass.
 
 * A scalar field has one flag named after it (``latent_dim`` -> ``--latent-dim``), read with the type of its
   annotation (``int``, ``float``, ``str``, ``str | None``; ``bool`` is a switch; ``list[int]`` one or more ints)
-  unless the flag gives its own ``type``, a function of the text (e.g. one parsing ``key=value,...`` into a dict).
-* A dict field may instead have one flag per key (``Flag(..., key="num_samples")``): ``--num-samples 2`` sets
-  ``estimator_options["num_samples"]``, and the keys given are merged into the field's default.
+  unless the flag gives its own ``type``, a function of the text.
+* A dict field has one flag per key (``Flag(..., key="num_samples")``: ``--num-samples 2`` sets
+  ``estimator_options["num_samples"]``), the keys given merged into the field's default; or one flag whose
+  ``type`` reads a dict of entries, given once per entry (``--capacity categorical=2:100 --capacity ...``).
 
 :func:`add_flags` adds the flags to an ``argparse`` parser; a flag not given is absent from the parsed namespace
 (so that a caller can tell what was given), unless a default for it is passed. :func:`given` reads the settings
-back and :func:`build` makes the dataclass of them; :func:`documented` writes the flags' help into the dataclass's
-docstring.
+back, :func:`build` makes the dataclass of them, :func:`changed` names the flags given that differ from saved
+settings, and :func:`documented` writes the flags' help into the dataclass's docstring.
 """
 from __future__ import annotations
 
@@ -93,9 +94,14 @@ def _default(f: dataclasses.Field, key: str | None):
     return value.get(key, MISSING) if key else value
 
 
+def _per_entry(f: dataclasses.Field, spec: Flag) -> bool:
+    """Whether ``spec`` sets the whole dict field ``f``, given once per entry."""
+    return not spec.key and isinstance(_default(f, None), dict)
+
+
 def _help(spec: Flag, default) -> str:
-    """The help of ``spec`` with its ``default`` (none shown for None, False, an empty list or no default)."""
-    shown = default is not MISSING and default is not None and default is not False and default != []
+    """The help of ``spec`` with its ``default`` (none shown for None, False, an empty list or dict, or none)."""
+    shown = default is not MISSING and default is not None and default is not False and default not in ([], {})
     return spec.help + (f" (default {default})" if shown and "(default" not in spec.help else "")
 
 
@@ -130,23 +136,46 @@ def add_flags(parser: argparse.ArgumentParser, cls, skip=(), defaults=None) -> N
         if kind is bool and not spec.key:
             options["action"] = "store_true"
         else:
+            if _per_entry(f, spec):
+                options["action"] = "append"
             options.update(type=spec.type or (str if spec.key else kind), nargs=spec.nargs or nargs,
                            choices=spec.choices, metavar=spec.metavar or (None if spec.choices else name.upper()))
         parser.add_argument(flag(name), **options)
+
+
+def _given(args: argparse.Namespace, cls):
+    """``(field, flag, name, value)`` for each flag of ``cls`` that ``args`` holds (a flag given per entry: the dict
+    of all its entries)."""
+    for f, spec, name in _flags(cls):
+        if hasattr(args, _dest(cls, name)):
+            value = getattr(args, _dest(cls, name))
+            if _per_entry(f, spec):
+                value = {key: v for entry in value for key, v in entry.items()}
+            yield f, spec, name, value
 
 
 def given(args: argparse.Namespace, cls) -> dict:
     """The settings of ``cls`` in the parsed ``args`` (the flags given and those with a default): field name ->
     value, a dict field's flags giving the dict of their keys."""
     values = {}
-    for f, spec, name in _flags(cls):
-        if hasattr(args, _dest(cls, name)):
-            value = getattr(args, _dest(cls, name))
-            if spec.key:
-                values.setdefault(f.name, {})[spec.key] = value
-            else:
-                values[f.name] = value
+    for f, spec, _, value in _given(args, cls):
+        if spec.key:
+            values.setdefault(f.name, {})[spec.key] = value
+        else:
+            values[f.name] = value
     return values
+
+
+def changed(args: argparse.Namespace, saved, skip=()) -> list[str]:
+    """The flags in ``args`` whose values would change the settings ``saved`` (a dataclass instance); the flags of
+    the fields in ``skip`` are left out."""
+    flags = []
+    for f, spec, name, value in _given(args, type(saved)):
+        old = getattr(saved, f.name)
+        if f.name not in skip and (old.get(spec.key) if spec.key else old) != (
+                {**old, **value} if _per_entry(f, spec) else value):
+            flags.append(flag(name))
+    return flags
 
 
 def build(cls, values: dict, **fixed):

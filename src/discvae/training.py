@@ -9,6 +9,7 @@ Everything one process owns lives in :class:`TrainState`.
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import math
 import os
@@ -21,14 +22,14 @@ import torch
 
 from .callbacks import CallbackList, Checkpoint, MetricsCSV, ProgressBar
 from .data import DATASETS, Dataset, load_dataset
-from .distributions import FAMILIES
+from .distributions import DEFAULT_SIZE, FAMILIES, LatentSpace
 from .errors import Diverged, InputError
-from .estimators import BASELINES, ESTIMATORS, Estimator, importance, make_estimator, reparam
+from .estimators import BASELINES, ESTIMATORS, Estimator, importance, make_estimator
 from .flags import Flag, documented, setting
 from .gradients import gradient_variance
 from .likelihoods import BINARIZE, LIKELIHOODS, binarize
 from .memory import available_bytes, gib, step_bytes
-from .models import ARCHS, INITS, VAE, build_model
+from .models import ARCHS, INITS, VAE, Terms, build_model
 from .runs import (
     CHECKPOINT,
     CONFIG,
@@ -44,6 +45,16 @@ from .runs import (
 # what may change when a run is resumed (a smaller lr continues a run that diverged)
 RESUMABLE = ("epochs", "lr", "device", "data_dir", "download", "out", "grad_var_every", "grad_var_repeats")
 MAX_SEED = 2**63 - 1
+
+
+def capacity_flag(text: str) -> dict:
+    """The value of ``--capacity BLOCK=CMAX:STEPS``: ``{BLOCK: [CMAX, STEPS]}``."""
+    name, _, rest = text.partition("=")
+    c_max, _, steps = rest.partition(":")
+    try:
+        return {name: [float(c_max), int(steps)]}
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not BLOCK=CMAX:STEPS, e.g. categorical=2.3:25000") from None
 
 
 @documented
@@ -67,8 +78,10 @@ class Config:
     arch: str = setting("fc", Flag("Table I architecture", choices=ARCHS))
     init: str = setting("torch", Flag("weight initialisation: torch (PyTorch's default) or he (N(0, 2/fan_in), zero "
                                       "biases)", choices=INITS))
-    latent: str = setting("bernoulli", Flag(f"latent family: {', '.join(FAMILIES)}"))
-    latent_dim: int = setting(50, Flag("bits, classes per group, or Gaussian dims"))
+    latent: str = setting("bernoulli", Flag(
+        f"latent family: {', '.join(FAMILIES)} (sized by --latent-dim and --groups), or blocks with their sizes "
+        "joined by +, e.g. categorical:10+gaussian:10, bernoulli:32+gaussian:8, categorical:10x20 (20 groups)"))
+    latent_dim: int | None = setting(None, Flag(f"bits, classes per group, or Gaussian dims (default {DEFAULT_SIZE})"))
     groups: int = setting(1, Flag("independent categorical groups"))
     likelihood: str = setting("bernoulli", Flag("p(x|z)", choices=list(LIKELIHOODS)))
     binarize: str = setting("none", Flag("data binarisation", choices=BINARIZE))
@@ -87,6 +100,12 @@ class Config:
         Flag("anneal tau as max(END, START exp(-RATE step)) (Jang et al. 2017); overrides --tau", type=float,
              nargs=3, metavar=("START", "END", "RATE"), key="tau", name="tau_anneal"),
         factory=dict)
+    # block name -> [C_max nats, steps]: optimise gamma |KL_block - C(t)|, C(t) = C_max min(1, t / steps) (JointVAE)
+    capacity: dict = setting(MISSING, Flag(
+        "a capacity for a block of the latent (JointVAE): its KL term becomes gamma |KL - C(t)|, C rising linearly "
+        "from 0 to CMAX nats over STEPS steps; repeat for several blocks", type=capacity_flag,
+        metavar="BLOCK=CMAX:STEPS"), factory=dict)
+    capacity_gamma: float = setting(30.0, Flag("gamma of --capacity"))
     epochs: int = setting(300, Flag("epochs to train"))
     batch_size: int = setting(2048, Flag("images per step"))
     lr: float = setting(1e-3, Flag("Adam learning rate"))
@@ -94,7 +113,7 @@ class Config:
     grad_var_every: int = setting(1, Flag("record gradient variance every N epochs (0: never)"))
     grad_var_repeats: int = setting(16, Flag("independent gradient estimates R for it"))
     device: str = setting("auto", Flag("auto, cpu, cuda, cuda:N or mps"))
-    out: str = setting("runs/mnist", Flag("run directory (default runs/DATASET-ARCH-LATENTDIM-ESTIMATOR-sSEED)"))
+    out: str = setting("runs/mnist", Flag("run directory (default runs/DATASET-ARCH-LATENT-ESTIMATOR-sSEED)"))
 
     def __post_init__(self):
         """Every field has its declared type (an int where a float is declared becomes a float)."""
@@ -120,17 +139,22 @@ class Config:
         for name, ok, need in [("epochs", self.epochs >= 1, "at least 1"), ("batch_size", self.batch_size >= 1,
                                "at least 1"), ("lr", 0 < self.lr < math.inf, "a positive finite number"),
                                ("seed", 0 <= self.seed <= MAX_SEED, f"between 0 and 2^63 - 1 = {MAX_SEED}"),
-                               ("groups", self.groups >= 1, "at least 1"), ("latent_dim", self.latent_dim >= 1,
-                               "at least 1")]:
+                               ("capacity_gamma", 0 < self.capacity_gamma < math.inf, "a positive finite number")]:
             if not ok:
                 raise InputError(f"{name} must be {need}, got {getattr(self, name)}", name)
         for name, value, choices in [("init", self.init, INITS), ("binarize", self.binarize, BINARIZE),
-                                     ("latent", self.latent, FAMILIES), ("likelihood", self.likelihood, LIKELIHOODS),
-                                     ("arch", self.arch, ARCHS)]:
+                                     ("likelihood", self.likelihood, LIKELIHOODS), ("arch", self.arch, ARCHS)]:
             if value not in choices:
                 raise InputError(f"unknown {name} {value!r}; choose one of {', '.join(choices)}")
-        if self.groups != 1 and not FAMILIES[self.latent].has_groups:
-            raise InputError(f"groups applies to a categorical latent, not to a {self.latent} one", "groups")
+        names = [block.name for block in self.space.blocks]
+        for name, value in self.capacity.items():
+            if name not in names:
+                raise InputError(f"capacity of {name!r}: the latent {self.space} has the blocks {', '.join(names)}",
+                                 "capacity")
+            if not (isinstance(value, list) and len(value) == 2 and (_positive_finite(value[0]) or value[0] == 0)
+                    and isinstance(value[1], int) and not isinstance(value[1], bool) and value[1] >= 1):
+                raise InputError(f"the capacity of {name} must be [C_max >= 0 nats, steps >= 1], got {value!r}",
+                                 "capacity")
         if self.grad_var_every < 0 or self.grad_var_repeats < 2:
             raise InputError("grad_var_every must be >= 0 (0: never) and grad_var_repeats >= 2", "grad_var_every",
                              "grad_var_repeats")
@@ -146,6 +170,15 @@ class Config:
                                  f"got {value!r}")
         resolve_device(self.device)
         return self
+
+    @property
+    def space(self) -> LatentSpace:
+        """The latent: ``LatentSpace.parse(latent, latent_dim, groups)``."""
+        return LatentSpace.parse(self.latent, self.latent_dim, self.groups)
+
+    def capacities(self, step: int) -> dict[str, float]:
+        """Block name -> its capacity C(t) = C_max min(1, t / steps) at training step ``step``."""
+        return {name: c_max * min(1.0, step / steps) for name, (c_max, steps) in self.capacity.items()}
 
 
 def _positive_finite(v) -> bool:
@@ -190,21 +223,24 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def value_estimator(model: VAE):
-    """The estimator used to report metrics: plain Monte Carlo from q (importance with xi = eta), or reparam."""
-    return importance if FAMILIES[model.latent].discrete else reparam
-
-
 @torch.no_grad()
 def elbo_terms(model: VAE, x: torch.Tensor, batch_size: int = 2048, binarization: str = "none") -> dict:
-    """Negative ELBO and its two terms, in nats per example, over all of ``x`` (one sample of z per example)."""
-    totals = torch.zeros(3, dtype=torch.float64)
+    """Negative ELBO and its two terms (and a hybrid's KL per block, ``Terms.values``), in nats per example, over
+    all of ``x``, E_q[ln p(x|z)] by plain Monte Carlo (one z ~ q(z|x) per example)."""
+    totals = {}
     for i in range(0, len(x), batch_size):
         xb = binarize(x[i:i + batch_size], binarization)
-        t = model(xb, value_estimator(model))
-        totals += torch.tensor([t.neg_elbo.item(), t.expected_ll.item(), t.kl.item()]) * len(xb)
-    neg_elbo, ell, kl = (totals / len(x)).tolist()
-    return {"neg_elbo": neg_elbo, "expected_ll": ell, "kl": kl}
+        for name, value in model(xb, importance).values().items():
+            totals[name] = totals.get(name, 0.0) + value.double() * len(xb)
+    return {name: (total / len(x)).item() for name, total in totals.items()}
+
+
+def objective(terms: Terms, cfg: Config, step: int) -> torch.Tensor:
+    """The loss minimised at ``step``: the negative ELBO, each block with a capacity (``cfg.capacity``) taking
+    gamma |KL_block - C_block(t)| in place of its KL (Burgess et al. 2018; JointVAE, Dupont 2018)."""
+    capacities = cfg.capacities(step)
+    return terms.loss + sum(cfg.capacity_gamma * (terms.kl_blocks[name] - c).abs() - terms.kl_blocks[name]
+                            for name, c in capacities.items())
 
 
 def estimator_options(cfg: Config, step: int) -> dict:
@@ -265,8 +301,7 @@ class TrainState:
 
 
 def model_for(cfg: Config, data: Dataset) -> VAE:
-    return build_model(cfg.arch, data.x_train.shape[1:], cfg.latent, cfg.latent_dim, cfg.groups, cfg.likelihood,
-                       cfg.init)
+    return build_model(cfg.arch, data.x_train.shape[1:], cfg.space, likelihood=cfg.likelihood, init=cfg.init)
 
 
 def train(cfg: Config, resume: bool = False, progress: bool = True, data: Dataset | None = None,
@@ -319,34 +354,37 @@ def train(cfg: Config, resume: bool = False, progress: bool = True, data: Datase
         hooks.on_train_start(state, cfg)
         for epoch in range(state.epoch, cfg.epochs):
             model.train()
-            start, sums = time.perf_counter(), torch.zeros(3, dtype=torch.float64, device=device)
+            start, sums = time.perf_counter(), {}
             order = torch.randperm(n, generator=state.shuffle).to(device)
             hooks.on_epoch_start(state, math.ceil(n / cfg.batch_size))
             for i in range(0, n, cfg.batch_size):
                 x = binarize(x_train[order[i:i + cfg.batch_size]], cfg.binarize)
                 terms = model(x, estimator, **estimator_options(cfg, state.step))
+                loss = objective(terms, cfg, state.step)
                 state.optimizer.zero_grad(set_to_none=True)
-                terms.loss.backward()
-                check_finite(terms.loss, model, epoch + 1, state, cfg)
+                loss.backward()
+                check_finite(loss, model, epoch + 1, state, cfg)
                 state.optimizer.step()
                 state.step += 1
-                sums += torch.stack([terms.neg_elbo, terms.expected_ll, terms.kl]).double() * len(x)
+                for name, value in terms.values().items():
+                    sums[name] = sums.get(name, 0.0) + value.double() * len(x)
                 hooks.on_step_end(state, terms)
             state.elapsed += time.perf_counter() - start
             state.epoch = epoch + 1
-            state.history.append(epoch_row(state, cfg, sums / n, x_test, x_fixed, estimator))
+            state.history.append(epoch_row(state, cfg, {k: v / n for k, v in sums.items()}, x_test, x_fixed,
+                                           estimator))
             hooks.on_epoch_end(state, state.history[-1])
         hooks.on_train_end(state)
     return state
 
 
-def epoch_row(state: TrainState, cfg: Config, train_terms: torch.Tensor, x_test: torch.Tensor,
+def epoch_row(state: TrainState, cfg: Config, train_terms: dict, x_test: torch.Tensor,
               x_fixed: torch.Tensor, estimator: Estimator) -> dict:
     """The metrics of the epoch ``state.epoch`` just finished (a row of ``metrics.csv``): the train terms averaged
     over its steps, the test terms of the model as it is now and, every ``cfg.grad_var_every`` epochs, the gradient
     variance on the fixed mini-batch ``x_fixed``. Leaves the model in eval mode."""
     state.model.eval()
-    train_terms = dict(zip(("neg_elbo", "expected_ll", "kl"), train_terms.tolist(), strict=True))
+    train_terms = {name: value.item() for name, value in train_terms.items()}
     test_terms = elbo_terms(state.model, x_test, cfg.batch_size, cfg.binarize)
     grad_var = {}
     if cfg.grad_var_every and state.epoch % cfg.grad_var_every == 0:

@@ -33,7 +33,6 @@ import numpy as np
 import torch
 
 from ..data import Dataset, load_dataset
-from ..distributions import state_count
 from ..errors import InputError
 from ..estimators import EXACT_MAX_STATES, Estimator, exact, make_estimator
 from ..evaluation import fixed_binarization, iwae_bound
@@ -125,12 +124,15 @@ def evals_per_point(spec: Spec, q, batch_size: int) -> float:
 def enumerable_config(cfg: Config, bias_latent_dim: int) -> Config:
     """``cfg`` itself if its latent can be enumerated, else the same model with ``bias_latent_dim`` bits or
     classes in one group."""
-    states = state_count(cfg.latent, cfg.latent_dim, cfg.groups)
-    if states is None:
-        raise InputError("compare measures bias against enumeration: use a bernoulli or categorical latent")
-    if states <= EXACT_MAX_STATES:
+    space = cfg.space
+    if space.num_states is None:
+        raise InputError(f"compare measures bias against enumeration: use a discrete latent, not {space}")
+    if space.num_states <= EXACT_MAX_STATES:
         return cfg
-    return dataclasses.replace(cfg, latent_dim=bias_latent_dim, groups=1)
+    if len(space.blocks) > 1:
+        raise InputError(f"latent {space} has too many states to enumerate; compare needs at most "
+                         f"{EXACT_MAX_STATES}", "latent")
+    return dataclasses.replace(cfg, latent=space.blocks[0].name, latent_dim=bias_latent_dim, groups=1)
 
 
 def bias_variance(model, x: torch.Tensor, specs: list[Spec], repeats: int) -> list[dict]:
@@ -397,12 +399,10 @@ def compare_seed(base: Config, specs: list[Spec], settings: Comparison, out: Pat
         _curves_figure(out / "curves.png", curves)
 
     described = {"dataset": base.dataset, "arch": base.arch, "init": base.init,
-                 "latent": f"{base.latent} {base.latent_dim}" + (f" x {base.groups} groups" if base.groups > 1 else ""),
+                 "latent": str(base.space),
                  "binarize": base.binarize, "batch_size": base.batch_size, "lr": base.lr, "seed": base.seed,
                  "epochs": base.epochs,
-                 "bias_model": f"{small.arch}, {small.latent} {small.latent_dim}"
-                 + (f" x {small.groups}" if small.groups > 1 else "")
-                 + f", after {settings.bias_epochs} epoch(s) of exact",
+                 "bias_model": f"{small.arch}, {small.space}, after {settings.bias_epochs} epoch(s) of exact",
                  "bias_batch": settings.bias_batch, "bias_repeats": settings.bias_repeats,
                  "eval_every": settings.eval_every, "iwae_k": settings.iwae_k, "iwae_n": len(x_eval),
                  "final_k": settings.final_k, "final_n": len(x_final)}

@@ -32,10 +32,12 @@ GRID = {
                                     "latent_dim": 50}),
 }
 PAPER = {"estimator": "importance", "estimator_options": {"num_samples": 1}, "estimator_schedule": {},
-         "groups": 1, "batch_size": 2048, "lr": 1e-3, "seed": 0, "binarize": "none", "likelihood": "bernoulli"}
+         "groups": 1, "capacity": {}, "batch_size": 2048, "lr": 1e-3, "seed": 0, "binarize": "none",
+         "likelihood": "bernoulli"}
 REPORT = "report.md"
-# the settings the grid fixes (no flags of reproduce; its own --dataset replaces every model's)
-FIXED = ("out", *PAPER, *{key for _, fields in GRID.values() for key in fields})
+# the settings the grid fixes, no flags of reproduce (its own --dataset replaces every model's; capacity_gamma is
+# meaningless without a capacity)
+FIXED = ("out", "capacity_gamma", *PAPER, *{key for _, fields in GRID.values() for key in fields})
 
 
 @documented
