@@ -56,6 +56,7 @@ class Family:
 
     name: str
     discrete: bool
+    binary = False  # are the states bit vectors (a code np.packbits can pack)?
     num_states: int | None = None  # a discrete family's count of states
 
     @classmethod
@@ -116,6 +117,7 @@ class Bernoulli(Family):
 
     name = "bernoulli"
     discrete = True
+    binary = True
 
     def __init__(self, logits: torch.Tensor):
         self.logits = logits

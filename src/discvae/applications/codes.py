@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from ..data import Dataset
-from ..distributions import Bernoulli, Block
+from ..distributions import Block
 from ..errors import InputError
 from ..evaluation import fixed_binarization
 from ..runs import atomic_path
@@ -102,7 +102,7 @@ def encode_run(run_dir, out, split: str = "all", batch_size: int = 1024) -> dict
     arrays = {"codes": codes, "probs": probs, "latent": np.array(str(model.space)), "latent_dim": np.array(block.size),
               "groups": np.array(block.groups), "split": np.array(split),
               **({} if labels is None else {"labels": labels}),
-              **({"packed": np.packbits(codes, axis=-1)} if block.family is Bernoulli else {})}
+              **({"packed": np.packbits(codes, axis=-1)} if block.family.binary else {})}
     with atomic_path(out) as tmp, open(tmp, "wb") as fh:
         np.savez(fh, **arrays)
     return arrays
