@@ -30,7 +30,6 @@ import itertools
 import math
 import re
 from dataclasses import dataclass
-
 from typing import Callable
 
 import torch
