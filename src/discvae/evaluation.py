@@ -18,8 +18,8 @@ from pathlib import Path
 
 import torch
 
-from .errors import InputError
 from .distributions import USED_FRACTION
+from .errors import InputError
 from .estimators import EXACT_MAX_STATES
 from .likelihoods import binarize
 from .runs import check_output, load_checkpoint, write_json
@@ -84,9 +84,10 @@ def posterior_means(model, x: torch.Tensor, batch_size: int = 2000) -> torch.Ten
 
 
 def unit_entropies(model, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per bit (or categorical group) i of the discrete blocks of the latent, over the data ``x``: the entropy of its aggregate posterior H(E_x q(z_i|x)) and its mean posterior entropy E_x H(q(z_i|x)), each
-    ``[units]``, nats. Their difference is the mutual information I(x; z_i) between the data and the unit (z_i
-    drawn from q(z_i|x)): how much the unit tells about x."""
+    """Per bit (or categorical group) i of the discrete blocks of the latent, over the data ``x``: the entropy of
+    its aggregate posterior H(E_x q(z_i|x)) and its mean posterior entropy E_x H(q(z_i|x)), each ``[units]``,
+    nats. Their difference is the mutual information I(x; z_i) between the data and the unit (z_i drawn from
+    q(z_i|x)): how much the unit tells about x."""
     mean, q = posterior_means(model, x), model.posterior(x[:1])
     pairs = [part.unit_entropies(mean[:, s]) for (_, part), s in zip(q.parts, q.part_slices, strict=True)
              if part.discrete]
