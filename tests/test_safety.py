@@ -9,6 +9,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -307,7 +308,14 @@ def test_written_files_get_the_mode_of_a_plain_open_without_touching_the_umask(t
 def test_ctrl_c_during_start_up_exits_130_without_a_traceback(tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "discvae", *TRAIN, "--out", str(tmp_path / "run")],
                             stderr=subprocess.PIPE, text=True)
-    time.sleep(0.3)  # still importing torch
+    maps = Path(f"/proc/{proc.pid}/maps")
+    deadline = time.monotonic() + 30
+    # send Ctrl-C once torch's libraries are mapped: the import of torch is under way, the interpreter (and its
+    # SIGINT handler) long up; a machine without /proc falls back to waiting
+    while maps.exists() and "libtorch" not in maps.read_text() and time.monotonic() < deadline:
+        time.sleep(0.005)
+    if not maps.exists():
+        time.sleep(0.3)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130 and err.strip() == "discvae: interrupted", err
