@@ -22,6 +22,7 @@ from .estimators import BASELINES, ESTIMATORS
 from .likelihoods import BINARIZE, LIKELIHOODS
 from .models import ARCHS, INITS
 from .runs import CONFIG, check_output, read_config
+from .speed import PRECISIONS
 from .training import RESUMABLE, Config, load_run, train
 
 
@@ -68,6 +69,11 @@ def _add_train(sub):
     p.add_argument("--grad-var-every", type=int, help="record gradient variance every N epochs (default 1, 0: never)")
     p.add_argument("--grad-var-repeats", type=int, help="independent gradient estimates R for it (default 16)")
     p.add_argument("--device", help="auto, cpu, cuda, cuda:N or mps (default auto)")
+    p.add_argument("--precision", choices=PRECISIONS, help="fp32 (default) or bf16: the networks under autocast in "
+                   "bfloat16, weights, optimizer state and log-space sums in fp32; needs a GPU with bf16 or a CPU "
+                   "with AVX512-BF16 or AMX")
+    p.add_argument("--compile", action="store_true", help="torch.compile the training step (falls back to eager, "
+                   "with a warning, where no compiler works)")
     p.add_argument("--out", help="run directory (default runs/DATASET-ARCH-LATENTDIM-ESTIMATOR-sSEED)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out where it stopped")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -141,13 +147,16 @@ def _add_evaluate(sub):
     p.add_argument("--batch-size", type=int, default=500, help="images at a time (default 500)")
     p.add_argument("--train-set", action="store_true", help="also evaluate the training set")
     p.add_argument("--seed", type=int, default=0, help="seeds the samples and a dynamic binarisation (default 0)")
+    p.add_argument("--precision", choices=PRECISIONS, default="fp32", help="fp32 (default) or bf16 (the networks "
+                   "under autocast, the log-space sums in fp32)")
     p.set_defaults(func=cmd_evaluate)
 
 
 def cmd_evaluate(args) -> None:
     from .evaluation import EVAL, evaluate_run
 
-    result = evaluate_run(args.run_dir, args.k, args.chunk, args.batch_size, args.train_set, args.seed)
+    result = evaluate_run(args.run_dir, args.k, args.chunk, args.batch_size, args.train_set, args.seed,
+                          args.precision)
     splits = [s for s in ("test", "train") if s in result]
     keys = [k for k in result["test"] if k != "seconds"] + ["seconds"]
     print(f"{'':28s}" + "".join(f"{s:>14s}" for s in splits))

@@ -25,6 +25,11 @@ class Terms(NamedTuple):
     kl: torch.Tensor
 
 
+def at_least_fp32(t: torch.Tensor) -> torch.Tensor:
+    """``t`` as float32 if it has a lower precision (a network's output under bf16 autocast), else as it is."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
 class VAE(nn.Module):
     """q(z|x) from ``encoder`` (natural parameters, eq. 4), p(x|z) from ``decoder`` and ``likelihood``.
 
@@ -44,7 +49,7 @@ class VAE(nn.Module):
         self.likelihood = LIKELIHOODS[likelihood]
 
     def posterior(self, x: torch.Tensor):
-        params = self.encoder(x)
+        params = at_least_fp32(self.encoder(x))  # log-probabilities and the KL in fp32 under bf16 autocast too
         if self.latent == "categorical":
             return FAMILIES["categorical"](params, self.groups)
         return FAMILIES[self.latent](params)
@@ -71,8 +76,9 @@ class VAE(nn.Module):
             self.train(training)
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
-        """Decoder outputs (logits) for ``z`` of shape ``[..., dim]``, as ``[..., D]``: one call for all rows."""
-        return self.decoder(z.reshape(-1, z.shape[-1])).reshape(*z.shape[:-1], -1)
+        """Decoder outputs (logits) for ``z`` of shape ``[..., dim]``, as ``[..., D]``: one call for all rows; float32
+        at least (under bf16 autocast the decoder runs in bf16, the likelihood's sums over pixels in fp32)."""
+        return at_least_fp32(self.decoder(z.reshape(-1, z.shape[-1]))).reshape(*z.shape[:-1], -1)
 
     def log_likelihood(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """ln p(x|z) for ``x`` ``[B, ...]`` and ``z`` ``[M, B or 1, dim]``, shape ``[M, B]``."""

@@ -22,7 +22,7 @@ import torch
 from .callbacks import CallbackList, Checkpoint, MetricsCSV, ProgressBar
 from .data import Dataset, load_dataset
 from .distributions import FAMILIES
-from .errors import Diverged, InputError
+from .errors import InputError
 from .estimators import Estimator, importance, make_estimator, reparam
 from .gradients import gradient_variance
 from .likelihoods import BINARIZE, LIKELIHOODS, binarize
@@ -39,9 +39,11 @@ from .runs import (
     run_lock,
     write_json,
 )
+from .speed import DivergenceGuard, adam, autocast, check_precision, compiled, train_step
 
 # what may change when a run is resumed (a smaller lr continues a run that diverged)
-RESUMABLE = ("epochs", "lr", "device", "data_dir", "download", "out", "grad_var_every", "grad_var_repeats")
+RESUMABLE = ("epochs", "lr", "device", "data_dir", "download", "out", "grad_var_every", "grad_var_repeats",
+             "precision", "compile")
 MAX_SEED = 2**63 - 1
 
 
@@ -71,6 +73,10 @@ class Config:
     grad_var_every: int = 1
     grad_var_repeats: int = 16
     device: str = "auto"
+    # fp32, or bf16: the networks under torch.autocast, weights, optimizer state and log-space sums in fp32
+    precision: str = "fp32"
+    # torch.compile the step's forward and backward (falls back to eager, with one line, where it cannot)
+    compile: bool = False
     out: str = "runs/mnist"
 
     def __post_init__(self):
@@ -121,7 +127,7 @@ class Config:
                     and value[0] > 0):
                 raise InputError(f"the schedule of {name} must be [start > 0, end >= 0, rate >= 0], finite, "
                                  f"got {value!r}")
-        resolve_device(self.device)
+        check_precision(self.precision, resolve_device(self.device))
         return self
 
 
@@ -173,13 +179,16 @@ def value_estimator(model: VAE):
 
 
 @torch.no_grad()
-def elbo_terms(model: VAE, x: torch.Tensor, batch_size: int = 2048, binarization: str = "none") -> dict:
-    """Negative ELBO and its two terms, in nats per example, over all of ``x`` (one sample of z per example)."""
-    totals = torch.zeros(3, dtype=torch.float64)
+def elbo_terms(model: VAE, x: torch.Tensor, batch_size: int = 2048, binarization: str = "none",
+               precision: str = "fp32") -> dict:
+    """Negative ELBO and its two terms, in nats per example, over all of ``x`` (one sample of z per example), the
+    networks run in ``precision``."""
+    totals = torch.zeros(3, dtype=torch.float64, device=x.device)
     for i in range(0, len(x), batch_size):
         xb = binarize(x[i:i + batch_size], binarization)
-        t = model(xb, value_estimator(model))
-        totals += torch.tensor([t.neg_elbo.item(), t.expected_ll.item(), t.kl.item()]) * len(xb)
+        with autocast(precision, xb.device):
+            t = model(xb, value_estimator(model))
+        totals += torch.stack(t[1:]).double() * len(xb)
     neg_elbo, ell, kl = (totals / len(x)).tolist()
     return {"neg_elbo": neg_elbo, "expected_ll": ell, "kl": kl}
 
@@ -255,7 +264,8 @@ def train(cfg: Config, resume: bool = False, progress: bool = True, data: Datase
     (``estimator_name``: the registered one, else ``module.qualname``), and resuming the run takes the same
     function again. ``callbacks`` (:class:`~discvae.callbacks.Callback`) run after the built-in ones: the checkpoint,
     ``metrics.csv`` and (with ``progress``) the progress bar. Stops with :class:`~discvae.errors.Diverged` at the
-    first non-finite loss or gradient, leaving the checkpoint of the last finished epoch as it was."""
+    first non-finite loss or gradient (looked for every ``speed.CHECK_EVERY`` steps and before each checkpoint),
+    naming its step and leaving the checkpoint of the last finished epoch as it was."""
     cfg.check()
     estimator = estimator_for(cfg, estimator)
     cfg = dataclasses.replace(cfg, estimator=estimator.name)
@@ -269,8 +279,7 @@ def train(cfg: Config, resume: bool = False, progress: bool = True, data: Datase
         check_memory(cfg, data, device, estimator)
         x_train, x_test = data.x_train.to(device), data.x_test.to(device)
         model = model_for(cfg, data).to(device)
-        state = TrainState(model, torch.optim.Adam(model.parameters(), lr=cfg.lr),
-                           torch.Generator().manual_seed(cfg.seed))
+        state = TrainState(model, adam(model.parameters(), cfg.lr), torch.Generator().manual_seed(cfg.seed))
         if ckpt is not None:
             state.load_state_dict(ckpt)
             for group in state.optimizer.param_groups:
@@ -281,6 +290,8 @@ def train(cfg: Config, resume: bool = False, progress: bool = True, data: Datase
         n = len(x_train)
         # the fixed mini-batch of the gradient-variance diagnostic (Fig. 5), binarised once with its own generator
         x_fixed = binarize(x_train[:cfg.batch_size], cfg.binarize, torch.Generator(device).manual_seed(cfg.seed))
+        forward = forward_fn(model, estimator, cfg)
+        guard = DivergenceGuard(device, cfg.lr, cfg.out)
         hooks.on_train_start(state, cfg)
         for epoch in range(state.epoch, cfg.epochs):
             model.train()
@@ -288,21 +299,31 @@ def train(cfg: Config, resume: bool = False, progress: bool = True, data: Datase
             order = torch.randperm(n, generator=state.shuffle).to(device)
             hooks.on_epoch_start(state, math.ceil(n / cfg.batch_size))
             for i in range(0, n, cfg.batch_size):
-                x = binarize(x_train[order[i:i + cfg.batch_size]], cfg.binarize)
-                terms = model(x, estimator, **estimator_options(cfg, state.step))
-                state.optimizer.zero_grad(set_to_none=True)
-                terms.loss.backward()
-                check_finite(terms.loss, model, epoch + 1, state, cfg)
-                state.optimizer.step()
+                x = binarize(x_train.index_select(0, order[i:i + cfg.batch_size]), cfg.binarize)
+                terms, grad_norm = train_step(model, state.optimizer, forward, x, estimator_options(cfg, state.step))
                 state.step += 1
-                sums += torch.stack([terms.neg_elbo, terms.expected_ll, terms.kl]).double() * len(x)
+                sums.add_(torch.stack(terms[1:]), alpha=len(x))  # no host synchronisation in the loop
+                if guard.record(terms.loss, grad_norm):
+                    guard.check(epoch + 1, state.step, state.epoch)
                 hooks.on_step_end(state, terms)
+            guard.check(epoch + 1, state.step, state.epoch)
             state.elapsed += time.perf_counter() - start
             state.epoch = epoch + 1
             state.history.append(epoch_row(state, cfg, sums / n, x_test, x_fixed, estimator))
             hooks.on_epoch_end(state, state.history[-1])
         hooks.on_train_end(state)
     return state
+
+
+def forward_fn(model: VAE, estimator: Estimator, cfg: Config):
+    """``forward(x, options)``: the model's ``Terms`` on the batch ``x`` with ``estimator(**options)``, the networks
+    in ``cfg.precision``; compiled with ``cfg.compile``."""
+    device = next(model.parameters()).device
+
+    def forward(x: torch.Tensor, options: dict):
+        with autocast(cfg.precision, device):
+            return model(x, estimator, **options)
+    return compiled(forward) if cfg.compile else forward
 
 
 def epoch_row(state: TrainState, cfg: Config, train_terms: torch.Tensor, x_test: torch.Tensor,
@@ -312,11 +333,12 @@ def epoch_row(state: TrainState, cfg: Config, train_terms: torch.Tensor, x_test:
     variance on the fixed mini-batch ``x_fixed``. Leaves the model in eval mode."""
     state.model.eval()
     train_terms = dict(zip(("neg_elbo", "expected_ll", "kl"), train_terms.tolist(), strict=True))
-    test_terms = elbo_terms(state.model, x_test, cfg.batch_size, cfg.binarize)
+    test_terms = elbo_terms(state.model, x_test, cfg.batch_size, cfg.binarize, cfg.precision)
     grad_var = {}
     if cfg.grad_var_every and state.epoch % cfg.grad_var_every == 0:
-        grad_var = gradient_variance(state.model, x_fixed, estimator, cfg.grad_var_repeats,
-                                     **estimator_options(cfg, state.step))
+        with autocast(cfg.precision, x_fixed.device):
+            grad_var = gradient_variance(state.model, x_fixed, estimator, cfg.grad_var_repeats,
+                                         **estimator_options(cfg, state.step))
     return {"epoch": state.epoch, "step": state.step, "time": round(state.elapsed, 3),
             **{f"train_{k}": v for k, v in train_terms.items()}, **{f"test_{k}": v for k, v in test_terms.items()},
             **{f"grad_{k}": v for k, v in grad_var.items()}}
@@ -361,18 +383,6 @@ def check_memory(cfg: Config, data: Dataset, device: torch.device, estimator: Es
         raise InputError(f"a training step would need about {gib(need)} of memory, more than the {gib(have)} "
                          f"free on {device}; lower batch_size, num_samples or latent_dim", "batch_size",
                          "num_samples", "latent_dim")
-
-
-def check_finite(loss: torch.Tensor, model: VAE, epoch: int, state: TrainState, cfg: Config) -> None:
-    """Raise :class:`Diverged` if the loss or a gradient is NaN or infinite (one host synchronisation)."""
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
-    if bool(torch.isfinite(loss) & torch.isfinite(torch.nn.utils.get_total_norm(grads))):
-        return
-    where = f"non-finite loss or gradient at epoch {epoch}, step {state.step + 1} (lr {cfg.lr:g})"
-    if state.epoch:
-        raise Diverged(f"{where}; the last good checkpoint (epoch {state.epoch}) is in {cfg.out}: continue it "
-                       f"with a smaller lr, discvae train --resume --out {cfg.out} --lr {cfg.lr / 10:g}")
-    raise Diverged(f"{where}, before the first checkpoint; start again with a smaller --lr")
 
 
 def load_run(run_dir, device: str = "cpu", ckpt: dict | None = None) -> tuple[Config, VAE, Dataset]:
