@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from . import distributed
 from .callbacks import TensorBoard
 from .data import DATASETS
 from .distributions import FAMILIES
@@ -108,7 +109,8 @@ def cmd_train(args) -> None:
             name = Path(cfg.dataset).stem if cfg.dataset.endswith((".npy", ".npz")) else cfg.dataset
             cfg.out = f"runs/{name}-{cfg.arch}-{cfg.latent}{cfg.latent_dim}-{cfg.estimator}-s{cfg.seed}"
     train(cfg, resume=resume, progress=not quiet, callbacks=callbacks)
-    print(cfg.out)
+    if distributed.rank() == 0:  # under torchrun, once
+        print(cfg.out)
 
 
 def _add_reconstruct(sub):

@@ -14,6 +14,7 @@ import math
 import os
 import time
 import typing
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,6 +22,7 @@ import torch
 
 from .callbacks import CallbackList, Checkpoint, MetricsCSV, ProgressBar
 from .data import Dataset, load_dataset
+from .distributed import process_group
 from .distributions import FAMILIES
 from .errors import InputError
 from .estimators import Estimator, importance, make_estimator, reparam
@@ -236,16 +238,18 @@ class TrainState:
                 "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
                 "epoch": self.epoch, "step": self.step, "elapsed": self.elapsed, "history": self.history}
 
-    def load_state_dict(self, ckpt: dict) -> None:
+    def load_state_dict(self, ckpt: dict, rng: bool = True) -> None:
+        """Continue from ``ckpt``; with ``rng`` (rank 0 of several: only it) also torch's random state."""
         try:
             self.model.load_state_dict(ckpt["model"])
             self.optimizer.load_state_dict(ckpt["optimizer"])
             self.shuffle.set_state(ckpt["shuffle"])
         except (KeyError, RuntimeError, ValueError) as err:
             raise InputError(f"checkpoint does not match this model: {str(err).splitlines()[0]}") from None
-        torch.set_rng_state(ckpt["rng"])
-        if ckpt["cuda_rng"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(ckpt["cuda_rng"])
+        if rng:
+            torch.set_rng_state(ckpt["rng"])
+            if ckpt["cuda_rng"] and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(ckpt["cuda_rng"])
         self.epoch, self.step, self.elapsed = ckpt["epoch"], ckpt["step"], ckpt["elapsed"]
         self.history = ckpt["history"]
 
@@ -270,10 +274,12 @@ def train(cfg: Config, resume: bool = False, progress: bool = True, data: Datase
     estimator = estimator_for(cfg, estimator)
     cfg = dataclasses.replace(cfg, estimator=estimator.name)
     out = check_output(cfg.out)
-    device = resolve_device(cfg.device)
-    hooks = CallbackList([Checkpoint(out), MetricsCSV(out), *([ProgressBar()] if progress else []), *(callbacks or [])])
-    with run_lock(out):
-        ckpt = open_run(cfg, out, resume)
+    with process_group(resolve_device(cfg.device)) as ranks, run_lock(out) if ranks.main else nullcontext():
+        if cfg.batch_size < ranks.world:
+            raise InputError(f"batch_size {cfg.batch_size} is smaller than the {ranks.world} processes sharing each "
+                             "batch", "batch_size")
+        ckpt = open_run(cfg, out, resume) if ranks.main else load_checkpoint(out) if resume else None
+        device = ranks.device
         torch.manual_seed(cfg.seed)
         data = data or load_dataset(cfg.dataset, cfg.data_dir, cfg.download)
         check_memory(cfg, data, device, estimator)
@@ -281,36 +287,44 @@ def train(cfg: Config, resume: bool = False, progress: bool = True, data: Datase
         model = model_for(cfg, data).to(device)
         state = TrainState(model, adam(model.parameters(), cfg.lr), torch.Generator().manual_seed(cfg.seed))
         if ckpt is not None:
-            state.load_state_dict(ckpt)
+            state.load_state_dict(ckpt, ranks.main)
             for group in state.optimizer.param_groups:
                 group["lr"] = cfg.lr
         check_estimator(model, x_train[:2], estimator)
-        write_json(out / CONFIG, dataclasses.asdict(cfg))
+        if ranks.main:
+            write_json(out / CONFIG, dataclasses.asdict(cfg))
+        hooks = CallbackList([Checkpoint(out), MetricsCSV(out), *([ProgressBar()] if progress else []),
+                              *(callbacks or [])] if ranks.main else [])
 
-        n = len(x_train)
+        n, one = len(x_train), torch.ones((), device=device)  # one: counts the rows trained on in sums[3]
         # the fixed mini-batch of the gradient-variance diagnostic (Fig. 5), binarised once with its own generator
         x_fixed = binarize(x_train[:cfg.batch_size], cfg.binarize, torch.Generator(device).manual_seed(cfg.seed))
-        forward = forward_fn(model, estimator, cfg)
-        guard = DivergenceGuard(device, cfg.lr, cfg.out)
+        forward = forward_fn(ranks.wrap(model), estimator, cfg)
+        guard = DivergenceGuard(device, cfg.lr, cfg.out, agree=ranks.any)
         hooks.on_train_start(state, cfg)
         for epoch in range(state.epoch, cfg.epochs):
             model.train()
-            start, sums = time.perf_counter(), torch.zeros(3, dtype=torch.float64, device=device)
+            ranks.seed_stream(cfg.seed, epoch)
+            start, sums = time.perf_counter(), torch.zeros(4, dtype=torch.float64, device=device)
             order = torch.randperm(n, generator=state.shuffle).to(device)
             hooks.on_epoch_start(state, math.ceil(n / cfg.batch_size))
-            for i in range(0, n, cfg.batch_size):
-                x = binarize(x_train.index_select(0, order[i:i + cfg.batch_size]), cfg.binarize)
-                terms, grad_norm = train_step(model, state.optimizer, forward, x, estimator_options(cfg, state.step))
+            for i in range(0, n - ranks.world + 1, cfg.batch_size):  # (not a last batch with fewer rows than ranks)
+                rows, loss_scale = ranks.share(order[i:i + cfg.batch_size])
+                x = binarize(x_train.index_select(0, rows), cfg.binarize)
+                terms, grad_norm = train_step(model, state.optimizer, forward, x, estimator_options(cfg, state.step),
+                                              loss_scale)
                 state.step += 1
-                sums.add_(torch.stack(terms[1:]), alpha=len(x))  # no host synchronisation in the loop
+                sums.add_(torch.stack([*terms[1:], one]), alpha=len(x))  # no host synchronisation in the loop
                 if guard.record(terms.loss, grad_norm):
                     guard.check(epoch + 1, state.step, state.epoch)
                 hooks.on_step_end(state, terms)
             guard.check(epoch + 1, state.step, state.epoch)
             state.elapsed += time.perf_counter() - start
             state.epoch = epoch + 1
-            state.history.append(epoch_row(state, cfg, sums / n, x_test, x_fixed, estimator))
-            hooks.on_epoch_end(state, state.history[-1])
+            sums = ranks.all_sum(sums)
+            if ranks.main:  # evaluated once, by rank 0
+                state.history.append(epoch_row(state, cfg, sums[:3] / sums[3], x_test, x_fixed, estimator))
+                hooks.on_epoch_end(state, state.history[-1])
         hooks.on_train_end(state)
     return state
 
