@@ -21,7 +21,7 @@ from discvae.evaluation import iwae_bound
 
 def decoder_passes(model, n: int, passes: int, block: int) -> float:
     """Seconds for ``passes`` decoder forward passes over ``n`` random codes, ``block`` rows per call."""
-    z = torch.randint(0, 2, (n, model.latent_dim)).float()
+    z = torch.randint(0, 2, (n, model.space.dim)).float()
     start = time.perf_counter()
     with torch.no_grad():
         for _ in range(passes):
@@ -48,7 +48,7 @@ def main() -> None:
         model = build_model("fc", data.x_test.shape[1:], "bernoulli", 50).eval()
     x = data.x_test
     torch.manual_seed(0)
-    print(f"FC_BVAE c = {model.latent_dim}, {len(x)} test images, K = {args.k}, chunk {args.chunk}, "
+    print(f"FC_BVAE latent {model.space}, {len(x)} test images, K = {args.k}, chunk {args.chunk}, "
           f"batch {args.batch_size}, {torch.get_num_threads()} threads")
     start = time.perf_counter()
     bound = iwae_bound(model, x, args.k, args.chunk, args.batch_size)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from discvae.distributions import LatentSpace
 from discvae.models import VAE
 
 # |z| > Z_MAX for a mean of many i.i.d. estimates has probability < 6e-7 per coordinate under the null (normal
@@ -12,16 +13,17 @@ from discvae.models import VAE
 Z_MAX = 5.0
 
 
-def tiny_model(latent: str, classes: int, groups: int = 1, x_dim: int = 6, seed: int = 0) -> VAE:
-    """Linear encoder x -> eta and a one-hidden-layer decoder z -> logits, in float64."""
+def tiny_model(latent: str, classes: int | None = None, groups: int = 1, x_dim: int = 6, seed: int = 0) -> VAE:
+    """Linear encoder x -> eta and a one-hidden-layer decoder z -> logits, in float64; ``latent`` a family with
+    ``classes`` (bits, classes, dimensions) and ``groups``, or a spec such as ``categorical:3+gaussian:1``."""
     torch.manual_seed(seed)
-    dim = classes * groups
-    encoder = nn.Linear(x_dim, dim if latent != "gaussian" else 2 * dim)
-    decoder = nn.Sequential(nn.Linear(dim, 8), nn.Tanh(), nn.Linear(8, x_dim))
+    space = LatentSpace.parse(latent, classes, groups)
+    encoder = nn.Linear(x_dim, space.param_dim)
+    decoder = nn.Sequential(nn.Linear(space.dim, 8), nn.Tanh(), nn.Linear(8, x_dim))
     with torch.no_grad():
         for p in decoder.parameters():
             p.mul_(3.0)  # make ln p(x|z) depend strongly on z
-    return VAE(encoder, decoder, latent, classes, groups).double()
+    return VAE(encoder, decoder, space).double()
 
 
 def tiny_data(n: int = 3, x_dim: int = 6, seed: int = 1) -> torch.Tensor:
@@ -73,8 +75,10 @@ def train_digits(out, *flags: str):
     options); returns ``out``."""
     from discvae.cli import main
 
-    assert main(["train", "--dataset", "digits", "--latent-dim", "8", "--epochs", "1", "--batch-size", "256",
-                 "--grad-var-every", "0", "--out", str(out), "--quiet", *map(str, flags)]) == 0
+    sized = any(":" in str(flag) for flag in flags[1:] if flags[flags.index(flag) - 1] == "--latent")
+    assert main(["train", "--dataset", "digits", *([] if sized else ["--latent-dim", "8"]), "--epochs", "1",
+                 "--batch-size", "256", "--grad-var-every", "0", "--out", str(out), "--quiet",
+                 *map(str, flags)]) == 0
     return out
 
 

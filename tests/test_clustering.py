@@ -88,9 +88,9 @@ def test_clustering_rejects_bad_input(runs, tmp_path, capsys):
     unlabelled = tmp_path / "unlabelled.npz"
     np.savez(unlabelled, x_train=np.random.default_rng(0).random((60, 8, 8)))
     train_digits(tmp_path / "nolabels", "--dataset", unlabelled, "--latent", "categorical", "--latent-dim", "4")
-    for argv, match in (([runs["gauss"]], "gaussian latent"), ([runs["bits"]], "bernoulli latent"),
+    for argv, match in (([runs["gauss"]], "gaussian:8 latent; this needs one categorical block"), ([runs["bits"]], "latent; this needs one categorical block"),
                         ([runs["groups"]], "2 categorical groups"), ([tmp_path / "none"], "not a run directory"),
-                        ([runs["cat-s0"], "--gaussian", runs["cat12"]], "needs a gaussian"),
+                        ([runs["cat-s0"], "--gaussian", runs["cat12"]], "needs one gaussian block"),
                         ([tmp_path / "nolabels"], "labels")):
         code, _, err = run_cli(capsys, "clustering", *argv, "--out", tmp_path / "out")
         assert_one_line_error(code, err, match)

@@ -48,7 +48,7 @@ def test_encode_writes_one_row_per_image(runs, tmp_path, capsys):
         assert np.array_equal(f["packed"], np.packbits(f["codes"], axis=-1)) and f["packed"].shape == (N_DIGITS, 1)
         assert np.array_equal(f["labels"], np.concatenate([data.y_train.numpy(), data.y_test.numpy()]))
         assert (str(f["latent"]), int(f["latent_dim"]), int(f["groups"]), str(f["split"])) == \
-            ("bernoulli", 8, 1, "all")
+            ("bernoulli:8", 8, 1, "all")
     assert not list(tmp_path.glob(".*.tmp"))
 
 

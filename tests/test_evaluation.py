@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from discvae.cli import main
-from discvae.evaluation import exact_log_likelihood, iwae_bound, latent_usage, state_index
+from discvae.evaluation import exact_log_likelihood, iwae_bound, latent_usage
 from discvae.models import VAE
 from helpers import Z_MAX, exact_expected_ll, tiny_data, tiny_model
 
@@ -57,7 +57,7 @@ class ExactPosteriorEncoder(nn.Module):
 
     def forward(self, x):
         vae = self.vae[0]
-        states = torch.eye(vae.latent_dim, dtype=x.dtype)[:, None, :]
+        states = torch.eye(vae.space.dim, dtype=x.dtype)[:, None, :]
         return vae.log_likelihood(x, states).T
 
 
@@ -123,11 +123,12 @@ def test_iwae_matches_a_direct_computation(max_states):
 
 
 @pytest.mark.parametrize("latent, classes, groups", [("bernoulli", 4, 1), ("categorical", 5, 1),
-                                                     ("categorical", 3, 3)])
+                                                     ("categorical", 3, 3), ("categorical:3x2+bernoulli:2", None, 1)])
 def test_state_index_numbers_the_enumerated_states(latent, classes, groups):
-    model, x = tiny_model(latent, classes, groups), tiny_data()
-    states = model.posterior(x).enumerate()
-    assert torch.equal(state_index(model, states), torch.arange(len(states)))
+    q = tiny_model(latent, classes, groups).posterior(tiny_data())
+    states = q.enumerate()
+    assert len(states) == q.num_states == len(torch.unique(states, dim=0))
+    assert torch.equal(q.state_index(states), torch.arange(len(states)))
 
 
 @pytest.mark.parametrize("groups", [1, 2])

@@ -57,7 +57,7 @@ def test_shared_state_decoding_matches_per_row():
 
 
 @pytest.mark.parametrize("kwargs,match", [({"arch": "mlp"}, "architecture"), ({"latent": "poisson"}, "latent"),
-                                          ({"latent_dim": 0}, "not valid"), ({"likelihood": "beta"}, "likelihood"),
+                                          ({"latent_dim": 0}, "too small"), ({"likelihood": "beta"}, "likelihood"),
                                           ({"init": "xavier"}, "init")])
 def test_bad_model_arguments(kwargs, match):
     args = {"arch": "fc", "input_shape": (1, 8, 8), **kwargs}

@@ -134,7 +134,7 @@ def test_retrieval_rejects_bad_input(runs, tmp_path, capsys):
     unlabelled = tmp_path / "unlabelled.npz"
     np.savez(unlabelled, x_train=np.random.default_rng(0).random((60, 8, 8)))
     train_digits(tmp_path / "nolabels", "--dataset", unlabelled)
-    for argv, match in (([runs["cat"]], "categorical latent"), ([tmp_path / "none"], "not a run directory"),
+    for argv, match in (([runs["cat"]], "latent; this needs one bernoulli block"), ([tmp_path / "none"], "not a run directory"),
                         ([tmp_path / "nolabels"], "labels"), ([runs["bits"], runs["bits"]], "distinct names")):
         code, _, err = run_cli(capsys, "retrieval", *argv, "--out", tmp_path / "out")
         assert_one_line_error(code, err, match)

@@ -17,7 +17,7 @@ import torch
 from . import distributed
 from .callbacks import TensorBoard
 from .data import DATASETS
-from .distributions import FAMILIES
+from .distributions import DEFAULT_SIZE, FAMILIES
 from .errors import InputError
 from .estimators import BASELINES, ESTIMATORS
 from .likelihoods import BINARIZE, LIKELIHOODS
@@ -38,6 +38,16 @@ ESTIMATOR_FLAGS = {"num_samples": "num_samples", "proposal": "proposal", "baseli
 SCHEDULE_FLAGS = {"tau_anneal": "tau"}
 
 
+def _capacity(text: str) -> tuple[str, list]:
+    """``BLOCK=CMAX:STEPS`` -> (block, [CMAX, STEPS])."""
+    name, _, rest = text.partition("=")
+    c_max, _, steps = rest.partition(":")
+    try:
+        return name, [float(c_max), int(steps)]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not BLOCK=CMAX:STEPS, e.g. categorical=2.3:25000") from None
+
+
 def _add_train(sub):
     d = Config()
     p = sub.add_parser("train", help="train a VAE", description="Train a VAE; defaults are the paper's MNIST "
@@ -49,9 +59,15 @@ def _add_train(sub):
     p.add_argument("--arch", choices=ARCHS, help=f"Table I architecture (default {d.arch})")
     p.add_argument("--init", choices=INITS, help="weight initialisation: torch (PyTorch's default) or he "
                    "(N(0, 2/fan_in), zero biases) (default torch)")
-    p.add_argument("--latent", choices=list(FAMILIES), help=f"latent family (default {d.latent})")
-    p.add_argument("--latent-dim", type=int, help=f"bits, classes per group, or Gaussian dims (default {d.latent_dim})")
+    p.add_argument("--latent", help=f"latent family: {', '.join(FAMILIES)} (sized by --latent-dim and --groups), or "
+                   "blocks with their sizes joined by +, e.g. categorical:10+gaussian:10, bernoulli:32+gaussian:8, "
+                   f"categorical:10x20 (20 groups) (default {d.latent})")
+    p.add_argument("--latent-dim", type=int, help=f"bits, classes per group, or Gaussian dims (default {DEFAULT_SIZE})")
     p.add_argument("--groups", type=int, help="independent categorical groups (default 1)")
+    p.add_argument("--capacity", action="append", metavar="BLOCK=CMAX:STEPS", type=_capacity,
+                   help="a capacity for a block of the latent (JointVAE): its KL term becomes gamma |KL - C(t)|, C "
+                   "rising linearly from 0 to CMAX nats over STEPS steps; repeat for several blocks")
+    p.add_argument("--capacity-gamma", type=float, help=f"gamma of --capacity (default {d.capacity_gamma})")
     p.add_argument("--likelihood", choices=list(LIKELIHOODS), help=f"p(x|z) (default {d.likelihood})")
     p.add_argument("--binarize", choices=BINARIZE, help=f"data binarisation (default {d.binarize})")
     p.add_argument("--estimator", choices=list(ESTIMATORS), help=f"gradient estimator (default {d.estimator})")
@@ -75,7 +91,7 @@ def _add_train(sub):
                    "with AVX512-BF16 or AMX")
     p.add_argument("--compile", action="store_true", help="torch.compile the training step (falls back to eager, "
                    "with a warning, where no compiler works)")
-    p.add_argument("--out", help="run directory (default runs/DATASET-ARCH-LATENTDIM-ESTIMATOR-sSEED)")
+    p.add_argument("--out", help="run directory (default runs/DATASET-ARCH-LATENT-ESTIMATOR-sSEED)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out where it stopped")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--tensorboard", metavar="DIR", help="also log every metric of each epoch for TensorBoard into "
@@ -90,6 +106,8 @@ def cmd_train(args) -> None:
     callbacks = [TensorBoard(given.pop("tensorboard"), "--tensorboard")] if "tensorboard" in given else []
     options = {ESTIMATOR_FLAGS[k]: given.pop(k) for k in list(given) if k in ESTIMATOR_FLAGS}
     schedule = {SCHEDULE_FLAGS[k]: given.pop(k) for k in list(given) if k in SCHEDULE_FLAGS}
+    if "capacity" in given:
+        given["capacity"] = dict(given["capacity"])
     fields = {f.name for f in dataclasses.fields(Config)}
     if resume:
         if "out" not in given:
@@ -107,7 +125,8 @@ def cmd_train(args) -> None:
         cfg.estimator_schedule = schedule
         if "out" not in given:
             name = Path(cfg.dataset).stem if cfg.dataset.endswith((".npy", ".npz")) else cfg.dataset
-            cfg.out = f"runs/{name}-{cfg.arch}-{cfg.latent}{cfg.latent_dim}-{cfg.estimator}-s{cfg.seed}"
+            latent = str(cfg.space).replace(":", "").replace("+", "-")
+            cfg.out = f"runs/{name}-{cfg.arch}-{latent}-{cfg.estimator}-s{cfg.seed}"
     train(cfg, resume=resume, progress=not quiet, callbacks=callbacks)
     if distributed.rank() == 0:  # under torchrun, once
         print(cfg.out)

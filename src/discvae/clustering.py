@@ -32,7 +32,8 @@ from sklearn.decomposition import PCA
 from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 from sklearn.metrics.cluster import contingency_matrix
 
-from .codes import framed_grid, labels_of, load_coded_run, load_coded_runs, one_dataset, split_images
+from .codes import code_block, framed_grid, labels_of, load_coded_run, load_coded_runs, one_dataset, split_images
+from .distributions import Categorical, Gaussian
 from .errors import InputError
 from .evaluation import fixed_binarization
 from .runs import write_json, write_text
@@ -117,11 +118,12 @@ def clustering(run_dirs: list, out, gaussian: str | None = None, seed: int = 0, 
     if n_init < 1 or batch_size < 1:
         raise InputError("n_init and batch_size must be at least 1", "n_init", "batch_size")
     out = Path(out)
-    runs = load_coded_runs(run_dirs, "categorical")
-    for name, (cfg, _, _) in runs.items():
-        if cfg.groups != 1:
-            raise InputError(f"{name} has {cfg.groups} categorical groups; clustering needs one")
-    gauss = load_coded_run(gaussian, "gaussian") if gaussian else None
+    runs = load_coded_runs(run_dirs, Categorical)
+    classes = {name: code_block(model).size for name, (_, model, _) in runs.items()}
+    for name, (_, model, _) in runs.items():
+        if code_block(model).groups != 1:
+            raise InputError(f"{name} has {code_block(model).groups} categorical groups; clustering needs one")
+    gauss = load_coded_run(gaussian, Gaussian) if gaussian else None
     one_dataset(cfg for cfg, _, _ in [*runs.values(), *([gauss] if gauss else [])])
     names, data = list(runs), next(iter(runs.values()))[2]
     labels = labels_of(data, "all", "clustering")
@@ -129,9 +131,9 @@ def clustering(run_dirs: list, out, gaussian: str | None = None, seed: int = 0, 
     clusters, results = {}, {}
     for name, (cfg, model, _) in runs.items():
         clusters[name] = model.codes(fixed_binarization(x, cfg.binarize), batch_size).numpy()[:, 0]
-        results[name] = cluster_metrics(labels, clusters[name], cfg.latent_dim)
+        results[name] = cluster_metrics(labels, clusters[name], classes[name])
     means = None if gauss is None else gauss[1].encode(fixed_binarization(x, gauss[0].binarize), batch_size).numpy()
-    ks = sorted({len(np.unique(labels)), *(cfg.latent_dim for cfg, _, _ in runs.values())})
+    ks = sorted({len(np.unique(labels)), *classes.values()})
     baselines = {f"kmeans_{feature}_k{k}": cluster_metrics(labels, kmeans(values, k, seed, n_init), k)
                  for feature, values in baseline_features(x.flatten(1).numpy(), seed, means).items() for k in ks}
     groups = [{"runs": group, **summarize([results[n] for n in group])}
@@ -141,7 +143,7 @@ def clustering(run_dirs: list, out, gaussian: str | None = None, seed: int = 0, 
                                "groups": groups, "baselines": baselines})
     best = max(names, key=lambda n: results[n]["nmi"])
     cfg, model, _ = runs[best]
-    order = cluster_order(labels, clusters[best], cfg.latent_dim)
+    order = cluster_order(labels, clusters[best], classes[best])
     confusion_figure(out / CONFUSION, labels, clusters[best], order, best, results[best])
     probs = model.encode(fixed_binarization(x, cfg.binarize), batch_size).numpy()[:, 0]
     clusters_figure(out / CLUSTERS, model, x, clusters[best], probs, order)

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from .data import Dataset
+from .distributions import Block
 from .errors import InputError
 from .evaluation import fixed_binarization
 from .runs import atomic_path
@@ -39,12 +40,21 @@ def labels_of(data: Dataset, split: str, what: str) -> np.ndarray:
     return labels
 
 
-def load_coded_run(run_dir, latent: str | None = None):
-    """``training.load_run(run_dir)`` -> (config, model, data); ``latent``: the latent family required."""
+def load_coded_run(run_dir, family: type | None = None):
+    """``training.load_run(run_dir)`` -> (config, model, data); ``family``: the family the run's code must have
+    (its one discrete block, or its only block), e.g. ``Bernoulli`` for hashing."""
     cfg, model, data = load_run(run_dir)
-    if latent and cfg.latent != latent:
-        raise InputError(f"{run_dir} has a {cfg.latent} latent; this needs a {latent} one")
+    block = code_block(model)
+    if family and block.family is not family:
+        raise InputError(f"{run_dir} has a {model.space} latent; this needs one {family.name} block "
+                         f"(beside Gaussian ones at most)")
     return cfg, model, data
+
+
+def code_block(model) -> Block:
+    """The block of ``model``'s latent whose states ``model.codes`` returns: its discrete block, else its only
+    block."""
+    return model.space.code_block or model.space.blocks[0]
 
 
 def one_dataset(configs) -> None:
@@ -54,14 +64,15 @@ def one_dataset(configs) -> None:
         raise InputError(f"the runs must share one dataset, got {', '.join(sorted(datasets))}")
 
 
-def load_coded_runs(run_dirs, latent: str, reserved=()) -> dict:
-    """Directory name -> (config, model, data) of each of ``run_dirs``: runs with ``latent`` latents on one dataset,
+def load_coded_runs(run_dirs, family: type, reserved=()) -> dict:
+    """Directory name -> (config, model, data) of each of ``run_dirs``: runs coded by a ``family`` block on one
+    dataset,
     whose directory names are distinct and none of ``reserved``."""
     names = [Path(r).resolve().name for r in run_dirs]
     if len(set(names)) < len(names) or set(names) & set(reserved):
         taboo = f", other than {', '.join(reserved)}," if reserved else ""
         raise InputError(f"run directories need distinct names{taboo} to label them: {', '.join(names)}")
-    runs = {name: load_coded_run(run, latent) for name, run in zip(names, run_dirs, strict=True)}
+    runs = {name: load_coded_run(run, family) for name, run in zip(names, run_dirs, strict=True)}
     one_dataset(cfg for cfg, _, _ in runs.values())
     return runs
 
@@ -69,9 +80,9 @@ def load_coded_runs(run_dirs, latent: str, reserved=()) -> dict:
 def encode_run(run_dir, out, split: str = "all", batch_size: int = 1024) -> dict[str, np.ndarray]:
     """Write ``out`` (``.npz``, atomically) for the images of ``split`` of the run in ``run_dir``; returns its arrays.
 
-    Arrays: ``codes`` (one row per image), ``probs``, ``labels`` (when the dataset has them), ``packed``
-    (``np.packbits`` of the bits along the last axis, Bernoulli runs only), and ``latent``, ``latent_dim``,
-    ``groups``, ``split``.
+    Arrays: ``codes`` (one row per image: ``VAE.codes``), ``probs`` (``VAE.encode``), ``labels`` (when the dataset
+    has them), ``packed`` (``np.packbits`` of the bits along the last axis, when the code is bits), ``latent`` (the
+    latent's spec), ``latent_dim`` and ``groups`` (of the block giving the code: ``code_block``), ``split``.
     """
     if batch_size < 1:
         raise InputError("batch_size must be at least 1", "batch_size")
@@ -79,10 +90,11 @@ def encode_run(run_dir, out, split: str = "all", batch_size: int = 1024) -> dict
     x, labels = split_images(data, split)
     inputs = fixed_binarization(x, cfg.binarize)
     codes, probs = model.codes(inputs, batch_size).numpy(), model.encode(inputs, batch_size).numpy()
-    arrays = {"codes": codes, "probs": probs, "latent": np.array(cfg.latent), "latent_dim": np.array(cfg.latent_dim),
-              "groups": np.array(cfg.groups), "split": np.array(split),
+    block = code_block(model)
+    arrays = {"codes": codes, "probs": probs, "latent": np.array(str(model.space)), "latent_dim": np.array(block.size),
+              "groups": np.array(block.groups), "split": np.array(split),
               **({} if labels is None else {"labels": labels}),
-              **({"packed": np.packbits(codes, axis=-1)} if cfg.latent == "bernoulli" else {})}
+              **({"packed": np.packbits(codes, axis=-1)} if block.family.binary else {})}
     with atomic_path(out) as tmp, open(tmp, "wb") as fh:
         np.savez(fh, **arrays)
     return arrays

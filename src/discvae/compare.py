@@ -31,7 +31,6 @@ from pathlib import Path
 import torch
 
 from .data import Dataset, load_dataset
-from .distributions import state_count
 from .errors import InputError
 from .estimators import EXACT_MAX_STATES, Estimator, exact, make_estimator
 from .evaluation import fixed_binarization, iwae_bound
@@ -81,12 +80,15 @@ def evals_per_point(spec: Spec, q, batch_size: int) -> float:
 def enumerable_config(cfg: Config, bias_latent_dim: int) -> Config:
     """``cfg`` itself if its latent can be enumerated, else the same model with ``bias_latent_dim`` bits or
     classes in one group."""
-    states = state_count(cfg.latent, cfg.latent_dim, cfg.groups)
-    if states is None:
-        raise InputError("compare measures bias against enumeration: use a bernoulli or categorical latent")
-    if states <= EXACT_MAX_STATES:
+    space = cfg.space
+    if space.num_states is None:
+        raise InputError(f"compare measures bias against enumeration: use a discrete latent, not {space}")
+    if space.num_states <= EXACT_MAX_STATES:
         return cfg
-    return dataclasses.replace(cfg, latent_dim=bias_latent_dim, groups=1)
+    if len(space.blocks) > 1:
+        raise InputError(f"latent {space} has too many states to enumerate; compare needs at most "
+                         f"{EXACT_MAX_STATES}", "latent")
+    return dataclasses.replace(cfg, latent=space.blocks[0].name, latent_dim=bias_latent_dim, groups=1)
 
 
 def bias_variance(model, x: torch.Tensor, specs: list[Spec], repeats: int) -> list[dict]:
@@ -282,11 +284,10 @@ def compare(base: Config, specs: list[Spec], out, eval_every: int = 5, iwae_k: i
         save_figure(out / "curves.png", _curves_figure(curves))
 
     settings = {"dataset": base.dataset, "arch": base.arch, "init": base.init,
-                "latent": f"{base.latent} {base.latent_dim}" + (f" x {base.groups} groups" if base.groups > 1 else ""),
+                "latent": str(base.space),
                 "binarize": base.binarize, "batch_size": base.batch_size, "lr": base.lr, "seed": base.seed,
                 "epochs": base.epochs,
-                "bias_model": f"{small.arch}, {small.latent} {small.latent_dim}"
-                + (f" x {small.groups}" if small.groups > 1 else "") + f", after {bias_epochs} epoch(s) of exact",
+                "bias_model": f"{small.arch}, {small.space}, after {bias_epochs} epoch(s) of exact",
                 "bias_batch": bias_batch, "bias_repeats": bias_repeats, "eval_every": eval_every, "iwae_k": iwae_k,
                 "iwae_n": len(x_eval), "final_k": final_k, "final_n": len(x_final)}
     results = {"settings": settings, "bias_variance": bias_rows, "final": final}

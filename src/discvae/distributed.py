@@ -41,12 +41,12 @@ class Ranks:
     def main(self) -> bool:
         return self.rank == 0
 
-    def share(self, rows: torch.Tensor) -> tuple[torch.Tensor, float | None]:
+    def share(self, rows: torch.Tensor) -> tuple[torch.Tensor, float]:
         """This rank's contiguous share of a global batch ``rows`` (``tensor_split``: sizes differ by at most one),
         and the factor its mean loss is scaled by so that DDP's average of the ranks' gradients is the gradient of
-        the global batch's mean (None for one rank: nothing to scale)."""
+        the global batch's mean (1 for one rank)."""
         if self.world == 1:
-            return rows, None
+            return rows, 1.0
         mine = rows.tensor_split(self.world)[self.rank]
         return mine, len(mine) * self.world / len(rows)
 

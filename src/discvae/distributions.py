@@ -6,6 +6,10 @@ latent vectors ``z`` of shape ``[..., dim]`` (what the decoder reads):
 * :class:`Bernoulli`   -- c independent bits, z in {0,1}^c, eta = logits (eq. 19).
 * :class:`Categorical` -- G independent one-hot groups of c classes, z in {e_1..e_c}^G flattened to G*c (eq. 27).
 * :class:`Gaussian`    -- N(mu, diag sigma^2) from (mu, log sigma^2), the reparameterised baseline (section II).
+* :class:`Joint`       -- independent blocks of the above, z their concatenation (hybrid latents such as
+  ``categorical:10+gaussian:10``).
+
+Every family is a :class:`Family` and answers what callers need (they never branch on a family's name).
 
 Each has ``sample(sample_shape)`` (torch's convention: ``sample((n,))`` has shape ``[n, ..., dim]``, an int ``n``
 meaning ``(n,)``; no gradient), ``log_prob(z)``, ``entropy()``, ``kl_to_prior()`` (closed form, against the uniform
@@ -15,13 +19,19 @@ tau)`` and ``enumerate()`` of all states; the Gaussian has ``rsample(sample_shap
 same family with other natural parameters (the importance-sampling proposal q_I of eq. 20 / 28).
 
 :func:`as_family` converts a ``torch.distributions`` posterior (``Bernoulli``, ``OneHotCategorical``, ``Normal``) to
-its family here, keeping the gradient of its parameters.
+its family here, keeping the gradient of its parameters. A :class:`LatentSpace` (``LatentSpace.parse(
+"bernoulli:32+gaussian:8")``) is the shape of a latent -- families and sizes -- and builds the posterior from an
+encoder's output.
 """
 from __future__ import annotations
 
+import functools
 import itertools
 import math
+import re
 from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.distributions as td
@@ -30,20 +40,95 @@ import torch.nn.functional as F
 from .errors import InputError
 
 MAX_ENUMERATE = 2**20
+USED_FRACTION = 0.1  # a category is used if the aggregate posterior gives it > 1/10 of its uniform share 1/c
 
 
-class Bernoulli:
+class Family:
+    """The contract of a latent family q(z|x), batch shape ``[B]`` and flat states ``z`` ``[..., dim]``.
+
+    Every family has ``dim``, ``discrete``, ``sample(sample_shape)`` (no gradient), ``log_prob(z)``, ``entropy()``,
+    ``kl_to_prior()``, ``prior_log_prob(z)``, ``prior_sample(sample_shape)``, ``mean``, ``mode()`` and ``code()``
+    (the deterministic code). Discrete families also have ``probs``, ``logits``, ``num_states``, ``enumerate()``
+    and ``state_index(z)`` (a state's row in ``enumerate()``), ``relaxed_sample(sample_shape, tau)``,
+    ``proposal(xi)`` and, from posterior means ``[N, dim]`` over a data set, ``unit_entropies(mean)`` and
+    ``usage(mean)``; continuous ones ``rsample(sample_shape)``. Defined here for every family: its blocks
+    (``parts``) and what an estimator sees (``estimand``)."""
+
+    name: str
+    discrete: bool
+    binary = False  # are the states bit vectors (a code np.packbits can pack)?
+    num_states: int | None = None  # a discrete family's count of states
+
+    @classmethod
+    def from_params(cls, params: torch.Tensor, groups: int = 1) -> "Family":
+        return cls(params)
+
+    @staticmethod
+    def dim_of(size: int, groups: int = 1) -> int:
+        """The length of z for a block of ``size`` (bits, classes per group, dimensions)."""
+        return size
+
+    @staticmethod
+    def states_of(size: int, groups: int = 1) -> int | None:
+        """The number of states of such a block; None for a continuous one."""
+        return None
+
+    @property
+    def parts(self) -> list[tuple[str, "Family"]]:
+        """The independent blocks of q, named, in the order of z: here the family alone."""
+        return [(self.name, self)]
+
+    @property
+    def part_slices(self) -> list[slice]:
+        """Where each block of ``parts`` lies in z."""
+        return [slice(0, self.dim)]
+
+    def estimand(self, f: Callable) -> tuple["Family", Callable]:
+        """What a gradient estimator of E_q[f(z)] is given: ``(q, f)`` itself (a :class:`Joint` hands over its
+        discrete part with its continuous blocks reparameterised)."""
+        return self, f
+
+    @property
+    def discrete_part(self) -> "Family | None":
+        """The discrete blocks of q (q itself for a discrete family), None if there are none."""
+        return self if self.discrete else None
+
+    @property
+    def continuous_dim(self) -> int:
+        """The length of the continuous blocks' part of z."""
+        return 0 if self.discrete else self.dim
+
+    def join(self, z_d: torch.Tensor, z_c: torch.Tensor) -> torch.Tensor:
+        """z from the states ``z_d`` ``[..., dim_d]`` of the discrete blocks and ``z_c`` ``[..., dim_c]`` of the
+        continuous ones, broadcast against each other."""
+        return z_d if self.discrete else z_c
+
+    def encoding(self) -> torch.Tensor:
+        """What ``VAE.encode`` returns: a discrete family's ``probs``, a continuous one's ``mean``."""
+        return self.probs if self.discrete else self.mean
+
+    def usage(self, mean: torch.Tensor) -> dict:
+        """Family-specific usage statistics from the posterior means ``[N, dim]`` (see ``latent_usage``)."""
+        return {}
+
+
+class Bernoulli(Family):
     """Independent bits with logits ``eta``: log q(z) = eta.z - sum softplus(eta) (eq. 19, A = 1^T ln(1+e^eta))."""
 
+    name = "bernoulli"
     discrete = True
-    has_groups = False
+    binary = True
 
     def __init__(self, logits: torch.Tensor):
         self.logits = logits
 
     @staticmethod
-    def param_dim(dim: int, groups: int = 1) -> int:
-        return dim
+    def param_dim(size: int, groups: int = 1) -> int:
+        return size
+
+    @staticmethod
+    def states_of(size: int, groups: int = 1) -> int:
+        return 2**size
 
     @property
     def dim(self) -> int:
@@ -109,12 +194,26 @@ class Bernoulli:
         shifts = torch.arange(self.dim - 1, -1, -1, device=self.logits.device)
         return ((k[:, None] >> shifts) & 1).to(self.logits.dtype)
 
+    def state_index(self, z: torch.Tensor) -> torch.Tensor:
+        """The row of each state ``z`` ``[..., c]`` in ``enumerate()``: its bits read as a binary number."""
+        return _digits_to_index(z.long(), 2)
 
-class Categorical:
+    @staticmethod
+    def unit_entropies(mean: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per bit, from the posterior means ``[N, c]``: H(E_x q(z_i|x)) and E_x H(q(z_i|x)), nats ``[c]``; their
+        difference is the mutual information I(x; z_i)."""
+        aggregate = mean.mean(0)
+        return (torch.special.entr(aggregate) + torch.special.entr(1 - aggregate),
+                (torch.special.entr(mean) + torch.special.entr(1 - mean)).mean(0))
+
+    states_per_unit = 2
+
+
+class Categorical(Family):
     """G independent one-hot groups of c classes; log q(z) = sum_g z_g . log_softmax(eta_g) (eq. 27)."""
 
+    name = "categorical"
     discrete = True
-    has_groups = True
 
     def __init__(self, logits: torch.Tensor, groups: int = 1):
         if logits.shape[-1] % groups:
@@ -124,9 +223,21 @@ class Categorical:
         self.logits = logits
         self._grouped = logits.unflatten(-1, (groups, self.classes))
 
+    @classmethod
+    def from_params(cls, params: torch.Tensor, groups: int = 1) -> "Categorical":
+        return cls(params, groups)
+
     @staticmethod
-    def param_dim(dim: int, groups: int = 1) -> int:
-        return dim * groups
+    def param_dim(size: int, groups: int = 1) -> int:
+        return size * groups
+
+    @staticmethod
+    def dim_of(size: int, groups: int = 1) -> int:
+        return size * groups
+
+    @staticmethod
+    def states_of(size: int, groups: int = 1) -> int:
+        return size**groups
 
     @property
     def dim(self) -> int:
@@ -200,19 +311,38 @@ class Categorical:
                            device=self.logits.device)
         return eye[idx].flatten(-2)
 
+    def state_index(self, z: torch.Tensor) -> torch.Tensor:
+        """The row of each state ``z`` ``[..., G*c]`` in ``enumerate()``: its classes read as a base-c number."""
+        return _digits_to_index(z.unflatten(-1, (self.groups, self.classes)).argmax(-1), self.classes)
 
-class Gaussian:
+    def unit_entropies(self, mean: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per group, from the posterior means ``[N, G*c]``: H(E_x q(z_g|x)) and E_x H(q(z_g|x)), nats ``[G]``."""
+        probs = mean.unflatten(-1, (self.groups, self.classes))
+        return torch.special.entr(probs.mean(0)).sum(-1), torch.special.entr(probs).sum(-1).mean(0)
+
+    def usage(self, mean: torch.Tensor) -> dict:
+        """``used_categories``: classes whose aggregate posterior mass E_x q(z_g = k|x) exceeds ``USED_FRACTION``
+        of its uniform share 1/c, summed over groups."""
+        aggregate = mean.unflatten(-1, (self.groups, self.classes)).mean(0)
+        return {"used_categories": int((aggregate > USED_FRACTION / self.classes).sum())}
+
+    @property
+    def states_per_unit(self) -> int:
+        return self.classes
+
+
+class Gaussian(Family):
     """Diagonal Gaussian from ``params = [mu, log sigma^2]``; the prior is N(0, I)."""
 
+    name = "gaussian"
     discrete = False
-    has_groups = False
 
     def __init__(self, params: torch.Tensor):
         self.loc, self.logvar = params.chunk(2, -1)
 
     @staticmethod
-    def param_dim(dim: int, groups: int = 1) -> int:
-        return 2 * dim
+    def param_dim(size: int, groups: int = 1) -> int:
+        return 2 * size
 
     @property
     def dim(self) -> int:
@@ -258,7 +388,246 @@ class Gaussian:
         raise InputError("a Gaussian latent cannot be enumerated")
 
 
-FAMILIES = {"bernoulli": Bernoulli, "categorical": Categorical, "gaussian": Gaussian}
+class Joint(Family):
+    """Independent blocks q(z) = prod_b q_b(z_b), z the concatenation of the blocks' states in order (a hybrid
+    latent, e.g. a categorical beside a Gaussian). ln q, entropy, KL and the prior are sums over the blocks."""
+
+    def __init__(self, parts: list[tuple[str, Family]]):
+        self._parts = list(parts)
+        self.discrete = all(part.discrete for _, part in self._parts)
+        ends = list(itertools.accumulate(part.dim for _, part in self._parts))
+        self.slices = [slice(end - part.dim, end) for end, (_, part) in zip(ends, self._parts, strict=True)]
+        self.name = "+".join(name for name, _ in self._parts)
+
+    @property
+    def parts(self) -> list[tuple[str, Family]]:
+        return list(self._parts)
+
+    @property
+    def part_slices(self) -> list[slice]:
+        return list(self.slices)
+
+    @property
+    def dim(self) -> int:
+        return self.slices[-1].stop
+
+    def _each(self, method: str, *args) -> list:
+        return [getattr(part, method)(*args) for _, part in self._parts]
+
+    def _split(self, z: torch.Tensor) -> list[torch.Tensor]:
+        return [z[..., s] for s in self.slices]
+
+    def _sum(self, values: list[torch.Tensor]) -> torch.Tensor:
+        return functools.reduce(torch.add, values)
+
+    @property
+    def discrete_part(self) -> Family | None:
+        discrete = [(name, part) for name, part in self._parts if part.discrete]
+        if self.discrete or not discrete:
+            return self if self.discrete else None
+        return discrete[0][1] if len(discrete) == 1 else Joint(discrete)
+
+    @property
+    def continuous_dim(self) -> int:
+        return sum(part.dim for _, part in self._parts if not part.discrete)
+
+    def join(self, z_d: torch.Tensor, z_c: torch.Tensor) -> torch.Tensor:
+        lead = torch.broadcast_shapes(z_d.shape[:-1], z_c.shape[:-1])
+        given = {True: iter(z_d.split([p.dim for _, p in self._parts if p.discrete], -1)),
+                 False: iter(z_c.split([p.dim for _, p in self._parts if not p.discrete], -1))}
+        pieces = [next(given[part.discrete]) for _, part in self._parts]
+        return torch.cat([piece.expand(*lead, piece.shape[-1]) for piece in pieces], -1)
+
+    def estimand(self, f: Callable) -> tuple[Family, Callable]:
+        """The discrete blocks, and f as a function of their states z_d: f(join(z_d, z_c)) with one
+        reparameterised z_c = mu + sigma eps of the continuous blocks per data point (eq. 8), shared by every z_d
+        an estimator decodes -- for ``exact`` each state is decoded with the same z_c, the M2 / GMVAE-style sum
+        over a categorical. Conditionally on z_c the estimator is unbiased for E_{q_d}[f], and the pathwise
+        gradient through z_c for the continuous parameters, so the whole gradient of E_q[f] is unbiased when the
+        estimator's is."""
+        q_d = self.discrete_part
+        if self.discrete or q_d is None:
+            return self, f
+        z_c = torch.cat([part.rsample() for _, part in self._parts if not part.discrete], -1)
+        return q_d, lambda z_d: f(self.join(z_d, z_c))
+
+    def encoding(self) -> torch.Tensor:
+        """The discrete block's ``probs`` when there is one (the code's probabilities), else the concatenated
+        means of the blocks."""
+        parts = [part for _, part in self._parts if part.discrete]
+        return parts[0].encoding() if len(parts) == 1 else self.mean
+
+    @property
+    def logits(self) -> torch.Tensor:
+        return torch.cat([part.logits for _, part in self._parts], -1)
+
+    @property
+    def mean(self) -> torch.Tensor:
+        return torch.cat([part.mean for _, part in self._parts], -1)
+
+    def mode(self) -> torch.Tensor:
+        return torch.cat(self._each("mode"), -1)
+
+    def code(self) -> torch.Tensor:
+        """The code of the discrete block (several: side by side, as int64); the Gaussian blocks are left out."""
+        codes = [part.code() for _, part in self._parts if part.discrete]
+        return codes[0] if len(codes) == 1 else torch.cat([c.long() for c in codes], -1)
+
+    def proposal(self, xi: torch.Tensor) -> "Joint":
+        """The same blocks with natural parameters ``xi`` ``[..., dim]`` split among them."""
+        return Joint([(name, part.proposal(x)) for (name, part), x in zip(self._parts, self._split(xi),
+                                                                          strict=True)])
+
+    def sample(self, sample_shape=()) -> torch.Tensor:
+        return torch.cat(self._each("sample", sample_shape), -1)
+
+    def relaxed_sample(self, sample_shape, tau: float) -> tuple[torch.Tensor, torch.Tensor]:
+        soft, hard = zip(*self._each("relaxed_sample", sample_shape, tau), strict=True)
+        return torch.cat(soft, -1), torch.cat(hard, -1)
+
+    def log_prob(self, z: torch.Tensor) -> torch.Tensor:
+        return self._sum([part.log_prob(x) for (_, part), x in zip(self._parts, self._split(z), strict=True)])
+
+    def entropy(self) -> torch.Tensor:
+        return self._sum(self._each("entropy"))
+
+    def kl_to_prior(self) -> torch.Tensor:
+        return self._sum(self._each("kl_to_prior"))
+
+    def prior_log_prob(self, z: torch.Tensor) -> torch.Tensor:
+        return self._sum([part.prior_log_prob(x) for (_, part), x in zip(self._parts, self._split(z), strict=True)])
+
+    def prior_sample(self, sample_shape=()) -> torch.Tensor:
+        return torch.cat(self._each("prior_sample", sample_shape), -1)
+
+    @property
+    def num_states(self) -> int | None:
+        return math.prod(part.num_states for _, part in self._parts) if self.discrete else None
+
+    def enumerate(self) -> torch.Tensor:
+        """Every combination of the blocks' states (the first block varies slowest), ``[S, dim]``."""
+        if not self.discrete:
+            raise InputError(f"a latent with a continuous block ({self.name}) cannot be enumerated")
+        _check_enumerable(self.num_states)
+        tables = self._each("enumerate")
+        idx = torch.cartesian_prod(*[torch.arange(len(t), device=t.device) for t in tables]).reshape(-1, len(tables))
+        return torch.cat([t[idx[:, i]] for i, t in enumerate(tables)], -1)
+
+    def state_index(self, z: torch.Tensor) -> torch.Tensor:
+        index = torch.zeros(z.shape[:-1], dtype=torch.long, device=z.device)
+        for (_, part), x in zip(self._parts, self._split(z), strict=True):
+            index = index * part.num_states + part.state_index(x)
+        return index
+
+
+FAMILIES = {family.name: family for family in (Bernoulli, Categorical, Gaussian)}
+DEFAULT_SIZE = 50
+_BLOCK = re.compile(r"(?P<family>[a-z]+)(?::(?P<size>\d+)(?:x(?P<groups>\d+))?)?")
+
+
+@dataclass(frozen=True)
+class Block:
+    """One family with its sizes: ``size`` bits, classes per group (``groups`` groups) or Gaussian dimensions."""
+
+    family: type
+    size: int
+    groups: int = 1
+
+    @property
+    def name(self) -> str:
+        return self.family.name
+
+    @property
+    def param_dim(self) -> int:
+        return self.family.param_dim(self.size, self.groups)
+
+    @property
+    def dim(self) -> int:
+        return self.family.dim_of(self.size, self.groups)
+
+    @property
+    def num_states(self) -> int | None:
+        return self.family.states_of(self.size, self.groups)
+
+    def __str__(self) -> str:
+        return f"{self.name}:{self.size}" + (f"x{self.groups}" if self.groups > 1 else "")
+
+
+@dataclass(frozen=True)
+class LatentSpace:
+    """The shape of a latent: one or more blocks, concatenated in z. It sizes the encoder's output
+    (``param_dim``) and the decoder's input (``dim``), counts states, and builds q(z|x) from the encoder's output:
+    the block's family, or a :class:`Joint` of the blocks."""
+
+    blocks: tuple[Block, ...]
+
+    @classmethod
+    def parse(cls, spec: str, size: int | None = None, groups: int = 1) -> "LatentSpace":
+        """``spec``: a family name sized by ``size`` (default 50) and ``groups`` -- ``bernoulli``, ``categorical``,
+        ``gaussian`` -- or blocks ``family:size`` joined by ``+``, a categorical block as ``categorical:c`` or
+        ``categorical:cxG`` (G groups), e.g. ``categorical:10+gaussian:10``; then ``size`` and ``groups`` must be
+        left out. At most one block per family. InputError on anything else."""
+        if not isinstance(spec, str):
+            raise InputError(f"latent must be a string such as bernoulli or categorical:10+gaussian:10, not {spec!r}")
+        parts = [_BLOCK.fullmatch(part) for part in spec.split("+")]
+        sized = any(m and m["size"] for m in parts)
+        if len(parts) > 1 or sized:
+            if size is not None or groups != 1:
+                raise InputError(f"latent {spec!r} gives its own sizes; leave out latent_dim and groups",
+                                 "latent_dim", "groups")
+        blocks = []
+        for text, m in zip(spec.split("+"), parts, strict=True):
+            if m is None or m["family"] not in FAMILIES or (len(parts) > 1 and not m["size"]):
+                raise InputError(f"latent block {text!r} is not one of bernoulli:N, categorical:C, categorical:CxG, "
+                                 f"gaussian:N (e.g. categorical:10+gaussian:10)", "latent")
+            family = FAMILIES[m["family"]]
+            block = Block(family, int(m["size"]) if m["size"] else (size if size is not None else DEFAULT_SIZE),
+                          int(m["groups"] or (groups if not sized else 1)))
+            if block.groups != 1 and family is not Categorical:
+                raise InputError(f"groups applies to a categorical latent, not to a {family.name} one", "groups")
+            if block.size < (2 if family is Categorical else 1) or block.groups < 1:
+                raise InputError(f"latent block {block} is too small: "
+                                 f"{'2 classes' if family is Categorical else '1 dimension'} and 1 group at least",
+                                 "latent_dim")
+            blocks.append(block)
+        names = [b.name for b in blocks]
+        if len(set(names)) < len(names):
+            raise InputError(f"latent {spec!r} repeats a family; give each family once (a categorical with several "
+                             f"groups is categorical:CxG)", "latent")
+        return cls(tuple(blocks))
+
+    def __str__(self) -> str:
+        return "+".join(map(str, self.blocks))
+
+    @property
+    def param_dim(self) -> int:
+        return sum(b.param_dim for b in self.blocks)
+
+    @property
+    def dim(self) -> int:
+        return sum(b.dim for b in self.blocks)
+
+    @property
+    def discrete(self) -> bool:
+        return all(b.num_states is not None for b in self.blocks)
+
+    @property
+    def num_states(self) -> int | None:
+        """The number of latent states (2^c bits, c^G categories, their product), None if any block is continuous."""
+        return math.prod(b.num_states for b in self.blocks) if self.discrete else None
+
+    @property
+    def code_block(self) -> Block | None:
+        """The block whose states are the code (``VAE.codes``) when there is one discrete block, else None."""
+        discrete = [b for b in self.blocks if b.num_states is not None]
+        return discrete[0] if len(discrete) == 1 else None
+
+    def posterior(self, params: torch.Tensor) -> Family:
+        """q(z|x) from the encoder's output ``params`` ``[..., param_dim]``."""
+        if len(self.blocks) == 1:
+            return self.blocks[0].family.from_params(params, self.blocks[0].groups)
+        chunks = params.split([b.param_dim for b in self.blocks], -1)
+        return Joint([(b.name, b.family.from_params(c, b.groups)) for b, c in zip(self.blocks, chunks, strict=True)])
 
 
 def _from_one_hot(d: td.OneHotCategorical) -> Categorical:
@@ -280,7 +649,7 @@ def as_family(q):
     ``Categorical(logits)`` (batch shape ``[B]``: one group; ``[B, G]``: G groups), ``Normal(loc, scale)``
     ``[B, c]`` as ``Gaussian([loc, 2 ln scale])``, each also wrapped in ``Independent(..., 1)``. Gradients flow to
     the torch distribution's parameters. Anything else is an ``InputError``."""
-    if isinstance(q, tuple(FAMILIES.values())):
+    if isinstance(q, Family):
         return q
     base = q.base_dist if isinstance(q, td.Independent) and q.reinterpreted_batch_ndims == 1 else q
     for kind, convert in FROM_TORCH.items():
@@ -296,15 +665,6 @@ def _shape(sample_shape) -> torch.Size:
     return torch.Size((sample_shape,) if isinstance(sample_shape, int) else sample_shape)
 
 
-def state_count(latent: str, latent_dim: int, groups: int = 1) -> int | None:
-    """The number of latent states (2^c bits, c^G categories), or None for a continuous latent."""
-    if latent == "bernoulli":
-        return 2**latent_dim
-    if latent == "categorical":
-        return latent_dim**groups
-    return None
-
-
 def _dot(z: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
     """sum_i z[..., i] a[..., i]; states ``z`` of shape ``[S, 1, dim]`` shared by a batch ``a`` ``[B, dim]`` give
     ``[S, B]`` by one matmul (what ``exact`` needs) instead of an ``[S, B, dim]`` product."""
@@ -317,6 +677,12 @@ def _dot(z: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
 def _no_autocast(device: torch.device):
     """``torch.autocast`` turned off on ``device`` (nothing to turn off on devices without autocast, e.g. meta)."""
     return torch.autocast(device.type, enabled=False) if device.type in ("cpu", "cuda", "mps") else nullcontext()
+
+
+def _digits_to_index(digits: torch.Tensor, base: int) -> torch.Tensor:
+    """Digits ``[..., n]`` read as numbers in ``base``, most significant first."""
+    weights = base ** torch.arange(digits.shape[-1] - 1, -1, -1, device=digits.device)
+    return (digits * weights).sum(-1)
 
 
 def _check_enumerable(n_states: int) -> None:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from .distributions import state_count
+from .distributions import USED_FRACTION
 from .errors import InputError
 from .estimators import EXACT_MAX_STATES
 from .likelihoods import binarize
@@ -29,7 +29,6 @@ from .training import elbo_terms, load_run
 EVAL = "eval.json"
 ACTIVE_THRESHOLD = 0.01  # Burda et al. (2016): unit i is active if Var_x E_q[z_i | x] > 0.01
 INFORMATIVE_BITS = 0.1  # a bit / group carries information if I(x; z_i) exceeds a tenth of a bit
-USED_FRACTION = 0.1  # a category is used if the aggregate posterior gives it > 1/10 of its uniform share 1/c
 
 
 @torch.no_grad()
@@ -42,7 +41,7 @@ def iwae_bound(model, x: torch.Tensor, k: int = 1000, chunk: int = 100, batch_si
     """
     if k < 1 or chunk < 1 or batch_size < 1:
         raise ValueError("k, chunk and batch_size must be positive")
-    n_states = num_states(model)
+    n_states = model.space.num_states
     out = []
     for i in range(0, len(x), batch_size):
         xb = x[i:i + batch_size]
@@ -52,7 +51,7 @@ def iwae_bound(model, x: torch.Tensor, k: int = 1000, chunk: int = 100, batch_si
         for start in range(0, k, chunk):
             z = q.sample(min(chunk, k - start))
             log_pxz = (model.log_likelihood(xb, z) + q.prior_log_prob(z) if table is None
-                       else table.gather(0, state_index(model, z)))
+                       else table.gather(0, q.state_index(z)))
             total = torch.logaddexp(total, torch.logsumexp((log_pxz - q.log_prob(z)).double(), 0))
         out.append(total - math.log(k))
     return torch.cat(out)
@@ -74,25 +73,9 @@ def log_joint(model, q, x: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
     return model.log_likelihood(x, states) + q.prior_log_prob(states)
 
 
-def state_index(model, z: torch.Tensor) -> torch.Tensor:
-    """The row of each latent vector ``z`` ``[..., dim]`` in ``enumerate()``: its digits (bits, or each group's class)
-    read as a number, most significant first."""
-    if model.latent == "bernoulli":
-        digits, base = z.long(), 2
-    else:
-        digits, base = z.unflatten(-1, (model.groups, model.latent_dim)).argmax(-1), model.latent_dim
-    weights = base ** torch.arange(digits.shape[-1] - 1, -1, -1, device=z.device)
-    return (digits * weights).sum(-1)
-
-
 def fixed_binarization(x: torch.Tensor, mode: str, seed: int = 0) -> torch.Tensor:
     """The evaluation set binarised once, reproducibly (dynamic binarisation draws with its own generator)."""
     return binarize(x, mode, torch.Generator(x.device).manual_seed(seed))
-
-
-def num_states(model) -> int | None:
-    """The number of latent states of ``model`` (None for a continuous latent)."""
-    return state_count(model.latent, model.latent_dim, model.groups)
 
 
 def posterior_means(model, x: torch.Tensor, batch_size: int = 2000) -> torch.Tensor:
@@ -101,24 +84,41 @@ def posterior_means(model, x: torch.Tensor, batch_size: int = 2000) -> torch.Ten
         return torch.cat([model.posterior(x[i:i + batch_size]).mean for i in range(0, len(x), batch_size)]).double()
 
 
-def unit_entropies(model, mean: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per bit (or categorical group) i of a discrete latent, from the posterior means ``[N, dim]``: the entropy of
-    its aggregate posterior H(E_x q(z_i|x)) and its mean posterior entropy E_x H(q(z_i|x)), each ``[c]`` (or
-    ``[G]``), nats. Their difference is the mutual information I(x; z_i) between the data and the unit (z_i drawn
-    from q(z_i|x)): how much the unit tells about x."""
-    if model.latent == "bernoulli":
-        aggregate = mean.mean(0)
-        return (torch.special.entr(aggregate) + torch.special.entr(1 - aggregate),
-                (torch.special.entr(mean) + torch.special.entr(1 - mean)).mean(0))
-    probs = mean.unflatten(-1, (model.groups, model.latent_dim))  # [N, G, c]
-    return torch.special.entr(probs.mean(0)).sum(-1), torch.special.entr(probs).sum(-1).mean(0)
+def unit_entropies(model, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per bit (or categorical group) i of the discrete blocks of the latent, over the data ``x``: the entropy of its aggregate posterior H(E_x q(z_i|x)) and its mean posterior entropy E_x H(q(z_i|x)), each
+    ``[units]``, nats. Their difference is the mutual information I(x; z_i) between the data and the unit (z_i
+    drawn from q(z_i|x)): how much the unit tells about x."""
+    mean, q = posterior_means(model, x), model.posterior(x[:1])
+    pairs = [part.unit_entropies(mean[:, s]) for (_, part), s in zip(q.parts, q.part_slices, strict=True)
+             if part.discrete]
+    return tuple(torch.cat(h) for h in zip(*pairs, strict=True)) if pairs else (mean.new_zeros(0),) * 2
+
+
+def block_usage(part, mean: torch.Tensor) -> dict:
+    """Usage of one block of the latent from its posterior means ``[N, dim]``, entropies in nats and bits (see
+    :func:`latent_usage`)."""
+    out = {"active_units": int((mean.var(0) > ACTIVE_THRESHOLD).sum())}
+    if not part.discrete:
+        return out
+    marginal, conditional = part.unit_entropies(mean)
+    information = marginal - conditional
+    out["informative_units"] = int((information > INFORMATIVE_BITS * math.log(2)).sum())
+    out.update(part.usage(mean))
+    posterior_entropy = conditional.sum().item()
+    for name, nats in (("posterior_entropy", posterior_entropy), ("entropy_per_dim", posterior_entropy / len(marginal)),
+                       ("aggregate_entropy", marginal.sum().item()),
+                       ("max_entropy", len(marginal) * math.log(part.states_per_unit)),
+                       ("unit_information", information.sum().item())):
+        out[f"{name}_nats"], out[f"{name}_bits"] = nats, nats / math.log(2)
+    return out
 
 
 def latent_usage(model, x: torch.Tensor, batch_size: int = 2000) -> dict:
-    """Latent usage over the data ``x``, entropies in nats and bits.
+    """Latent usage over the data ``x``, entropies in nats and bits; for a hybrid latent per block, each key
+    prefixed by the block's name (``categorical_used_categories``, ``gaussian_active_units``, ...).
 
     ``active_units``: coordinates i of z with Var_x E_q[z_i|x] > 0.01 (Burda et al. 2016; for a categorical, the
-    one-hot coordinates). For discrete latents also: ``posterior_entropy`` E_x H(q(z|x)) and its mean per bit / per
+    one-hot coordinates). For discrete blocks also: ``posterior_entropy`` E_x H(q(z|x)) and its mean per bit / per
     group ``entropy_per_dim``; ``aggregate_entropy`` H of the aggregate posterior q(z) = E_x q(z|x), exact for one
     categorical group, else the sum of its marginals' entropies (an upper bound); ``max_entropy`` c ln 2 or G ln c;
     ``informative_units``, the bits (groups) whose mutual information with x, I(x; z_i) = H(E_x q(z_i|x)) -
@@ -127,22 +127,12 @@ def latent_usage(model, x: torch.Tensor, batch_size: int = 2000) -> dict:
     aggregate mass exceeds 1 / (10 c), summed over groups.
     """
     mean = posterior_means(model, x, batch_size)
+    q = model.posterior(x[:1])
+    if len(q.parts) == 1:
+        return block_usage(q, mean)
     out = {"active_units": int((mean.var(0) > ACTIVE_THRESHOLD).sum())}
-    if model.latent not in ("bernoulli", "categorical"):
-        return out
-    marginal, conditional = unit_entropies(model, mean)
-    information = marginal - conditional
-    out["informative_units"] = int((information > INFORMATIVE_BITS * math.log(2)).sum())
-    states_per_unit = 2 if model.latent == "bernoulli" else model.latent_dim
-    if model.latent == "categorical":
-        aggregate = mean.unflatten(-1, (model.groups, model.latent_dim)).mean(0)
-        out["used_categories"] = int((aggregate > USED_FRACTION / model.latent_dim).sum())
-    posterior_entropy = conditional.sum().item()
-    for name, nats in (("posterior_entropy", posterior_entropy), ("entropy_per_dim", posterior_entropy / len(marginal)),
-                       ("aggregate_entropy", marginal.sum().item()),
-                       ("max_entropy", len(marginal) * math.log(states_per_unit)),
-                       ("unit_information", information.sum().item())):
-        out[f"{name}_nats"], out[f"{name}_bits"] = nats, nats / math.log(2)
+    for (name, part), s in zip(q.parts, q.part_slices, strict=True):
+        out.update({f"{name}_{k}": v for k, v in block_usage(part, mean[:, s]).items()})
     return out
 
 
@@ -155,7 +145,7 @@ def evaluate(model, x: torch.Tensor, k: int = 1000, chunk: int = 100, batch_size
     with autocast(precision, x.device):
         out = elbo_terms(model, x, batch_size)
         out["iwae"] = iwae_bound(model, x, k, chunk, batch_size).mean().item()
-        states = num_states(model)
+        states = model.space.num_states
         if states is not None and states <= EXACT_MAX_STATES:
             out["exact_log_px"] = exact_log_likelihood(model, x).mean().item()
         out.update(latent_usage(model, x))
@@ -177,8 +167,8 @@ def evaluate_run(run_dir, k: int = 1000, chunk: int = 100, batch_size: int = 500
     check_output(Path(run_dir) / EVAL, "file")  # before the work, not after it
     cfg, model, data = load_run(run_dir, ckpt=ckpt)
     result = {"run": str(run_dir), "epoch": ckpt["epoch"], "step": ckpt["step"], "train_seconds": ckpt["elapsed"],
-              "k": k, "binarize": cfg.binarize, "latent": cfg.latent, "latent_dim": cfg.latent_dim,
-              "groups": cfg.groups, "exact_max_states": EXACT_MAX_STATES, "active_threshold": ACTIVE_THRESHOLD,
+              "k": k, "binarize": cfg.binarize, "latent": str(model.space),
+              "exact_max_states": EXACT_MAX_STATES, "active_threshold": ACTIVE_THRESHOLD,
               "used_fraction": USED_FRACTION, "precision": precision}
     splits = {"test": data.x_test, **({"train": data.x_train} if train_set else {})}
     for name, x in splits.items():

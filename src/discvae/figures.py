@@ -13,11 +13,12 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from .errors import InputError  # noqa: E402
-from .evaluation import INFORMATIVE_BITS, fixed_binarization, posterior_means, unit_entropies  # noqa: E402
+from .evaluation import INFORMATIVE_BITS, fixed_binarization, unit_entropies  # noqa: E402
 from .runs import METRICS, atomic_path, check_output, read_csv  # noqa: E402
 from .training import load_run  # noqa: E402
 
-MAX_TEMPLATES = 400  # decode every latent state when there are at most this many
+MAX_TEMPLATES = 200  # decode every discrete state when there are at most this many (the paper's c = 100, not 8 bits)
+MAX_HYBRID_ROWS = 20  # rows of the figures of a hybrid latent
 
 
 def image_grid(rows: list[torch.Tensor], pad: int = 1) -> np.ndarray:
@@ -72,8 +73,30 @@ def prior_samples(model, n: int, shape) -> torch.Tensor:
 
 
 def templates(model, shape) -> torch.Tensor:
-    """Every latent state decoded: for a categorical with c classes, the c "templates" (all c^G for G groups)."""
-    return decoded(model, model.posterior(torch.zeros(1, *shape)).enumerate(), shape)
+    """Every state of the latent's discrete blocks decoded, continuous blocks at the prior's mean 0: for a
+    categorical with c classes, the c "templates" (all c^G for G groups)."""
+    q = model.posterior(torch.zeros(1, *shape))
+    return decoded(model, q.join(q.discrete_part.enumerate(), torch.zeros(q.continuous_dim)), shape)
+
+
+@torch.no_grad()
+def hybrid_grids(model, x: torch.Tensor, n: int, max_rows: int = MAX_HYBRID_ROWS) -> dict[str, list[torch.Tensor]]:
+    """The two pictures of a hybrid latent (InfoGAN, JointVAE): ``classes``, a row per state of the discrete
+    blocks (at most ``max_rows``) decoded with the same ``n`` draws of the continuous blocks from the prior, one per
+    column; ``traversal``, a row per continuous dimension (at most ``max_rows``, those the data use most first:
+    largest Var_x E_q[z_i|x]) varied from -2.5 to 2.5 over ``n`` columns, the others at 0 and the discrete code
+    that of the first image of ``x``."""
+    q, shape = model.posterior(x), x.shape[1:]
+    states = q.discrete_part.enumerate()[:max_rows]
+    z_c = torch.randn(n, q.continuous_dim, dtype=x.dtype, device=x.device)
+    classes = decoded(model, q.join(states[:, None, :], z_c[None]).flatten(0, 1), shape).unflatten(0, (-1, n))
+    means = torch.cat([part.mean for _, part in q.parts if not part.discrete], -1)
+    dims = means.var(0).argsort(descending=True)[:max_rows]
+    values = torch.linspace(-2.5, 2.5, n, dtype=x.dtype, device=x.device)
+    z_t = torch.zeros(len(dims), n, q.continuous_dim, dtype=x.dtype, device=x.device)
+    z_t[torch.arange(len(dims)), :, dims] = values
+    traversal = decoded(model, q.join(q.discrete_part.mode()[0], z_t).flatten(0, 1), shape).unflatten(0, (-1, n))
+    return {"classes": list(classes), "traversal": list(traversal)}
 
 
 CURVES = (("neg_elbo", "negative ELBO (nats)", False), ("expected_ll", "E_q ln p(x|z) (nats)", False),
@@ -119,7 +142,7 @@ def unit_information(path, model, x: torch.Tensor) -> None:
     """The paper's entropy heuristic for the latent size: per bit (or categorical group), sorted, the mutual
     information I(x; z_i) = H(E_x q(z_i|x)) - E_x H(q(z_i|x)) over the data ``x`` and the aggregate entropy
     H(E_x q(z_i|x)), in bits, with the ``INFORMATIVE_BITS`` line; the units above it are the ones the code needs."""
-    marginal, conditional = (h.numpy() / np.log(2) for h in unit_entropies(model, posterior_means(model, x)))
+    marginal, conditional = (h.numpy() / np.log(2) for h in unit_entropies(model, x))
     information = marginal - conditional
     order = np.argsort(-information)
     fig, ax = plt.subplots(figsize=(8, 3.2), dpi=80)
@@ -150,8 +173,10 @@ def plot_runs(run_dirs: list, out=None, n: int = 16, rows: int = 2, seed: int = 
 
     ``convergence.png`` overlays every run (Fig. 5). Per run ``NAME-reconstructions.png`` (``rows`` pairs of rows:
     ``n`` fixed test images above their reconstructions from one z ~ q(z|x), Fig. 4, 6, 7), ``NAME-samples.png``
-    (``rows`` x ``n`` images decoded from z ~ p(z)) and, for a categorical latent with at most ``MAX_TEMPLATES``
-    states, ``NAME-templates.png`` (every state decoded, ``n`` per row). With several runs on data of one shape
+    (``rows`` x ``n`` images decoded from z ~ p(z)), for a latent with discrete blocks ``NAME-units.png``
+    (:func:`unit_information`) and, when those have at most ``MAX_TEMPLATES`` states, ``NAME-templates.png``
+    (every state decoded, ``n`` per row) or, for a hybrid latent, ``NAME-classes.png`` and ``NAME-traversal.png``
+    (:func:`hybrid_grids`). With several runs on data of one shape
     also ``reconstructions.png``: the test images above each run's reconstructions, in the order given.
     """
     if n < 1 or rows < 1:
@@ -172,12 +197,14 @@ def plot_runs(run_dirs: list, out=None, n: int = 16, rows: int = 2, seed: int = 
         recons[name] = (x, x_hat)
         grids = {"reconstructions": [t for i in range(rows) for t in (x[i * n:(i + 1) * n], x_hat[i * n:(i + 1) * n])],
                  "samples": list(prior_samples(model, n * rows, shape).split(n))}
-        if model.latent == "categorical" and model.latent_dim**model.groups <= MAX_TEMPLATES:
-            grids["templates"] = list(templates(model, shape).split(n))
+        q = model.posterior(x[:1])
+        if q.discrete_part is not None and q.discrete_part.num_states <= MAX_TEMPLATES:
+            grids.update(hybrid_grids(model, x, n) if q.continuous_dim else
+                         {"templates": list(templates(model, shape).split(n))})
         for kind, grid in grids.items():
             written.append(out / f"{name}-{kind}.png")
             save_grid(written[-1], grid)
-        if model.posterior(x[:1]).discrete:
+        if q.discrete_part is not None:
             written.append(out / f"{name}-units.png")
             unit_information(written[-1], model, fixed_binarization(data.x_test, cfg.binarize, seed))
     written.insert(0, out / "convergence.png")

@@ -7,7 +7,7 @@ from typing import Callable, NamedTuple
 import torch
 from torch import nn
 
-from .distributions import FAMILIES
+from .distributions import Family, LatentSpace
 from .errors import InputError
 from .estimators import importance, make_estimator
 from .likelihoods import LIKELIHOODS
@@ -17,12 +17,21 @@ INITS = ("torch", "he")
 
 
 class Terms(NamedTuple):
-    """Batch means, in nats per example: ``loss`` carries the gradient, the others are values."""
+    """Batch means, in nats per example: ``loss`` carries the gradient, ``neg_elbo``, ``expected_ll`` and ``kl``
+    are values, ``kl_blocks`` the KL of each block of the latent (name -> value with its gradient, for a capacity
+    objective; one entry unless the latent is a hybrid)."""
 
     loss: torch.Tensor
     neg_elbo: torch.Tensor
     expected_ll: torch.Tensor
     kl: torch.Tensor
+    kl_blocks: dict
+
+    def values(self) -> dict[str, torch.Tensor]:
+        """What is logged of a batch: ``neg_elbo``, ``expected_ll``, ``kl`` and, for a hybrid latent, ``kl_<block>``
+        per block (no gradient)."""
+        blocks = {f"kl_{name}": kl.detach() for name, kl in self.kl_blocks.items()} if len(self.kl_blocks) > 1 else {}
+        return {"neg_elbo": self.neg_elbo, "expected_ll": self.expected_ll, "kl": self.kl, **blocks}
 
 
 def at_least_fp32(t: torch.Tensor) -> torch.Tensor:
@@ -37,31 +46,30 @@ class VAE(nn.Module):
     the estimator passed to each call.
     """
 
-    def __init__(self, encoder: nn.Module, decoder: nn.Module, latent: str, latent_dim: int, groups: int = 1,
+    def __init__(self, encoder: nn.Module, decoder: nn.Module, latent: LatentSpace | str,
                  likelihood: str = "bernoulli"):
         super().__init__()
-        if latent not in FAMILIES:
-            raise InputError(f"unknown latent {latent!r}; choose one of {', '.join(FAMILIES)}")
         if likelihood not in LIKELIHOODS:
             raise InputError(f"unknown likelihood {likelihood!r}; choose one of {', '.join(LIKELIHOODS)}")
         self.encoder, self.decoder = encoder, decoder
-        self.latent, self.latent_dim, self.groups = latent, latent_dim, groups
+        self.space = latent if isinstance(latent, LatentSpace) else LatentSpace.parse(latent)
         self.likelihood = LIKELIHOODS[likelihood]
 
-    def posterior(self, x: torch.Tensor):
-        params = at_least_fp32(self.encoder(x))  # log-probabilities and the KL in fp32 under bf16 autocast too
-        if self.latent == "categorical":
-            return FAMILIES["categorical"](params, self.groups)
-        return FAMILIES[self.latent](params)
+    def posterior(self, x: torch.Tensor) -> Family:
+        """q(z|x): the latent space's family (or :class:`~discvae.distributions.Joint` of blocks) built from the
+        encoder's output."""
+        return self.space.posterior(at_least_fp32(self.encoder(x)))  # fp32 log-probabilities and KL under bf16 too
 
     def encode(self, x: torch.Tensor, batch_size: int = 1024) -> torch.Tensor:
         """Posterior parameters per image, on the CPU: q(z_i = 1|x) ``[N, c]`` for bits, q(z_g = k|x) ``[N, G, c]``
-        for a categorical, the means mu ``[N, c]`` for a Gaussian."""
-        return self._per_batch(lambda q: q.probs if q.discrete else q.mean, x, batch_size)
+        for a categorical, the means mu ``[N, c]`` for a Gaussian; for a hybrid those of its discrete block
+        (``Family.encoding``)."""
+        return self._per_batch(lambda q: q.encoding(), x, batch_size)
 
     def codes(self, x: torch.Tensor, batch_size: int = 1024) -> torch.Tensor:
         """Deterministic codes per image, on the CPU: the bits [q(z_i = 1|x) > 1/2] (the mode) as uint8 ``[N, c]``,
-        a categorical's most probable class of each group as int64 ``[N, G]``, a Gaussian's means ``[N, c]``."""
+        a categorical's most probable class of each group as int64 ``[N, G]``, a Gaussian's means ``[N, c]``; for a
+        hybrid the code of its discrete block."""
         return self._per_batch(lambda q: q.code(), x, batch_size)
 
     def _per_batch(self, fn, x: torch.Tensor, batch_size: int) -> torch.Tensor:
@@ -86,16 +94,17 @@ class VAE(nn.Module):
 
     def forward(self, x: torch.Tensor, estimator: Callable | str = importance, **options) -> Terms:
         """The terms of the negative ELBO on the batch ``x``, E_q[ln p(x|z)] estimated by ``estimator(q, f,
-        **options)`` with f(z) = ln p(x|z): any function of the contract of :mod:`discvae.estimators` (e.g. an
+        **options)`` with f(z) = ln p(x|z) (of a hybrid latent's discrete blocks, its continuous ones
+        reparameterised: ``Family.estimand``): any function of the contract of :mod:`discvae.estimators` (e.g. an
         :class:`~discvae.estimators.Estimator` from ``make_estimator``), or a registered name, resolved and its
         options checked by ``make_estimator``."""
         if isinstance(estimator, str):
             estimator, options = make_estimator(estimator, **options), {}
         q = self.posterior(x)
-        expected_ll = estimator(q, lambda z: self.log_likelihood(x, z), **options)
-        kl = q.kl_to_prior()
-        ell, kl_mean = expected_ll.mean(), kl.mean()
-        return Terms(kl_mean - ell, (kl_mean - ell).detach(), ell.detach(), kl_mean.detach())
+        expected_ll = estimator(*q.estimand(lambda z: self.log_likelihood(x, z)), **options)
+        kl_blocks = {name: part.kl_to_prior().mean() for name, part in q.parts}
+        ell, kl = expected_ll.mean(), sum(kl_blocks.values())
+        return Terms(kl - ell, (kl - ell).detach(), ell.detach(), kl.detach(), kl_blocks)
 
 
 def _conv_plan(size: int, layers: int) -> list[int]:
@@ -183,19 +192,14 @@ def initialize(module: nn.Module, init: str) -> nn.Module:
     return module
 
 
-def build_model(arch: str, input_shape, latent: str = "bernoulli", latent_dim: int = 50, groups: int = 1,
-                likelihood: str = "bernoulli", init: str = "torch") -> VAE:
-    """A VAE with the Table I architecture ``arch`` for data of shape ``input_shape`` ([C, H, W] or [D]), its
-    weights initialised by ``init`` (see :func:`initialize`)."""
+def build_model(arch: str, input_shape, latent: str | LatentSpace = "bernoulli", latent_dim: int | None = None,
+                groups: int = 1, likelihood: str = "bernoulli", init: str = "torch") -> VAE:
+    """A VAE with the Table I architecture ``arch`` for data of shape ``input_shape`` ([C, H, W] or [D]), the
+    latent ``LatentSpace.parse(latent, latent_dim, groups)`` (e.g. ``"bernoulli", 50`` or
+    ``"categorical:10+gaussian:10"``), its weights initialised by ``init`` (see :func:`initialize`)."""
     if arch not in ARCHS:
         raise InputError(f"unknown architecture {arch!r}; choose one of {', '.join(ARCHS)}")
-    if latent not in FAMILIES:
-        raise InputError(f"unknown latent {latent!r}; choose one of {', '.join(FAMILIES)}")
-    if latent_dim < 1 or groups < 1 or (latent == "categorical" and latent_dim < 2):
-        raise InputError(f"latent size {latent_dim} x {groups} groups is not valid for a {latent} latent")
-    family = FAMILIES[latent]
-    param_dim = family.param_dim(latent_dim, groups)
-    dim = latent_dim * groups if latent == "categorical" else latent_dim
+    space = latent if isinstance(latent, LatentSpace) else LatentSpace.parse(latent, latent_dim, groups)
     encoder, decoder = {"fc": fc, "cnn": cnn, "linear": linear, "nonlinear": nonlinear}[arch](
-        tuple(input_shape), param_dim, dim)
-    return initialize(VAE(encoder, decoder, latent, latent_dim, groups, likelihood), init)
+        tuple(input_shape), space.param_dim, space.dim)
+    return initialize(VAE(encoder, decoder, space, likelihood), init)

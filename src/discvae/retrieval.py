@@ -35,7 +35,8 @@ from sklearn.base import BaseEstimator, TransformerMixin
 from sklearn.decomposition import PCA
 from sklearn.metrics import average_precision_score
 
-from .codes import framed_grid, labels_of, load_coded_runs
+from .codes import code_block, framed_grid, labels_of, load_coded_runs
+from .distributions import Bernoulli
 from .errors import InputError
 from .evaluation import fixed_binarization
 from .runs import write_json, write_text
@@ -183,7 +184,7 @@ def baseline_codes(name: str, n_bits: int, seed: int, x_db: np.ndarray, x_q: np.
 def method_codes(runs: dict, x_db: torch.Tensor, x_q: torch.Tensor, seed: int, batch_size: int) -> dict:
     """(name, bits) -> (database codes, query codes) of every run of ``runs`` (name -> (config, model, data)) and
     of every baseline at each run's code length (``pcah`` and ``itq`` only up to the pixel dimension)."""
-    codes = {(name, cfg.latent_dim): tuple(model.codes(fixed_binarization(x, cfg.binarize), batch_size).numpy()
+    codes = {(name, code_block(model).size): tuple(model.codes(fixed_binarization(x, cfg.binarize), batch_size).numpy()
                                            for x in (x_db, x_q)) for name, (cfg, model, _) in runs.items()}
     pixels_db, pixels_q = x_db.flatten(1).numpy(), x_q.flatten(1).numpy()
     for n_bits in sorted({bits for _, bits in codes}):
@@ -199,7 +200,7 @@ def retrieval(run_dirs: list, out, seed: int = 0, per_class: int = PER_CLASS, ba
     if per_class < 1 or batch_size < 1:
         raise InputError("per_class and batch_size must be at least 1", "per_class", "batch_size")
     out = Path(out)
-    runs = load_coded_runs(run_dirs, "bernoulli", BASELINES)
+    runs = load_coded_runs(run_dirs, Bernoulli, BASELINES)
     names, data = list(runs), next(iter(runs.values()))[2]
     db_labels, test_labels = labels_of(data, "train", "retrieval"), labels_of(data, "test", "retrieval")
     queries = select_queries(test_labels, per_class, seed)
@@ -213,10 +214,11 @@ def retrieval(run_dirs: list, out, seed: int = 0, per_class: int = PER_CLASS, ba
     protocol = {"dataset": data.name, "queries": len(queries), "per_class": per_class, "database": len(x_db),
                 "seed": seed, "relevant": "same label", "top_k": list(TOP_K), "radius": RADIUS}
     write_json(out / RESULTS, {"protocol": protocol, "runs": names, "results": results})
-    best = max(names, key=lambda n: results[n][str(runs[n][0].latent_dim)]["mAP"])
+    bits = {name: code_block(model).size for name, (_, model, _) in runs.items()}
+    best = max(names, key=lambda n: results[n][str(bits[n])]["mAP"])
     pr_figure(out / PR_FIGURE, results, names)
     shown = np.linspace(0, len(queries) - 1, GRID_QUERIES).astype(int)  # positions among the queries
-    db_bits, q_bits = codes[best, runs[best][0].latent_dim]
+    db_bits, q_bits = codes[best, bits[best]]
     hits = hamming_knn(pack(q_bits[shown]), pack(db_bits), min(GRID_HITS, len(x_db)))[1]
     query_grid(out / GRID_FIGURE, x_q[shown], db_labels[hits] == q_labels[shown, None], x_db[torch.from_numpy(hits)])
     return write_report(out, protocol, results, names, best)

@@ -94,32 +94,33 @@ def compiled(fn: Callable, what: str = "--compile") -> Callable:
 
 
 def train_step(model, optimizer: torch.optim.Optimizer, forward: Callable, x: torch.Tensor, options: dict,
-               loss_scale: float | None = None):
+               loss_of: Callable = lambda terms: terms.loss):
     """One optimisation step on the batch ``x``: ``terms = forward(x, options)`` (the model's ``Terms``), the
-    gradient of ``terms.loss`` (times ``loss_scale`` if given), the optimizer's step. Returns ``terms`` and the
-    gradients' total norm, a device scalar (non-finite iff some gradient is); nothing waits for the device."""
+    gradient of ``loss_of(terms)``, the optimizer's step. Returns ``terms`` and a device scalar that is finite iff the
+    loss and every gradient are (the loss plus the gradients' total norm); nothing waits for the device."""
     terms = forward(x, options)
+    loss = loss_of(terms)
     optimizer.zero_grad(set_to_none=True)
-    (terms.loss if loss_scale is None else terms.loss * loss_scale).backward()
+    loss.backward()
     grad_norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
     optimizer.step()
-    return terms, grad_norm
+    return terms, loss.detach() + grad_norm
 
 
 class DivergenceGuard:
-    """Records every step's loss and gradient norm on the device and looks at them every ``every`` steps and at the
-    end of each epoch (one host synchronisation per look): :meth:`check` raises :class:`Diverged` naming the first
-    step whose loss or gradient was not finite. ``agree`` (e.g. an all-reduce of the record across processes) makes
-    every process see the same record."""
+    """Records every step's health (``train_step``'s: loss plus gradient norm) on the device and looks at the record
+    every ``every`` steps and at the end of each epoch (one host synchronisation per look): :meth:`check` raises
+    :class:`Diverged` naming the first step whose loss or gradient was not finite. ``agree`` (e.g. an all-reduce of
+    the record across processes) makes every process see the same record."""
 
     def __init__(self, device: torch.device, lr: float, out: str, every: int = CHECK_EVERY,
                  agree: Callable = lambda t: t):
         self.record_ = torch.zeros(every, device=device)
         self.count, self.lr, self.out, self.agree = 0, lr, out, agree
 
-    def record(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> bool:
-        """Store one step's numbers (their sum is non-finite iff one of them is); True when it is time to check."""
-        self.record_[self.count] = loss.detach() + grad_norm
+    def record(self, health: torch.Tensor) -> bool:
+        """Store one step's ``health`` (``train_step``'s); True when it is time to check."""
+        self.record_[self.count] = health
         self.count += 1
         return self.count == len(self.record_)
 

@@ -23,13 +23,13 @@ import torch
 from .callbacks import CallbackList, Checkpoint, MetricsCSV, ProgressBar
 from .data import Dataset, load_dataset
 from .distributed import process_group
-from .distributions import FAMILIES
+from .distributions import LatentSpace
 from .errors import InputError
-from .estimators import Estimator, importance, make_estimator, reparam
+from .estimators import Estimator, importance, make_estimator
 from .gradients import gradient_variance
 from .likelihoods import BINARIZE, LIKELIHOODS, binarize
 from .memory import available_bytes, gib, step_bytes
-from .models import ARCHS, INITS, VAE, build_model
+from .models import ARCHS, INITS, VAE, Terms, build_model
 from .runs import (
     CHECKPOINT,
     CONFIG,
@@ -58,8 +58,9 @@ class Config:
     download: bool = False
     arch: str = "fc"
     init: str = "torch"
+    # a family sized by latent_dim (default 50) and groups, or blocks such as "categorical:10+gaussian:10"
     latent: str = "bernoulli"
-    latent_dim: int = 50
+    latent_dim: int | None = None
     groups: int = 1
     likelihood: str = "bernoulli"
     binarize: str = "none"
@@ -68,6 +69,9 @@ class Config:
     estimator_options: dict = field(default_factory=lambda: {"num_samples": 1})
     # option -> [start, end, rate]: the option is max(end, start * exp(-rate * step)) (annealing, Jang et al. 2017)
     estimator_schedule: dict = field(default_factory=dict)
+    # block name -> [C_max nats, steps]: optimise gamma |KL_block - C(t)|, C(t) = C_max min(1, t / steps) (JointVAE)
+    capacity: dict = field(default_factory=dict)
+    capacity_gamma: float = 30.0
     epochs: int = 300
     batch_size: int = 2048
     lr: float = 1e-3
@@ -105,17 +109,22 @@ class Config:
         for name, ok, need in [("epochs", self.epochs >= 1, "at least 1"), ("batch_size", self.batch_size >= 1,
                                "at least 1"), ("lr", 0 < self.lr < math.inf, "a positive finite number"),
                                ("seed", 0 <= self.seed <= MAX_SEED, f"between 0 and 2^63 - 1 = {MAX_SEED}"),
-                               ("groups", self.groups >= 1, "at least 1"), ("latent_dim", self.latent_dim >= 1,
-                               "at least 1")]:
+                               ("capacity_gamma", 0 < self.capacity_gamma < math.inf, "a positive finite number")]:
             if not ok:
                 raise InputError(f"{name} must be {need}, got {getattr(self, name)}", name)
         for name, value, choices in [("init", self.init, INITS), ("binarize", self.binarize, BINARIZE),
-                                     ("latent", self.latent, FAMILIES), ("likelihood", self.likelihood, LIKELIHOODS),
-                                     ("arch", self.arch, ARCHS)]:
+                                     ("likelihood", self.likelihood, LIKELIHOODS), ("arch", self.arch, ARCHS)]:
             if value not in choices:
                 raise InputError(f"unknown {name} {value!r}; choose one of {', '.join(choices)}")
-        if self.groups != 1 and not FAMILIES[self.latent].has_groups:
-            raise InputError(f"groups applies to a categorical latent, not to a {self.latent} one", "groups")
+        names = [block.name for block in self.space.blocks]
+        for name, value in self.capacity.items():
+            if name not in names:
+                raise InputError(f"capacity of {name!r}: the latent {self.space} has the blocks {', '.join(names)}",
+                                 "capacity")
+            if not (isinstance(value, list) and len(value) == 2 and (_positive_finite(value[0]) or value[0] == 0)
+                    and isinstance(value[1], int) and not isinstance(value[1], bool) and value[1] >= 1):
+                raise InputError(f"the capacity of {name} must be [C_max >= 0 nats, steps >= 1], got {value!r}",
+                                 "capacity")
         if self.grad_var_every < 0 or self.grad_var_repeats < 2:
             raise InputError("grad_var_every must be >= 0 (0: never) and grad_var_repeats >= 2", "grad_var_every",
                              "grad_var_repeats")
@@ -131,6 +140,15 @@ class Config:
                                  f"got {value!r}")
         check_precision(self.precision, resolve_device(self.device))
         return self
+
+    @property
+    def space(self) -> LatentSpace:
+        """The latent: ``LatentSpace.parse(latent, latent_dim, groups)``."""
+        return LatentSpace.parse(self.latent, self.latent_dim, self.groups)
+
+    def capacities(self, step: int) -> dict[str, float]:
+        """Block name -> its capacity C(t) = C_max min(1, t / steps) at training step ``step``."""
+        return {name: c_max * min(1.0, step / steps) for name, (c_max, steps) in self.capacity.items()}
 
 
 def _positive_finite(v) -> bool:
@@ -175,24 +193,25 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def value_estimator(model: VAE):
-    """The estimator used to report metrics: plain Monte Carlo from q (importance with xi = eta), or reparam."""
-    return importance if FAMILIES[model.latent].discrete else reparam
-
-
 @torch.no_grad()
 def elbo_terms(model: VAE, x: torch.Tensor, batch_size: int = 2048, binarization: str = "none",
                precision: str = "fp32") -> dict:
-    """Negative ELBO and its two terms, in nats per example, over all of ``x`` (one sample of z per example), the
-    networks run in ``precision``."""
-    totals = torch.zeros(3, dtype=torch.float64, device=x.device)
+    """Negative ELBO and its two terms (and a hybrid's KL per block, ``Terms.values``), in nats per example, over
+    all of ``x``, E_q[ln p(x|z)] by plain Monte Carlo (one z ~ q(z|x) per example), the networks in ``precision``."""
+    totals = {}
     for i in range(0, len(x), batch_size):
         xb = binarize(x[i:i + batch_size], binarization)
         with autocast(precision, xb.device):
-            t = model(xb, value_estimator(model))
-        totals += torch.stack(t[1:]).double() * len(xb)
-    neg_elbo, ell, kl = (totals / len(x)).tolist()
-    return {"neg_elbo": neg_elbo, "expected_ll": ell, "kl": kl}
+            values = model(xb, importance).values()
+        for name, value in values.items():
+            totals[name] = totals.get(name, 0.0) + value.double() * len(xb)
+    return {name: (total / len(x)).item() for name, total in totals.items()}
+def objective(terms: Terms, cfg: Config, step: int) -> torch.Tensor:
+    """The loss minimised at ``step``: the negative ELBO, each block with a capacity (``cfg.capacity``) taking
+    gamma |KL_block - C_block(t)| in place of its KL (Burgess et al. 2018; JointVAE, Dupont 2018)."""
+    capacities = cfg.capacities(step)
+    return terms.loss + sum(cfg.capacity_gamma * (terms.kl_blocks[name] - c).abs() - terms.kl_blocks[name]
+                            for name, c in capacities.items())
 
 
 def estimator_options(cfg: Config, step: int) -> dict:
@@ -255,8 +274,7 @@ class TrainState:
 
 
 def model_for(cfg: Config, data: Dataset) -> VAE:
-    return build_model(cfg.arch, data.x_train.shape[1:], cfg.latent, cfg.latent_dim, cfg.groups, cfg.likelihood,
-                       cfg.init)
+    return build_model(cfg.arch, data.x_train.shape[1:], cfg.space, likelihood=cfg.likelihood, init=cfg.init)
 
 
 def train(cfg: Config, resume: bool = False, progress: bool = True, data: Dataset | None = None,
@@ -296,7 +314,7 @@ def train(cfg: Config, resume: bool = False, progress: bool = True, data: Datase
         hooks = CallbackList([Checkpoint(out), MetricsCSV(out), *([ProgressBar()] if progress else []),
                               *(callbacks or [])] if ranks.main else [])
 
-        n, one = len(x_train), torch.ones((), device=device)  # one: counts the rows trained on in sums[3]
+        n, one = len(x_train), torch.ones((), device=device)  # one: counts the rows trained on in sums[-1]
         # the fixed mini-batch of the gradient-variance diagnostic (Fig. 5), binarised once with its own generator
         x_fixed = binarize(x_train[:cfg.batch_size], cfg.binarize, torch.Generator(device).manual_seed(cfg.seed))
         forward = forward_fn(ranks.wrap(model), estimator, cfg)
@@ -305,25 +323,28 @@ def train(cfg: Config, resume: bool = False, progress: bool = True, data: Datase
         for epoch in range(state.epoch, cfg.epochs):
             model.train()
             ranks.seed_stream(cfg.seed, epoch)
-            start, sums = time.perf_counter(), torch.zeros(4, dtype=torch.float64, device=device)
+            start, sums = time.perf_counter(), 0.0
             order = torch.randperm(n, generator=state.shuffle).to(device)
             hooks.on_epoch_start(state, math.ceil(n / cfg.batch_size))
             for i in range(0, n - ranks.world + 1, cfg.batch_size):  # (not a last batch with fewer rows than ranks)
-                rows, loss_scale = ranks.share(order[i:i + cfg.batch_size])
+                rows, share = ranks.share(order[i:i + cfg.batch_size])
                 x = binarize(x_train.index_select(0, rows), cfg.binarize)
-                terms, grad_norm = train_step(model, state.optimizer, forward, x, estimator_options(cfg, state.step),
-                                              loss_scale)
+                step = state.step
+                terms, health = train_step(model, state.optimizer, forward, x, estimator_options(cfg, step),
+                                           lambda terms, step=step, share=share: objective(terms, cfg, step) * share)
                 state.step += 1
-                sums.add_(torch.stack([*terms[1:], one]), alpha=len(x))  # no host synchronisation in the loop
-                if guard.record(terms.loss, grad_norm):
+                values = terms.values()  # neg_elbo, expected_ll, kl (a hybrid's kl per block): summed on the device
+                sums = sums + torch.stack([*values.values(), one]).double() * len(x)
+                if guard.record(health):
                     guard.check(epoch + 1, state.step, state.epoch)
                 hooks.on_step_end(state, terms)
             guard.check(epoch + 1, state.step, state.epoch)
             state.elapsed += time.perf_counter() - start
             state.epoch = epoch + 1
-            sums = ranks.all_sum(sums)
+            sums = ranks.all_sum(sums)  # [*values, rows] over the epoch's rows, all ranks'
             if ranks.main:  # evaluated once, by rank 0
-                state.history.append(epoch_row(state, cfg, sums[:3] / sums[3], x_test, x_fixed, estimator))
+                means = dict(zip(values, sums[:-1] / sums[-1], strict=True))
+                state.history.append(epoch_row(state, cfg, means, x_test, x_fixed, estimator))
                 hooks.on_epoch_end(state, state.history[-1])
         hooks.on_train_end(state)
     return state
@@ -340,13 +361,13 @@ def forward_fn(model: VAE, estimator: Estimator, cfg: Config):
     return compiled(forward) if cfg.compile else forward
 
 
-def epoch_row(state: TrainState, cfg: Config, train_terms: torch.Tensor, x_test: torch.Tensor,
+def epoch_row(state: TrainState, cfg: Config, train_terms: dict, x_test: torch.Tensor,
               x_fixed: torch.Tensor, estimator: Estimator) -> dict:
     """The metrics of the epoch ``state.epoch`` just finished (a row of ``metrics.csv``): the train terms averaged
     over its steps, the test terms of the model as it is now and, every ``cfg.grad_var_every`` epochs, the gradient
     variance on the fixed mini-batch ``x_fixed``. Leaves the model in eval mode."""
     state.model.eval()
-    train_terms = dict(zip(("neg_elbo", "expected_ll", "kl"), train_terms.tolist(), strict=True))
+    train_terms = {name: value.item() for name, value in train_terms.items()}
     test_terms = elbo_terms(state.model, x_test, cfg.batch_size, cfg.binarize, cfg.precision)
     grad_var = {}
     if cfg.grad_var_every and state.epoch % cfg.grad_var_every == 0:
