@@ -11,12 +11,13 @@ import torch
 from discvae import build_model
 
 
-def parse_args(doc: str, rounds: int = 7, steps: int = 5, more=None) -> argparse.Namespace:
+def parse_args(doc: str, rounds: int = 7, steps: int = 5, more=None, threads: int = 0) -> argparse.Namespace:
     """``--rounds``, ``--steps``, ``--threads`` (applied here) and what ``more(parser)`` adds; also seeds torch."""
     parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=rounds)
     parser.add_argument("--steps", type=int, default=steps)
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
+    parser.add_argument("--threads", type=int, default=threads,
+                        help=f"torch threads (default: {threads or 'torch' + chr(39) + 's choice'})")
     if more:
         more(parser)
     args = parser.parse_args()

@@ -98,7 +98,8 @@ class MetricsCSV(Callback):
 
 
 class ProgressBar(Callback):
-    """A tqdm bar over each epoch's mini-batches (with the last one's -ELBO), then one line per epoch."""
+    """A tqdm bar over each epoch's mini-batches (with the -ELBO of the step at its last redraw), then one line per
+    epoch."""
 
     def on_train_start(self, state, cfg):
         self.epochs, self.bar = cfg.epochs, None
@@ -107,8 +108,8 @@ class ProgressBar(Callback):
         self.bar = tqdm(total=batches, desc=f"epoch {state.epoch + 1}/{self.epochs}", leave=False)
 
     def on_step_end(self, state, terms):
-        self.bar.set_postfix(loss=f"{terms.neg_elbo.item():.2f}", refresh=False)
-        self.bar.update()
+        if self.bar.update():  # tqdm redrew the bar: only then read the loss (.item() waits for the device)
+            self.bar.set_postfix(loss=f"{terms.neg_elbo.item():.2f}", refresh=False)
 
     def on_epoch_end(self, state, row):
         self.bar.close()

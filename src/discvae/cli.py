@@ -14,10 +14,12 @@ from pathlib import Path
 
 import torch
 
+from . import distributed
 from .callbacks import TensorBoard
 from .errors import InputError
 from .flags import add_flags, build, changed, flag, given
 from .runs import CONFIG, check_output, read_config
+from .speed import PRECISIONS
 from .training import RESUMABLE, Config, load_run, train
 
 
@@ -55,7 +57,8 @@ def cmd_train(args) -> None:
             latent = str(cfg.space).replace(":", "").replace("+", "-")
             cfg.out = f"runs/{name}-{cfg.arch}-{latent}-{cfg.estimator}-s{cfg.seed}"
     train(cfg, resume=args.resume, progress=not args.quiet, callbacks=callbacks)
-    print(cfg.out)
+    if distributed.rank() == 0:  # under torchrun, once
+        print(cfg.out)
 
 
 def _add_reconstruct(sub):
@@ -94,13 +97,16 @@ def _add_evaluate(sub):
     p.add_argument("--batch-size", type=int, default=500, help="images at a time (default 500)")
     p.add_argument("--train-set", action="store_true", help="also evaluate the training set")
     p.add_argument("--seed", type=int, default=0, help="seeds the samples and a dynamic binarisation (default 0)")
+    p.add_argument("--precision", choices=PRECISIONS, default="fp32", help="fp32 (default) or bf16 (the networks "
+                   "under autocast, the log-space sums in fp32)")
     p.set_defaults(func=cmd_evaluate)
 
 
 def cmd_evaluate(args) -> None:
     from .evaluation import EVAL, evaluate_run
 
-    result = evaluate_run(args.run_dir, args.k, args.chunk, args.batch_size, args.train_set, args.seed)
+    result = evaluate_run(args.run_dir, args.k, args.chunk, args.batch_size, args.train_set, args.seed,
+                          args.precision)
     splits = [s for s in ("test", "train") if s in result]
     keys = [k for k in result["test"] if k != "seconds"] + ["seconds"]
     print(f"{'':28s}" + "".join(f"{s:>14s}" for s in splits))

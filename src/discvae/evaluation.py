@@ -23,6 +23,7 @@ from .errors import InputError
 from .estimators import EXACT_MAX_STATES
 from .likelihoods import binarize
 from .runs import check_output, load_checkpoint, write_json
+from .speed import autocast, check_precision
 from .training import elbo_terms, load_run
 
 EVAL = "eval.json"
@@ -136,7 +137,8 @@ def latent_usage(model, x: torch.Tensor, batch_size: int = 2000) -> dict:
     return out
 
 
-def evaluate(model, x: torch.Tensor, k: int = 1000, chunk: int = 100, batch_size: int = 500) -> dict:
+def evaluate(model, x: torch.Tensor, k: int = 1000, chunk: int = 100, batch_size: int = 500,
+             precision: str = "fp32") -> dict:
     """Evaluate ``model`` on the images ``x``.
 
     Args:
@@ -145,6 +147,7 @@ def evaluate(model, x: torch.Tensor, k: int = 1000, chunk: int = 100, batch_size
         k: importance samples of the IWAE bound.
         chunk: samples drawn at a time.
         batch_size: images at a time.
+        precision: ``fp32``, or ``bf16``: the networks under autocast, the log-space sums in fp32.
 
     Returns:
         Means over the rows of ``x``, nats per example: ``neg_elbo``, ``expected_ll``, ``kl``, ``iwae`` (the
@@ -152,18 +155,19 @@ def evaluate(model, x: torch.Tensor, k: int = 1000, chunk: int = 100, batch_size
         entries of :func:`latent_usage`, and ``seconds``.
     """
     start = time.perf_counter()
-    out = elbo_terms(model, x, batch_size)
-    out["iwae"] = iwae_bound(model, x, k, chunk, batch_size).mean().item()
-    states = model.space.num_states
-    if states is not None and states <= EXACT_MAX_STATES:
-        out["exact_log_px"] = exact_log_likelihood(model, x).mean().item()
-    out.update(latent_usage(model, x))
+    with autocast(precision, x.device):
+        out = elbo_terms(model, x, batch_size)
+        out["iwae"] = iwae_bound(model, x, k, chunk, batch_size).mean().item()
+        states = model.space.num_states
+        if states is not None and states <= EXACT_MAX_STATES:
+            out["exact_log_px"] = exact_log_likelihood(model, x).mean().item()
+        out.update(latent_usage(model, x))
     out["seconds"] = round(time.perf_counter() - start, 2)
     return out
 
 
 def evaluate_run(run_dir, k: int = 1000, chunk: int = 100, batch_size: int = 500, train_set: bool = False,
-                 seed: int = 0) -> dict:
+                 seed: int = 0, precision: str = "fp32") -> dict:
     """:func:`evaluate` on the test set (and the training set) of a run; writes ``RUN_DIR/eval.json`` atomically.
 
     Args:
@@ -181,16 +185,17 @@ def evaluate_run(run_dir, k: int = 1000, chunk: int = 100, batch_size: int = 500
     """
     if k < 1 or chunk < 1 or batch_size < 1:
         raise InputError("k, chunk and batch_size must be at least 1", "k", "chunk", "batch_size")
+    check_precision(precision, torch.device("cpu"))
     ckpt = load_checkpoint(run_dir)  # read once: the epoch recorded is that of the weights evaluated
     check_output(Path(run_dir) / EVAL, "file")  # before the work, not after it
     cfg, model, data = load_run(run_dir, ckpt=ckpt)
     result = {"run": str(run_dir), "epoch": ckpt["epoch"], "step": ckpt["step"], "train_seconds": ckpt["elapsed"],
               "k": k, "binarize": cfg.binarize, "latent": str(model.space),
               "exact_max_states": EXACT_MAX_STATES, "active_threshold": ACTIVE_THRESHOLD,
-              "used_fraction": USED_FRACTION}
+              "used_fraction": USED_FRACTION, "precision": precision}
     splits = {"test": data.x_test, **({"train": data.x_train} if train_set else {})}
     for name, x in splits.items():
         torch.manual_seed(seed)
-        result[name] = evaluate(model, fixed_binarization(x, cfg.binarize, seed), k, chunk, batch_size)
+        result[name] = evaluate(model, fixed_binarization(x, cfg.binarize, seed), k, chunk, batch_size, precision)
     write_json(Path(run_dir) / EVAL, result)
     return result

@@ -34,6 +34,11 @@ class Terms(NamedTuple):
         return {"neg_elbo": self.neg_elbo, "expected_ll": self.expected_ll, "kl": self.kl, **blocks}
 
 
+def at_least_fp32(t: torch.Tensor) -> torch.Tensor:
+    """``t`` as float32 if it has a lower precision (a network's output under bf16 autocast), else as it is."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
 class VAE(nn.Module):
     """q(z|x) from ``encoder`` (natural parameters, eq. 4), p(x|z) from ``decoder`` and ``likelihood``.
 
@@ -53,7 +58,7 @@ class VAE(nn.Module):
     def posterior(self, x: torch.Tensor) -> Family:
         """q(z|x): the latent space's family (or :class:`~discvae.distributions.Joint` of blocks) built from the
         encoder's output."""
-        return self.space.posterior(self.encoder(x))
+        return self.space.posterior(at_least_fp32(self.encoder(x)))  # fp32 log-probabilities and KL under bf16 too
 
     def encode(self, x: torch.Tensor, batch_size: int = 1024) -> torch.Tensor:
         """Posterior parameters per image, in batches, without gradient and in eval mode.
@@ -94,8 +99,9 @@ class VAE(nn.Module):
             self.train(training)
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
-        """Decoder outputs (logits) for ``z`` of shape ``[..., dim]``, as ``[..., D]``: one call for all rows."""
-        return self.decoder(z.reshape(-1, z.shape[-1])).reshape(*z.shape[:-1], -1)
+        """Decoder outputs (logits) for ``z`` of shape ``[..., dim]``, as ``[..., D]``: one call for all rows; float32
+        at least (under bf16 autocast the decoder runs in bf16, the likelihood's sums over pixels in fp32)."""
+        return at_least_fp32(self.decoder(z.reshape(-1, z.shape[-1]))).reshape(*z.shape[:-1], -1)
 
     def log_likelihood(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """ln p(x|z) for ``x`` ``[B, ...]`` and ``z`` ``[M, B or 1, dim]``, shape ``[M, B]``."""

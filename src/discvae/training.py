@@ -15,6 +15,7 @@ import math
 import os
 import time
 import typing
+from contextlib import nullcontext
 from dataclasses import MISSING, dataclass, field
 from pathlib import Path
 
@@ -22,8 +23,9 @@ import torch
 
 from .callbacks import CallbackList, Checkpoint, MetricsCSV, ProgressBar
 from .data import DATASETS, Dataset, load_dataset
+from .distributed import process_group
 from .distributions import DEFAULT_SIZE, FAMILIES, LatentSpace
-from .errors import Diverged, InputError
+from .errors import InputError
 from .estimators import BASELINES, ESTIMATORS, Estimator, importance, make_estimator
 from .flags import Flag, documented, setting
 from .gradients import gradient_variance
@@ -41,9 +43,11 @@ from .runs import (
     run_lock,
     write_json,
 )
+from .speed import PRECISIONS, DivergenceGuard, adam, autocast, check_precision, compiled, train_step
 
 # what may change when a run is resumed (a smaller lr continues a run that diverged)
-RESUMABLE = ("epochs", "lr", "device", "data_dir", "download", "out", "grad_var_every", "grad_var_repeats")
+RESUMABLE = ("epochs", "lr", "device", "data_dir", "download", "out", "grad_var_every", "grad_var_repeats",
+             "precision", "compile")
 MAX_SEED = 2**63 - 1
 
 
@@ -113,6 +117,11 @@ class Config:
     grad_var_every: int = setting(1, Flag("record gradient variance every N epochs (0: never)"))
     grad_var_repeats: int = setting(16, Flag("independent gradient estimates R for it"))
     device: str = setting("auto", Flag("auto, cpu, cuda, cuda:N or mps"))
+    precision: str = setting("fp32", Flag("fp32, or bf16: the networks under autocast in bfloat16; weights, "
+                                          "optimizer state and log-space sums in fp32; needs a GPU with bf16 or a "
+                                          "CPU with AVX512-BF16 or AMX", choices=PRECISIONS))
+    compile: bool = setting(False, Flag("torch.compile the training step (falls back to eager, with one line, "
+                                        "where no compiler works)"))
     out: str = setting("runs/mnist", Flag("run directory (default runs/DATASET-ARCH-LATENT-ESTIMATOR-sSEED)"))
 
     def __post_init__(self):
@@ -168,7 +177,7 @@ class Config:
                     and value[0] > 0):
                 raise InputError(f"the schedule of {name} must be [start > 0, end >= 0, rate >= 0], finite, "
                                  f"got {value!r}")
-        resolve_device(self.device)
+        check_precision(self.precision, resolve_device(self.device))
         return self
 
     @property
@@ -224,17 +233,18 @@ def resolve_device(name: str) -> torch.device:
 
 
 @torch.no_grad()
-def elbo_terms(model: VAE, x: torch.Tensor, batch_size: int = 2048, binarization: str = "none") -> dict:
+def elbo_terms(model: VAE, x: torch.Tensor, batch_size: int = 2048, binarization: str = "none",
+               precision: str = "fp32") -> dict:
     """Negative ELBO and its two terms (and a hybrid's KL per block, ``Terms.values``), in nats per example, over
-    all of ``x``, E_q[ln p(x|z)] by plain Monte Carlo (one z ~ q(z|x) per example)."""
+    all of ``x``, E_q[ln p(x|z)] by plain Monte Carlo (one z ~ q(z|x) per example), the networks in ``precision``."""
     totals = {}
     for i in range(0, len(x), batch_size):
         xb = binarize(x[i:i + batch_size], binarization)
-        for name, value in model(xb, importance).values().items():
+        with autocast(precision, xb.device):
+            values = model(xb, importance).values()
+        for name, value in values.items():
             totals[name] = totals.get(name, 0.0) + value.double() * len(xb)
     return {name: (total / len(x)).item() for name, total in totals.items()}
-
-
 def objective(terms: Terms, cfg: Config, step: int) -> torch.Tensor:
     """The loss minimised at ``step``: the negative ELBO, each block with a capacity (``cfg.capacity``) taking
     gamma |KL_block - C_block(t)| in place of its KL (Burgess et al. 2018; JointVAE, Dupont 2018)."""
@@ -286,16 +296,18 @@ class TrainState:
                 "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
                 "epoch": self.epoch, "step": self.step, "elapsed": self.elapsed, "history": self.history}
 
-    def load_state_dict(self, ckpt: dict) -> None:
+    def load_state_dict(self, ckpt: dict, rng: bool = True) -> None:
+        """Continue from ``ckpt``; with ``rng`` (rank 0 of several: only it) also torch's random state."""
         try:
             self.model.load_state_dict(ckpt["model"])
             self.optimizer.load_state_dict(ckpt["optimizer"])
             self.shuffle.set_state(ckpt["shuffle"])
         except (KeyError, RuntimeError, ValueError) as err:
             raise InputError(f"checkpoint does not match this model: {str(err).splitlines()[0]}") from None
-        torch.set_rng_state(ckpt["rng"])
-        if ckpt["cuda_rng"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(ckpt["cuda_rng"])
+        if rng:
+            torch.set_rng_state(ckpt["rng"])
+            if ckpt["cuda_rng"] and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(ckpt["cuda_rng"])
         self.epoch, self.step, self.elapsed = ckpt["epoch"], ckpt["step"], ckpt["elapsed"]
         self.history = ckpt["history"]
 
@@ -324,58 +336,80 @@ def train(cfg: Config, resume: bool = False, progress: bool = True, data: Datase
 
     Raises:
         InputError: a setting, the data or the run directory cannot be used (before any training).
-        Diverged: at the first non-finite loss or gradient, the checkpoint of the last finished epoch left as it was.
+        Diverged: at the first non-finite loss or gradient (looked for every ``speed.CHECK_EVERY`` steps and before
+            each checkpoint), naming its step; the checkpoint of the last finished epoch is left as it was.
     """
     cfg.check()
     estimator = estimator_for(cfg, estimator)
     cfg = dataclasses.replace(cfg, estimator=estimator.name)
     out = check_output(cfg.out)
-    device = resolve_device(cfg.device)
-    hooks = CallbackList([Checkpoint(out), MetricsCSV(out), *([ProgressBar()] if progress else []), *(callbacks or [])])
-    with run_lock(out):
-        ckpt = open_run(cfg, out, resume)
+    with process_group(resolve_device(cfg.device)) as ranks, run_lock(out) if ranks.main else nullcontext():
+        if cfg.batch_size < ranks.world:
+            raise InputError(f"batch_size {cfg.batch_size} is smaller than the {ranks.world} processes sharing each "
+                             "batch", "batch_size")
+        ckpt = open_run(cfg, out, resume) if ranks.main else load_checkpoint(out) if resume else None
+        device = ranks.device
         torch.manual_seed(cfg.seed)
         data = data or load_dataset(cfg.dataset, cfg.data_dir, cfg.download)
         check_memory(cfg, data, device, estimator)
         x_train, x_test = data.x_train.to(device), data.x_test.to(device)
         model = model_for(cfg, data).to(device)
-        state = TrainState(model, torch.optim.Adam(model.parameters(), lr=cfg.lr),
-                           torch.Generator().manual_seed(cfg.seed))
+        state = TrainState(model, adam(model.parameters(), cfg.lr), torch.Generator().manual_seed(cfg.seed))
         if ckpt is not None:
-            state.load_state_dict(ckpt)
+            state.load_state_dict(ckpt, ranks.main)
             for group in state.optimizer.param_groups:
                 group["lr"] = cfg.lr
         check_estimator(model, x_train[:2], estimator)
-        write_json(out / CONFIG, dataclasses.asdict(cfg))
+        if ranks.main:
+            write_json(out / CONFIG, dataclasses.asdict(cfg))
+        hooks = CallbackList([Checkpoint(out), MetricsCSV(out), *([ProgressBar()] if progress else []),
+                              *(callbacks or [])] if ranks.main else [])
 
-        n = len(x_train)
+        n, one = len(x_train), torch.ones((), device=device)  # one: counts the rows trained on in sums[-1]
         # the fixed mini-batch of the gradient-variance diagnostic (Fig. 5), binarised once with its own generator
         x_fixed = binarize(x_train[:cfg.batch_size], cfg.binarize, torch.Generator(device).manual_seed(cfg.seed))
+        forward = forward_fn(ranks.wrap(model), estimator, cfg)
+        guard = DivergenceGuard(device, cfg.lr, cfg.out, agree=ranks.any)
         hooks.on_train_start(state, cfg)
         for epoch in range(state.epoch, cfg.epochs):
             model.train()
-            start, sums = time.perf_counter(), {}
+            ranks.seed_stream(cfg.seed, epoch)
+            start, sums = time.perf_counter(), 0.0
             order = torch.randperm(n, generator=state.shuffle).to(device)
             hooks.on_epoch_start(state, math.ceil(n / cfg.batch_size))
-            for i in range(0, n, cfg.batch_size):
-                x = binarize(x_train[order[i:i + cfg.batch_size]], cfg.binarize)
-                terms = model(x, estimator, **estimator_options(cfg, state.step))
-                loss = objective(terms, cfg, state.step)
-                state.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                check_finite(loss, model, epoch + 1, state, cfg)
-                state.optimizer.step()
+            for i in range(0, n - ranks.world + 1, cfg.batch_size):  # (not a last batch with fewer rows than ranks)
+                rows, share = ranks.share(order[i:i + cfg.batch_size])
+                x = binarize(x_train.index_select(0, rows), cfg.binarize)
+                step = state.step
+                terms, health = train_step(model, state.optimizer, forward, x, estimator_options(cfg, step),
+                                           lambda terms, step=step, share=share: objective(terms, cfg, step) * share)
                 state.step += 1
-                for name, value in terms.values().items():
-                    sums[name] = sums.get(name, 0.0) + value.double() * len(x)
+                values = terms.values()  # neg_elbo, expected_ll, kl (a hybrid's kl per block): summed on the device
+                sums = sums + torch.stack([*values.values(), one]).double() * len(x)
+                if guard.record(health):
+                    guard.check(epoch + 1, state.step, state.epoch)
                 hooks.on_step_end(state, terms)
+            guard.check(epoch + 1, state.step, state.epoch)
             state.elapsed += time.perf_counter() - start
             state.epoch = epoch + 1
-            state.history.append(epoch_row(state, cfg, {k: v / n for k, v in sums.items()}, x_test, x_fixed,
-                                           estimator))
-            hooks.on_epoch_end(state, state.history[-1])
+            sums = ranks.all_sum(sums)  # [*values, rows] over the epoch's rows, all ranks'
+            if ranks.main:  # evaluated once, by rank 0
+                means = dict(zip(values, sums[:-1] / sums[-1], strict=True))
+                state.history.append(epoch_row(state, cfg, means, x_test, x_fixed, estimator))
+                hooks.on_epoch_end(state, state.history[-1])
         hooks.on_train_end(state)
     return state
+
+
+def forward_fn(model: VAE, estimator: Estimator, cfg: Config):
+    """``forward(x, options)``: the model's ``Terms`` on the batch ``x`` with ``estimator(**options)``, the networks
+    in ``cfg.precision``; compiled with ``cfg.compile``."""
+    device = next(model.parameters()).device
+
+    def forward(x: torch.Tensor, options: dict):
+        with autocast(cfg.precision, device):
+            return model(x, estimator, **options)
+    return compiled(forward) if cfg.compile else forward
 
 
 def epoch_row(state: TrainState, cfg: Config, train_terms: dict, x_test: torch.Tensor,
@@ -385,11 +419,12 @@ def epoch_row(state: TrainState, cfg: Config, train_terms: dict, x_test: torch.T
     variance on the fixed mini-batch ``x_fixed``. Leaves the model in eval mode."""
     state.model.eval()
     train_terms = {name: value.item() for name, value in train_terms.items()}
-    test_terms = elbo_terms(state.model, x_test, cfg.batch_size, cfg.binarize)
+    test_terms = elbo_terms(state.model, x_test, cfg.batch_size, cfg.binarize, cfg.precision)
     grad_var = {}
     if cfg.grad_var_every and state.epoch % cfg.grad_var_every == 0:
-        grad_var = gradient_variance(state.model, x_fixed, estimator, cfg.grad_var_repeats,
-                                     **estimator_options(cfg, state.step))
+        with autocast(cfg.precision, x_fixed.device):
+            grad_var = gradient_variance(state.model, x_fixed, estimator, cfg.grad_var_repeats,
+                                         **estimator_options(cfg, state.step))
     return {"epoch": state.epoch, "step": state.step, "time": round(state.elapsed, 3),
             **{f"train_{k}": v for k, v in train_terms.items()}, **{f"test_{k}": v for k, v in test_terms.items()},
             **{f"grad_{k}": v for k, v in grad_var.items()}}
@@ -434,18 +469,6 @@ def check_memory(cfg: Config, data: Dataset, device: torch.device, estimator: Es
         raise InputError(f"a training step would need about {gib(need)} of memory, more than the {gib(have)} "
                          f"free on {device}; lower batch_size, num_samples or latent_dim", "batch_size",
                          "num_samples", "latent_dim")
-
-
-def check_finite(loss: torch.Tensor, model: VAE, epoch: int, state: TrainState, cfg: Config) -> None:
-    """Raise :class:`Diverged` if the loss or a gradient is NaN or infinite (one host synchronisation)."""
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
-    if bool(torch.isfinite(loss) & torch.isfinite(torch.nn.utils.get_total_norm(grads))):
-        return
-    where = f"non-finite loss or gradient at epoch {epoch}, step {state.step + 1} (lr {cfg.lr:g})"
-    if state.epoch:
-        raise Diverged(f"{where}; the last good checkpoint (epoch {state.epoch}) is in {cfg.out}: continue it "
-                       f"with a smaller lr, discvae train --resume --out {cfg.out} --lr {cfg.lr / 10:g}")
-    raise Diverged(f"{where}, before the first checkpoint; start again with a smaller --lr")
 
 
 def load_run(run_dir, device: str = "cpu", ckpt: dict | None = None) -> tuple[Config, VAE, Dataset]:

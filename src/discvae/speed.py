@@ -1,0 +1,140 @@
+"""What makes a training step fast: bf16 autocast (``precision``), ``torch.compile`` with a fallback (``compile``),
+the optimizer, and a divergence guard that does not wait for the device at every step.
+
+``precision="bf16"`` runs the networks under ``torch.autocast`` in bfloat16 while the weights, their gradients and
+Adam's state stay float32; the VAE returns its networks' outputs as float32 (``VAE.posterior``, ``VAE.decode``), so
+the log-space reductions after them -- the sums of log-sigmoid / softplus terms over pixels, log-probabilities of the
+latents, the KL, log-sum-exps -- run in float32 (``distributions._dot`` keeps its matrix product out of autocast).
+It is refused where the hardware has no fast bf16: emulated, it would be slower than fp32.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from .errors import Diverged, InputError
+
+PRECISIONS = ("fp32", "bf16")
+CHECK_EVERY = 100  # steps between two looks of the divergence guard at its device-side record
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags as Linux lists them (``/proc/cpuinfo``: x86 ``flags``, ARM ``Features``); empty
+    elsewhere."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    return {flag for line in text.splitlines() if line.startswith(("flags", "Features"))
+            for flag in line.partition(":")[2].split()}
+
+
+def fast_bf16(device: torch.device) -> bool:
+    """Whether ``device`` multiplies bf16 matrices natively: a CUDA GPU that supports bf16 without emulation, or a CPU
+    with AVX512-BF16 or AMX (x86) or the BF16 extension (ARM)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    if device.type == "cpu":
+        return bool(cpu_flags() & {"avx512_bf16", "amx_bf16", "bf16"})
+    return False
+
+
+def check_precision(precision: str, device: torch.device) -> None:
+    """InputError for an unknown precision, or for bf16 on a device without fast bf16."""
+    if precision not in PRECISIONS:
+        raise InputError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}", "precision")
+    if precision == "bf16" and not fast_bf16(device):
+        what = "this CPU has neither AVX512-BF16 nor AMX" if device.type == "cpu" else f"{device} has no native bf16"
+        raise InputError(f"precision bf16 needs fast bf16 hardware and {what}: it would run slower than fp32; use "
+                         "precision fp32", "precision")
+
+
+def autocast(precision: str, device: torch.device):
+    """The context the networks run in: ``torch.autocast`` to bfloat16 for ``bf16``, a no-op for ``fp32``."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
+def adam(params, lr: float) -> torch.optim.Adam:
+    """Adam with its fused kernel (one pass over all parameters; measured fastest in
+    ``benchmarks/bench_small_batch.py``, against the single-tensor and ``foreach`` implementations)."""
+    return torch.optim.Adam(params, lr=lr, fused=True)
+
+
+def compiled(fn: Callable, what: str = "--compile") -> Callable:
+    """``torch.compile(fn)``, compiled on its first call; where compiling fails (no C++ compiler, an unsupported
+    platform or Python), ``fn`` itself from then on, after one line on stderr. The random state is restored before
+    the fallback runs, so a run that fell back is the run without ``compile``."""
+    def fall_back(err: Exception) -> Callable:
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        print(f"discvae: warning: {what}: torch.compile does not work here ({type(err).__name__}: {reason}); "
+              "running without it", file=sys.stderr)
+        return fn
+
+    try:
+        fast = torch.compile(fn)
+    except Exception as err:  # noqa: BLE001 - whatever stops torch.compile, the step runs uncompiled
+        return fall_back(err)
+    first = True
+
+    def call(*args, **kwargs):
+        nonlocal fast, first
+        if not first:
+            return fast(*args, **kwargs)
+        first, rng = False, torch.get_rng_state()
+        try:
+            return fast(*args, **kwargs)
+        except Exception as err:  # noqa: BLE001 - an error of fn itself is raised again by the eager call below
+            torch.set_rng_state(rng)
+            fast = fall_back(err)
+            return fn(*args, **kwargs)
+    return call
+
+
+def train_step(model, optimizer: torch.optim.Optimizer, forward: Callable, x: torch.Tensor, options: dict,
+               loss_of: Callable = lambda terms: terms.loss):
+    """One optimisation step on the batch ``x``: ``terms = forward(x, options)`` (the model's ``Terms``), the
+    gradient of ``loss_of(terms)``, the optimizer's step. Returns ``terms`` and a device scalar that is finite iff the
+    loss and every gradient are (the loss plus the gradients' total norm); nothing waits for the device."""
+    terms = forward(x, options)
+    loss = loss_of(terms)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    grad_norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
+    optimizer.step()
+    return terms, loss.detach() + grad_norm
+
+
+class DivergenceGuard:
+    """Records every step's health (``train_step``'s: loss plus gradient norm) on the device and looks at the record
+    every ``every`` steps and at the end of each epoch (one host synchronisation per look): :meth:`check` raises
+    :class:`Diverged` naming the first step whose loss or gradient was not finite. ``agree`` (e.g. an all-reduce of
+    the record across processes) makes every process see the same record."""
+
+    def __init__(self, device: torch.device, lr: float, out: str, every: int = CHECK_EVERY,
+                 agree: Callable = lambda t: t):
+        self.record_ = torch.zeros(every, device=device)
+        self.count, self.lr, self.out, self.agree = 0, lr, out, agree
+
+    def record(self, health: torch.Tensor) -> bool:
+        """Store one step's ``health`` (``train_step``'s); True when it is time to check."""
+        self.record_[self.count] = health
+        self.count += 1
+        return self.count == len(self.record_)
+
+    def check(self, epoch: int, step: int, last_epoch: int) -> None:
+        """Raise :class:`Diverged` if a recorded step was not finite, naming it (``step`` is the number of the last
+        step recorded, ``last_epoch`` the epoch of the last checkpoint, 0 if none); else clear the record."""
+        bad = self.agree((~torch.isfinite(self.record_[:self.count])).float())
+        first = int(bad.argmax()) if self.count and bool(bad.any()) else None
+        if first is None:
+            self.count = 0
+            return
+        lr, out = self.lr, self.out
+        where = f"non-finite loss or gradient at epoch {epoch}, step {step - self.count + first + 1} (lr {lr:g})"
+        if last_epoch:
+            raise Diverged(f"{where}; the last good checkpoint (epoch {last_epoch}) is in {out}: continue it with a "
+                           f"smaller lr, discvae train --resume --out {out} --lr {lr / 10:g}")
+        raise Diverged(f"{where}, before the first checkpoint; start again with a smaller --lr")
