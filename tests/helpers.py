@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from discvae.distributions import LatentSpace
+from discvae.latents import LatentSpace
 from discvae.models import VAE
 
 # |z| > Z_MAX for a mean of many i.i.d. estimates has probability < 6e-7 per coordinate under the null (normal

@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from discvae.distributions import Categorical, Gaussian, Joint, LatentSpace
+from discvae.distributions import Categorical, Gaussian, Joint
 from discvae.errors import InputError
 from discvae.estimators import make_estimator
+from discvae.latents import LatentSpace
 from discvae.training import Config, objective
 from helpers import Z_MAX, assert_one_line_error, flat_grad, run_cli, tiny_data, tiny_model, train_digits
 

@@ -7,9 +7,10 @@ from typing import Callable, NamedTuple
 import torch
 from torch import nn
 
-from .distributions import Family, LatentSpace
+from .distributions import Family
 from .errors import InputError
 from .estimators import importance, make_estimator
+from .latents import LatentSpace
 from .likelihoods import LIKELIHOODS
 
 ARCHS = ("fc", "cnn", "linear", "nonlinear")

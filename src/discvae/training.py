@@ -24,11 +24,11 @@ import torch
 from .callbacks import CallbackList, Checkpoint, MetricsCSV, ProgressBar
 from .data import DATASETS, Dataset, load_dataset
 from .distributed import process_group
-from .distributions import DEFAULT_SIZE, FAMILIES, LatentSpace
 from .errors import InputError
 from .estimators import BASELINES, ESTIMATORS, Estimator, importance, make_estimator
 from .flags import Flag, documented, setting
 from .gradients import gradient_variance
+from .latents import DEFAULT_SIZE, FAMILIES, LatentSpace
 from .likelihoods import BINARIZE, LIKELIHOODS, binarize
 from .memory import available_bytes, gib, step_bytes
 from .models import ARCHS, INITS, VAE, Terms, build_model

@@ -12,9 +12,9 @@ import numpy as np
 import torch
 
 from ..data import Dataset
-from ..distributions import Block
 from ..errors import InputError
 from ..evaluation import fixed_binarization
+from ..latents import Block
 from ..runs import atomic_path
 from ..training import load_run
 
