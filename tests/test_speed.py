@@ -40,7 +40,8 @@ def test_under_bf16_the_networks_run_in_bf16_and_the_loss_gradients_and_state_st
     model = build_model("fc", (1, 28, 28), "bernoulli", 12)
     x = (torch.rand(8, 1, 28, 28) < 0.3).float()
     with speed.autocast("bf16", x.device):
-        assert model.encoder(x).dtype == torch.bfloat16
+        assert model.encoder[:-1](x).dtype == model.decoder(torch.rand(8, 12)).dtype == torch.bfloat16
+        assert model.encoder(x).dtype == torch.float32  # the head computing eta runs in fp32 (models.Head)
         terms = model(x, make_estimator("exact"))  # exact: 2^12 states share the batch through one matmul
     assert terms.loss.dtype == torch.float32 and all(v.dtype == torch.float32 for v in terms.values().values())
     optimizer = speed.adam(model.parameters(), 1e-3)

@@ -559,12 +559,12 @@ def _dot(z: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
     """sum_i z[..., i] a[..., i]; states ``z`` of shape ``[S, 1, dim]`` shared by a batch ``a`` ``[B, dim]`` give
     ``[S, B]`` by one matmul (what ``exact`` needs) instead of an ``[S, B, dim]`` product."""
     if z.dim() == 3 and z.shape[1] == 1 and a.dim() == 2:
-        with _no_autocast(a.device):  # a sum of log-space terms: fp32 under bf16 autocast too
+        with no_autocast(a.device):  # a sum of log-space terms: fp32 under bf16 autocast too
             return z.squeeze(1) @ a.T
     return (z * a).sum(-1)
 
 
-def _no_autocast(device: torch.device):
+def no_autocast(device: torch.device):
     """``torch.autocast`` turned off on ``device`` (nothing to turn off on devices without autocast, e.g. meta)."""
     return torch.autocast(device.type, enabled=False) if device.type in ("cpu", "cuda", "mps") else nullcontext()
 

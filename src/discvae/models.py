@@ -7,7 +7,7 @@ from typing import Callable, NamedTuple
 import torch
 from torch import nn
 
-from .distributions import Family
+from .distributions import Family, no_autocast
 from .errors import InputError
 from .estimators import importance, make_estimator
 from .latents import LatentSpace
@@ -150,10 +150,20 @@ class _Unflatten(nn.Module):
         return h.reshape(h.shape[0], *self.shape)
 
 
+class Head(nn.Linear):
+    """The encoder's last layer, which produces the natural parameters eta of q(z|x): an ``nn.Linear`` (same
+    parameters and state dict) that runs in fp32 even under bf16 autocast. In bf16 (8 significant bits) logits of
+    size 10 would carry errors of ~0.05, enough to change which of a categorical's classes win early in training."""
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        with no_autocast(h.device):
+            return super().forward(at_least_fp32(h))
+
+
 def fc(input_shape, param_dim: int, latent_dim: int, hidden: int = 1024):
     """FC_BVAE / FC_CVAE of Table I: D -> 1024 ReLU -> params; dim -> 1024 ReLU -> D (logits)."""
     d = math.prod(input_shape)
-    encoder = nn.Sequential(nn.Flatten(), nn.Linear(d, hidden), nn.ReLU(), nn.Linear(hidden, param_dim))
+    encoder = nn.Sequential(nn.Flatten(), nn.Linear(d, hidden), nn.ReLU(), Head(hidden, param_dim))
     decoder = nn.Sequential(nn.Linear(latent_dim, hidden), nn.ReLU(), nn.Linear(hidden, d))
     return encoder, decoder
 
@@ -162,7 +172,7 @@ def linear(input_shape, param_dim: int, latent_dim: int):
     """The 'linear' benchmark model of the estimator literature (ARM, DisARM; 200 bits): D -> params and
     dim -> D (logits), each one affine map."""
     d = math.prod(input_shape)
-    return nn.Sequential(nn.Flatten(), nn.Linear(d, param_dim)), nn.Linear(latent_dim, d)
+    return nn.Sequential(nn.Flatten(), Head(d, param_dim)), nn.Linear(latent_dim, d)
 
 
 def nonlinear(input_shape, param_dim: int, latent_dim: int, hidden: int = 200, slope: float = 0.2):
@@ -170,11 +180,11 @@ def nonlinear(input_shape, param_dim: int, latent_dim: int, hidden: int = 200, s
     (negative slope 0.2, our choice)."""
     d = math.prod(input_shape)
 
-    def mlp(n_in, n_out):
+    def mlp(n_in, n_out, last=nn.Linear):
         return [nn.Linear(n_in, hidden), nn.LeakyReLU(slope), nn.Linear(hidden, hidden), nn.LeakyReLU(slope),
-                nn.Linear(hidden, n_out)]
+                last(hidden, n_out)]
 
-    return nn.Sequential(nn.Flatten(), *mlp(d, param_dim)), nn.Sequential(*mlp(latent_dim, d))
+    return nn.Sequential(nn.Flatten(), *mlp(d, param_dim, Head)), nn.Sequential(*mlp(latent_dim, d))
 
 
 def cnn(input_shape, param_dim: int, latent_dim: int):
@@ -191,7 +201,7 @@ def cnn(input_shape, param_dim: int, latent_dim: int):
     hs, ws = _conv_plan(input_shape[1], 4), _conv_plan(input_shape[2], 4)
     encoder = nn.Sequential(
         nn.Conv2d(ch, 32, 3, 2, 1), nn.ReLU(), nn.Conv2d(32, 64, 3, 2, 1), nn.ReLU(),
-        nn.Conv2d(64, 128, 3, 2, 1), nn.ReLU(), nn.Flatten(), nn.Linear(128 * hs[3] * ws[3], param_dim))
+        nn.Conv2d(64, 128, 3, 2, 1), nn.ReLU(), nn.Flatten(), Head(128 * hs[3] * ws[3], param_dim))
     widths = [128, 64, 64, 32, ch]
     layers = [nn.Linear(latent_dim, 128 * hs[4] * ws[4]), nn.ReLU(), _Unflatten((128, hs[4], ws[4]))]
     for i in range(4):

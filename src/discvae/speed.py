@@ -1,11 +1,12 @@
 """What makes a training step fast: bf16 autocast (``precision``), ``torch.compile`` with a fallback (``compile``),
 the optimizer, and a divergence guard that does not wait for the device at every step.
 
-``precision="bf16"`` runs the networks under ``torch.autocast`` in bfloat16 while the weights, their gradients and
-Adam's state stay float32; the VAE returns its networks' outputs as float32 (``VAE.posterior``, ``VAE.decode``), so
-the log-space reductions after them -- the sums of log-sigmoid / softplus terms over pixels, log-probabilities of the
-latents, the KL, log-sum-exps -- run in float32 (``distributions._dot`` keeps its matrix product out of autocast).
-It is refused where the hardware has no fast bf16: emulated, it would be slower than fp32.
+``precision="bf16"`` runs the networks under ``torch.autocast`` in bfloat16 (but the encoder's last layer, which
+computes eta, in float32: ``models.Head``) while the weights, their gradients and Adam's state stay float32; the
+VAE returns its networks' outputs as float32 (``VAE.posterior``, ``VAE.decode``), so the log-space reductions after
+them -- the sums of log-sigmoid / softplus terms over pixels, log-probabilities of the latents, the KL, log-sum-exps
+-- run in float32 (``distributions._dot`` keeps its matrix product out of autocast). It is refused where the
+hardware has no fast bf16: emulated, it would be slower than fp32.
 """
 from __future__ import annotations
 
