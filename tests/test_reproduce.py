@@ -17,6 +17,8 @@ def test_reproduce_digits(tmp_path, capsys):
     for name in GRID:
         result = json.loads((out / name / "eval.json").read_text())
         assert result["epoch"] == 1 and result["k"] == 5
+        config = json.loads((out / name / "config.json").read_text())  # He for the CNNs, which collapse without it
+        assert config["init"] == ("he" if config["arch"] == "cnn" else "torch")
         assert re.search(rf"^\| {name} \| 1 \|", report, re.M)
     figures = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", report)
     kinds = ("reconstructions", "samples", "units")
