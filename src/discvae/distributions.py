@@ -27,7 +27,6 @@ from __future__ import annotations
 import functools
 import itertools
 import math
-from contextlib import nullcontext
 from typing import Callable
 
 import torch
@@ -35,6 +34,7 @@ import torch.distributions as td
 import torch.nn.functional as F
 
 from .errors import InputError
+from .speed import no_autocast
 
 MAX_ENUMERATE = 2**20
 USED_FRACTION = 0.1  # a category is used if the aggregate posterior gives it > 1/10 of its uniform share 1/c
@@ -562,11 +562,6 @@ def _dot(z: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
         with no_autocast(a.device):  # a sum of log-space terms: fp32 under bf16 autocast too
             return z.squeeze(1) @ a.T
     return (z * a).sum(-1)
-
-
-def no_autocast(device: torch.device):
-    """``torch.autocast`` turned off on ``device`` (nothing to turn off on devices without autocast, e.g. meta)."""
-    return torch.autocast(device.type, enabled=False) if device.type in ("cpu", "cuda", "mps") else nullcontext()
 
 
 def _digits_to_index(digits: torch.Tensor, base: int) -> torch.Tensor:

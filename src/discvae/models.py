@@ -7,11 +7,12 @@ from typing import Callable, NamedTuple
 import torch
 from torch import nn
 
-from .distributions import Family, no_autocast
+from .distributions import Family
 from .errors import InputError
 from .estimators import importance, make_estimator
 from .latents import LatentSpace
 from .likelihoods import LIKELIHOODS
+from .speed import no_autocast
 
 ARCHS = ("fc", "cnn", "linear", "nonlinear")
 INITS = ("torch", "he")

@@ -11,6 +11,7 @@ hardware has no fast bf16: emulated, it would be slower than fp32.
 from __future__ import annotations
 
 import sys
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Callable
 
@@ -56,6 +57,11 @@ def check_precision(precision: str, device: torch.device) -> None:
 def autocast(precision: str, device: torch.device):
     """The context the networks run in: ``torch.autocast`` to bfloat16 for ``bf16``, a no-op for ``fp32``."""
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
+def no_autocast(device: torch.device):
+    """``torch.autocast`` turned off on ``device`` (nothing to turn off on devices without autocast, e.g. meta)."""
+    return torch.autocast(device.type, enabled=False) if device.type in ("cpu", "cuda", "mps") else nullcontext()
 
 
 def adam(params, lr: float) -> torch.optim.Adam:
