@@ -96,11 +96,6 @@ def process_group(device: torch.device):
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     try:
         yield Ranks(dist.get_rank(), dist.get_world_size(), device)
-        if joined:
-            # A gloo worker thread frees each finished collective's tensors after the caller has moved on, and
-            # needs the GIL for it: one still doing so when the interpreter shuts down aborts the process
-            # ("terminate called without an active exception"). The barrier waits, GIL released, for every rank.
-            dist.barrier()
     finally:
         if joined:
             dist.destroy_process_group()
