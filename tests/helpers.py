@@ -13,11 +13,12 @@ from discvae.models import VAE
 Z_MAX = 5.0
 
 
-def tiny_model(latent: str, classes: int | None = None, groups: int = 1, x_dim: int = 6, seed: int = 0) -> VAE:
+def tiny_model(latent: str, classes: int | None = None, groups: int = 1, x_dim: int = 6, seed: int = 0,
+               prior: str = "standard") -> VAE:
     """Linear encoder x -> eta and a one-hidden-layer decoder z -> logits, in float64; ``latent`` a family with
     ``classes`` (bits, classes, dimensions) and ``groups``, or a spec such as ``categorical:3+gaussian:1``."""
     torch.manual_seed(seed)
-    space = LatentSpace.parse(latent, classes, groups)
+    space = LatentSpace.parse(latent, classes, groups, prior)
     encoder = nn.Linear(x_dim, space.param_dim)
     decoder = nn.Sequential(nn.Linear(space.dim, 8), nn.Tanh(), nn.Linear(8, x_dim))
     with torch.no_grad():

@@ -8,6 +8,8 @@ latent vectors ``z`` of shape ``[..., dim]`` (what the decoder reads):
 * :class:`Gaussian`    -- N(mu, diag sigma^2) from (mu, log sigma^2), the reparameterised baseline (section II).
 * :class:`Joint`       -- independent blocks of the above, z their concatenation (hybrid latents such as
   ``categorical:10+gaussian:10``).
+* :class:`Mixture`     -- a categorical y and a Gaussian z with the prior (1/c) N(z; mu_y, I), the decoder reading z
+  (the ``mixture`` prior: clustering, GMVAE / VaDE).
 
 Every family is a :class:`Family` and answers what callers need (they never branch on a family's name).
 
@@ -81,6 +83,10 @@ class Family:
     def part_slices(self) -> list[slice]:
         """Where each block of ``parts`` lies in z."""
         return [slice(0, self.dim)]
+
+    def kl_parts(self) -> dict[str, torch.Tensor]:
+        """KL(q || p) of each block, by name, ``[B]`` each: here the family's ``kl_to_prior()``."""
+        return {self.name: self.kl_to_prior()}
 
     def estimand(self, f: Callable) -> tuple["Family", Callable]:
         """What a gradient estimator of E_q[f(z)] is given: ``(q, f)`` itself (a :class:`Joint` hands over its
@@ -492,7 +498,10 @@ class Joint(Family):
         return self._sum(self._each("entropy"))
 
     def kl_to_prior(self) -> torch.Tensor:
-        return self._sum(self._each("kl_to_prior"))
+        return self._sum(list(self.kl_parts().values()))
+
+    def kl_parts(self) -> dict[str, torch.Tensor]:
+        return {name: part.kl_to_prior() for name, part in self._parts}
 
     def prior_log_prob(self, z: torch.Tensor) -> torch.Tensor:
         return self._sum([part.prior_log_prob(x) for (_, part), x in zip(self._parts, self._split(z), strict=True)])
@@ -518,6 +527,65 @@ class Joint(Family):
         for (_, part), x in zip(self._parts, self._split(z), strict=True):
             index = index * part.num_states + part.state_index(x)
         return index
+
+
+class Mixture(Joint):
+    """A categorical y beside a Gaussian z under the prior p(y) p(z|y) = (1/c) N(z; mu_y, I) with learned means
+    ``means`` ``[c, K]`` (GMVAE / VaDE): q(y, z|x) = q(y|x) q(z|x), the decoder reads z alone, and the cluster of x
+    is argmax_y q(y|x). Its parts, means, codes and usage are those of the :class:`Joint` of the two blocks; what
+    differs is z (the Gaussian block only) and the prior:
+
+        KL(q || p) = KL(q(y) || 1/c) + sum_y q(y) KL(N(m, s^2) || N(mu_y, I)),
+        KL(N(m, s^2) || N(mu, I)) = 1/2 sum(s^2 + (m - mu)^2 - 1 - ln s^2),
+
+    both in closed form, so y is summed out exactly (no estimator variance from the discrete part): an estimator
+    is given the Gaussian block (``estimand``) and reparameterises it. ln p(z) = logsumexp_y [ln N(z; mu_y, I)] -
+    ln c, the marginal of the mixture (for the IWAE bound). ``join(y, u)`` = mu_y + u: the class's prior mean plus
+    an offset, what the figures decode."""
+
+    def __init__(self, category: Categorical, gaussian: Gaussian, means: torch.Tensor):
+        super().__init__([(category.name, category), (gaussian.name, gaussian)])
+        self.category, self.gaussian, self.means = category, gaussian, means
+
+    @property
+    def dim(self) -> int:
+        return self.gaussian.dim
+
+    def estimand(self, f: Callable) -> tuple[Family, Callable]:
+        return self.gaussian, f
+
+    def join(self, z_d: torch.Tensor, z_c: torch.Tensor) -> torch.Tensor:
+        return z_d @ self.means.to(z_d.dtype) + z_c
+
+    def kl_parts(self) -> dict[str, torch.Tensor]:
+        g = self.gaussian
+        each = 0.5 * (g.logvar.exp()[..., None, :] + (g.loc[..., None, :] - self.means) ** 2 - 1.0
+                      - g.logvar[..., None, :]).sum(-1)  # [B, c]: KL(q(z) || N(mu_y, I)) for every y
+        return {self.category.name: self.category.kl_to_prior(),
+                self.gaussian.name: (self.category.mean * each).sum(-1)}  # mean: q(y) [B, c], one group
+
+    def rsample(self, sample_shape=()) -> torch.Tensor:
+        return self.gaussian.rsample(sample_shape)
+
+    def sample(self, sample_shape=()) -> torch.Tensor:
+        return self.gaussian.sample(sample_shape)
+
+    def log_prob(self, z: torch.Tensor) -> torch.Tensor:
+        return self.gaussian.log_prob(z)
+
+    def mode(self) -> torch.Tensor:
+        return self.gaussian.mode()
+
+    def entropy(self) -> torch.Tensor:
+        return self.gaussian.entropy()
+
+    def prior_log_prob(self, z: torch.Tensor) -> torch.Tensor:
+        each = -0.5 * ((z[..., None, :] - self.means) ** 2 + math.log(2 * math.pi)).sum(-1)  # [..., c]
+        return torch.logsumexp(each, -1) - math.log(len(self.means))
+
+    def prior_sample(self, sample_shape=()) -> torch.Tensor:
+        y = torch.randint(len(self.means), _shape(sample_shape), device=self.means.device)
+        return self.means[y] + torch.randn(*y.shape, self.dim, dtype=self.means.dtype, device=self.means.device)
 
 
 def _from_one_hot(d: td.OneHotCategorical) -> Categorical:

@@ -1,9 +1,11 @@
 """The shape of a latent: which families, what sizes, parsed from ``--latent``.
 
 A :class:`LatentSpace` is one or more :class:`Block` s -- a family of :mod:`discvae.distributions` with its size --
-concatenated in z (``LatentSpace.parse("categorical:10+gaussian:10")``). It sizes the encoder's output and the
-decoder's input, counts the latent states, and builds q(z|x) from an encoder's output: the block's family, or a
-:class:`~discvae.distributions.Joint` of the blocks.
+concatenated in z (``LatentSpace.parse("categorical:10+gaussian:10")``), and its prior: each block's own
+(``standard``) or, for a categorical beside a Gaussian, the ``mixture`` p(y) p(z|y) with learned means
+(:class:`MixturePrior`). It sizes the encoder's output and the decoder's input, counts the latent states, and
+builds q(z|x) from an encoder's output: the block's family, a :class:`~discvae.distributions.Joint` of the blocks,
+or a :class:`~discvae.distributions.Mixture`.
 """
 from __future__ import annotations
 
@@ -12,12 +14,14 @@ import re
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
-from .distributions import Bernoulli, Categorical, Family, Gaussian, Joint
+from .distributions import Bernoulli, Categorical, Family, Gaussian, Joint, Mixture
 from .errors import InputError
 
 FAMILIES = {family.name: family for family in (Bernoulli, Categorical, Gaussian)}
 DEFAULT_SIZE = 50
+PRIORS = ("standard", "mixture")
 _BLOCK = re.compile(r"(?P<family>[a-z]+)(?::(?P<size>\d+)(?:x(?P<groups>\d+))?)?")
 
 
@@ -56,13 +60,18 @@ class LatentSpace:
     the block's family, or a :class:`Joint` of the blocks."""
 
     blocks: tuple[Block, ...]
+    prior: str = "standard"
 
     @classmethod
-    def parse(cls, spec: str, size: int | None = None, groups: int = 1) -> "LatentSpace":
+    def parse(cls, spec: str, size: int | None = None, groups: int = 1, prior: str = "standard") -> "LatentSpace":
         """``spec``: a family name sized by ``size`` (default 50) and ``groups`` -- ``bernoulli``, ``categorical``,
         ``gaussian`` -- or blocks ``family:size`` joined by ``+``, a categorical block as ``categorical:c`` or
         ``categorical:cxG`` (G groups), e.g. ``categorical:10+gaussian:10``; then ``size`` and ``groups`` must be
-        left out. At most one block per family. InputError on anything else."""
+        left out. At most one block per family. ``prior``: ``standard`` (each block's own: uniform, N(0, I)) or
+        ``mixture`` (``categorical:c+gaussian:K`` only: p(y) p(z|y) = (1/c) N(z; mu_y, I), the decoder reading z).
+        InputError on anything else."""
+        if prior not in PRIORS:
+            raise InputError(f"unknown prior {prior!r}; choose one of {', '.join(PRIORS)}", "prior")
         if not isinstance(spec, str):
             raise InputError(f"latent must be a string such as bernoulli or categorical:10+gaussian:10, not {spec!r}")
         parts = [_BLOCK.fullmatch(part) for part in spec.split("+")]
@@ -89,7 +98,10 @@ class LatentSpace:
         if len(set(names)) < len(names):
             raise InputError(f"latent {spec!r} repeats a family; give each family once (a categorical with several "
                              f"groups is categorical:CxG)", "latent")
-        return cls(tuple(blocks))
+        if prior == "mixture" and [(b.family, b.groups) for b in blocks] != [(Categorical, 1), (Gaussian, 1)]:
+            raise InputError(f"prior mixture needs a latent categorical:C+gaussian:K (one group), not {spec!r}",
+                             "prior")
+        return cls(tuple(blocks), prior)
 
     def __str__(self) -> str:
         return "+".join(map(str, self.blocks))
@@ -100,7 +112,8 @@ class LatentSpace:
 
     @property
     def dim(self) -> int:
-        return sum(b.dim for b in self.blocks)
+        """The length of z, what the decoder reads: the blocks side by side; with the mixture prior, z alone."""
+        return self.blocks[-1].dim if self.prior == "mixture" else sum(b.dim for b in self.blocks)
 
     @property
     def discrete(self) -> bool:
@@ -117,9 +130,26 @@ class LatentSpace:
         discrete = [b for b in self.blocks if b.num_states is not None]
         return discrete[0] if len(discrete) == 1 else None
 
-    def posterior(self, params: torch.Tensor) -> Family:
-        """q(z|x) from the encoder's output ``params`` ``[..., param_dim]``."""
+    def prior_module(self) -> "MixturePrior | None":
+        """The prior's learned parameters as a module for the VAE to hold, None for the standard priors."""
+        return MixturePrior(self.blocks[0].size, self.blocks[1].size) if self.prior == "mixture" else None
+
+    def posterior(self, params: torch.Tensor, prior: "MixturePrior | None" = None) -> Family:
+        """q(z|x) from the encoder's output ``params`` ``[..., param_dim]``, with the learned ``prior`` of
+        ``prior_module()`` when there is one."""
         if len(self.blocks) == 1:
             return self.blocks[0].family.from_params(params, self.blocks[0].groups)
         chunks = params.split([b.param_dim for b in self.blocks], -1)
-        return Joint([(b.name, b.family.from_params(c, b.groups)) for b, c in zip(self.blocks, chunks, strict=True)])
+        parts = [b.family.from_params(c, b.groups) for b, c in zip(self.blocks, chunks, strict=True)]
+        if prior is not None:
+            return Mixture(*parts, prior.means)
+        return Joint([(b.name, part) for b, part in zip(self.blocks, parts, strict=True)])
+
+
+class MixturePrior(nn.Module):
+    """The learned means mu_y ``[c, K]`` of the mixture prior p(z|y) = N(mu_y, I), drawn from N(0, I) at the start
+    (zeros would leave every class the same prior and nothing to tell them apart)."""
+
+    def __init__(self, classes: int, dim: int):
+        super().__init__()
+        self.means = nn.Parameter(torch.randn(classes, dim))

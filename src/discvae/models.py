@@ -55,12 +55,14 @@ class VAE(nn.Module):
             raise InputError(f"unknown likelihood {likelihood!r}; choose one of {', '.join(LIKELIHOODS)}")
         self.encoder, self.decoder = encoder, decoder
         self.space = latent if isinstance(latent, LatentSpace) else LatentSpace.parse(latent)
+        self.prior = self.space.prior_module()  # the learned prior's parameters (mixture), else None
         self.likelihood = LIKELIHOODS[likelihood]
 
     def posterior(self, x: torch.Tensor) -> Family:
         """q(z|x): the latent space's family (or :class:`~discvae.distributions.Joint` of blocks) built from the
         encoder's output."""
-        return self.space.posterior(at_least_fp32(self.encoder(x)))  # fp32 log-probabilities and KL under bf16 too
+        # fp32 log-probabilities and KL under bf16 too
+        return self.space.posterior(at_least_fp32(self.encoder(x)), self.prior)
 
     def encode(self, x: torch.Tensor, batch_size: int = 1024) -> torch.Tensor:
         """Posterior parameters per image, in batches, without gradient and in eval mode.
@@ -129,7 +131,7 @@ class VAE(nn.Module):
             estimator, options = make_estimator(estimator, **options), {}
         q = self.posterior(x)
         expected_ll = estimator(*q.estimand(lambda z: self.log_likelihood(x, z)), **options)
-        kl_blocks = {name: part.kl_to_prior().mean() for name, part in q.parts}
+        kl_blocks = {name: kl.mean() for name, kl in q.kl_parts().items()}
         ell, kl = expected_ll.mean(), sum(kl_blocks.values())
         return Terms(kl - ell, (kl - ell).detach(), ell.detach(), kl.detach(), kl_blocks)
 

@@ -28,7 +28,7 @@ from .errors import InputError
 from .estimators import BASELINES, ESTIMATORS, Estimator, importance, make_estimator
 from .flags import Flag, documented, setting
 from .gradients import gradient_variance
-from .latents import DEFAULT_SIZE, FAMILIES, LatentSpace
+from .latents import DEFAULT_SIZE, FAMILIES, PRIORS, LatentSpace
 from .likelihoods import BINARIZE, LIKELIHOODS, binarize
 from .memory import available_bytes, gib, step_bytes
 from .models import ARCHS, INITS, VAE, Terms, build_model
@@ -87,6 +87,10 @@ class Config:
         "joined by +, e.g. categorical:10+gaussian:10, bernoulli:32+gaussian:8, categorical:10x20 (20 groups)"))
     latent_dim: int | None = setting(None, Flag(f"bits, classes per group, or Gaussian dims (default {DEFAULT_SIZE})"))
     groups: int = setting(1, Flag("independent categorical groups"))
+    prior: str = setting("standard", Flag(
+        "p(z): standard (uniform classes and bits, N(0, I)) or mixture, for a latent categorical:C+gaussian:K: "
+        "p(y) p(z|y) = (1/C) N(z; mu_y, I) with learned means, the decoder reading z alone, y summed out exactly "
+        "(GMVAE / VaDE clustering; train with --estimator reparam)", choices=PRIORS))
     likelihood: str = setting("bernoulli", Flag("p(x|z)", choices=list(LIKELIHOODS)))
     binarize: str = setting("none", Flag("data binarisation", choices=BINARIZE))
     estimator: str = setting("importance", Flag("gradient estimator", choices=list(ESTIMATORS)))
@@ -182,8 +186,8 @@ class Config:
 
     @property
     def space(self) -> LatentSpace:
-        """The latent: ``LatentSpace.parse(latent, latent_dim, groups)``."""
-        return LatentSpace.parse(self.latent, self.latent_dim, self.groups)
+        """The latent: ``LatentSpace.parse(latent, latent_dim, groups, prior)``."""
+        return LatentSpace.parse(self.latent, self.latent_dim, self.groups, self.prior)
 
     def capacities(self, step: int) -> dict[str, float]:
         """Block name -> its capacity C(t) = C_max min(1, t / steps) at training step ``step``."""
