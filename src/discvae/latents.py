@@ -141,7 +141,9 @@ class LatentSpace:
             return self.blocks[0].family.from_params(params, self.blocks[0].groups)
         chunks = params.split([b.param_dim for b in self.blocks], -1)
         parts = [b.family.from_params(c, b.groups) for b, c in zip(self.blocks, chunks, strict=True)]
-        if prior is not None:
+        if self.prior == "mixture":
+            if prior is None:
+                raise ValueError("a latent with the mixture prior needs that prior's module (VAE.prior)")
             return Mixture(*parts, prior.means)
         return Joint([(b.name, part) for b, part in zip(self.blocks, parts, strict=True)])
 
