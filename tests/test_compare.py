@@ -1,4 +1,5 @@
 """``discvae compare`` on the embedded digits, ``discvae train`` with every estimator, and the option schedule."""
+import dataclasses
 import json
 import math
 
@@ -44,6 +45,11 @@ def test_compare_on_digits_writes_its_report(tmp_path, digits):
     metrics = (tmp_path / "runs" / "rloo" / "metrics.csv").read_text()
     compare(base, specs[1:2], comparison, data=digits)
     assert (tmp_path / "runs" / "rloo" / "metrics.csv").read_text() == metrics
+    # and a longer comparison continues them, keeping the bounds already measured as they were written
+    bounds = (tmp_path / "runs" / "rloo" / "iwae.csv").read_text()
+    compare(dataclasses.replace(base, epochs=3), specs[1:2], comparison, data=digits)
+    longer = (tmp_path / "runs" / "rloo" / "iwae.csv").read_text()
+    assert longer.startswith(bounds) and [row.split(",")[0] for row in longer.splitlines()] == ["epoch", "1", "2", "3"]
 
 
 def test_compare_with_zero_epochs_measures_bias_and_variance_only(tmp_path, digits):

@@ -165,7 +165,8 @@ def train_with_bounds(cfg: Config, data: Dataset, eval_every: int, x_eval: torch
     """Train ``cfg`` to ``cfg.epochs`` in chunks of ``eval_every`` epochs, measuring the mean test IWAE bound after
     each chunk; resumes a partial run and reuses the bounds already in its ``iwae.csv``."""
     out = Path(cfg.out)
-    done = read_csv(out / IWAE_CSV) if (out / CHECKPOINT).exists() and (out / IWAE_CSV).exists() else []
+    done = [{**row, "epoch": int(row["epoch"]), "step": int(row["step"])} for row in read_csv(out / IWAE_CSV)] \
+        if (out / CHECKPOINT).exists() and (out / IWAE_CSV).exists() else []
     for epoch in sorted({*range(eval_every, cfg.epochs, eval_every), cfg.epochs}):
         if done and epoch <= done[-1]["epoch"]:
             continue
