@@ -73,3 +73,17 @@ def test_a_two_rank_run_resumed_on_two_ranks_is_bit_identical_to_an_uninterrupte
     metrics = {run: (run / "metrics.csv").read_text().splitlines() for run in (whole, parts)}
     untimed = {run: [row.split(",")[:2] + row.split(",")[3:] for row in rows] for run, rows in metrics.items()}
     assert len(untimed[whole]) == 3 and untimed[whole] == untimed[parts]  # all but the wall time
+
+
+def test_a_rank_ends_without_interpreter_shutdown_yet_keeps_its_exit_status_and_output(tmp_path):
+    """Under torchrun (WORLD_SIZE > 1) ``python -m discvae`` ends with os._exit (gloo's workers can abort an
+    interpreter shutdown): the exit status and what was printed must survive it."""
+    env = {**os.environ, "WORLD_SIZE": "2",
+           "PYTHONPATH": os.pathsep.join([str(Path(discvae.__file__).parents[1]), os.environ.get("PYTHONPATH", "")])}
+    result = subprocess.run([sys.executable, "-c", "import atexit, sys; from discvae.__main__ import main; "
+                             "atexit.register(print, 'shutdown ran'); sys.exit(main())",
+                             "evaluate", str(tmp_path / "missing")],
+                            env=env, capture_output=True, text=True, timeout=TIMEOUT)
+    assert result.returncode == 2
+    assert result.stderr.startswith("discvae evaluate: error:") and len(result.stderr.splitlines()) == 1
+    assert "shutdown ran" not in result.stdout  # no interpreter shutdown: atexit handlers do not run
