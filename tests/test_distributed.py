@@ -24,10 +24,15 @@ FLAGS = ["--dataset", "digits", "--latent", "categorical", "--latent-dim", "10",
          "--batch-size", "256", "--lr", str(LR), "--grad-var-every", "1", "--quiet"]
 
 
+def environment(**extra: str) -> dict:
+    """This environment with ``extra`` and discvae importable in a subprocess."""
+    return {**os.environ, **extra,
+            "PYTHONPATH": os.pathsep.join([str(Path(discvae.__file__).parents[1]), os.environ.get("PYTHONPATH", "")])}
+
+
 def torchrun(*argv) -> subprocess.CompletedProcess:
     """``torchrun --standalone --nproc-per-node 2 -m discvae ARGV`` with one thread per rank."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join([str(Path(discvae.__file__).parents[1]), os.environ.get("PYTHONPATH", "")])}
+    env = environment(OMP_NUM_THREADS="1")
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                "-m", "discvae", *map(str, argv)]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=TIMEOUT)
@@ -78,12 +83,10 @@ def test_a_two_rank_run_resumed_on_two_ranks_is_bit_identical_to_an_uninterrupte
 def test_a_rank_ends_without_interpreter_shutdown_yet_keeps_its_exit_status_and_output(tmp_path):
     """Under torchrun (WORLD_SIZE > 1) ``python -m discvae`` ends with os._exit (gloo's workers can abort an
     interpreter shutdown): the exit status and what was printed must survive it."""
-    env = {**os.environ, "WORLD_SIZE": "2",
-           "PYTHONPATH": os.pathsep.join([str(Path(discvae.__file__).parents[1]), os.environ.get("PYTHONPATH", "")])}
     result = subprocess.run([sys.executable, "-c", "import atexit, sys; from discvae.__main__ import main; "
                              "atexit.register(print, 'shutdown ran'); sys.exit(main())",
                              "evaluate", str(tmp_path / "missing")],
-                            env=env, capture_output=True, text=True, timeout=TIMEOUT)
+                            env=environment(WORLD_SIZE="2"), capture_output=True, text=True, timeout=TIMEOUT)
     assert result.returncode == 2
     assert result.stderr.startswith("discvae evaluate: error:") and len(result.stderr.splitlines()) == 1
     assert "shutdown ran" not in result.stdout  # no interpreter shutdown: atexit handlers do not run

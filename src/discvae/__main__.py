@@ -11,7 +11,7 @@ def main(argv=None) -> int:
     ("terminate called without an active exception"; seen in about 1 of 5 two-rank runs under load). Everything
     the run writes is on disk by then (atomic, fsynced writes)."""
     code = _run(argv)
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # distributed.launched(), without importing torch here
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)

@@ -346,6 +346,11 @@ class Gaussian(Family):
     def __init__(self, params: torch.Tensor):
         self.loc, self.logvar = params.chunk(2, -1)
 
+    @classmethod
+    def of(cls, loc: torch.Tensor, logvar: torch.Tensor) -> "Gaussian":
+        """N(loc, diag exp(logvar)), the two broadcast against each other."""
+        return cls(torch.cat(torch.broadcast_tensors(loc, logvar), -1))
+
     @staticmethod
     def param_dim(size: int, groups: int = 1) -> int:
         return 2 * size
@@ -538,8 +543,9 @@ class Mixture(Joint):
         KL(q || p) = KL(q(y) || 1/c) + sum_y q(y) KL(N(m, s^2) || N(mu_y, I)),
         KL(N(m, s^2) || N(mu, I)) = 1/2 sum(s^2 + (m - mu)^2 - 1 - ln s^2),
 
-    both in closed form, so y is summed out exactly (no estimator variance from the discrete part): an estimator
-    is given the Gaussian block (``estimand``) and reparameterises it. ln p(z) = logsumexp_y [ln N(z; mu_y, I)] -
+    both in closed form (the second is the Gaussian's own KL to N(0, I) of z - mu_y), so y is summed out exactly (no
+    estimator variance from the discrete part): an estimator is given the Gaussian block (``estimand``) and
+    reparameterises it. ln p(z) = logsumexp_y [ln N(z; mu_y, I)] -
     ln c, the marginal of the mixture (for the IWAE bound). ``join(y, u)`` = mu_y + u: the class's prior mean plus
     an offset, what the figures decode."""
 
@@ -558,9 +564,8 @@ class Mixture(Joint):
         return z_d @ self.means.to(z_d.dtype) + z_c
 
     def kl_parts(self) -> dict[str, torch.Tensor]:
-        g = self.gaussian
-        each = 0.5 * (g.logvar.exp()[..., None, :] + (g.loc[..., None, :] - self.means) ** 2 - 1.0
-                      - g.logvar[..., None, :]).sum(-1)  # [B, c]: KL(q(z) || N(mu_y, I)) for every y
+        g = self.gaussian  # KL(N(m, s^2) || N(mu_y, I)) = KL(N(m - mu_y, s^2) || N(0, I)), for every y: [B, c]
+        each = Gaussian.of(g.loc[..., None, :] - self.means, g.logvar[..., None, :]).kl_to_prior()
         return {self.category.name: self.category.kl_to_prior(),
                 self.gaussian.name: (self.category.mean * each).sum(-1)}  # mean: q(y) [B, c], one group
 
@@ -580,7 +585,7 @@ class Mixture(Joint):
         return self.gaussian.entropy()
 
     def prior_log_prob(self, z: torch.Tensor) -> torch.Tensor:
-        each = -0.5 * ((z[..., None, :] - self.means) ** 2 + math.log(2 * math.pi)).sum(-1)  # [..., c]
+        each = self.gaussian.prior_log_prob(z[..., None, :] - self.means)  # ln N(z; mu_y, I) for every y: [..., c]
         return torch.logsumexp(each, -1) - math.log(len(self.means))
 
     def prior_sample(self, sample_shape=()) -> torch.Tensor:
