@@ -58,7 +58,9 @@ def test_shared_state_decoding_matches_per_row():
 
 @pytest.mark.parametrize("kwargs,match", [({"arch": "mlp"}, "architecture"), ({"latent": "poisson"}, "latent"),
                                           ({"latent_dim": 0}, "too small"), ({"likelihood": "beta"}, "likelihood"),
-                                          ({"init": "xavier"}, "init")])
+                                          ({"init": "xavier"}, "init"),
+                                          ({"arch": "cnn", "hidden": 64}, "the cnn architecture has no hidden width"),
+                                          ({"arch": "linear", "hidden": 64}, "the linear architecture has no hidden")])
 def test_bad_model_arguments(kwargs, match):
     args = {"arch": "fc", "input_shape": (1, 8, 8), **kwargs}
     with pytest.raises(InputError, match=match):
@@ -79,6 +81,15 @@ def test_benchmark_architectures_of_the_estimator_literature(arch, hidden):
     terms = model(x, "disarm", num_samples=2)
     terms.loss.backward()
     assert torch.isfinite(terms.loss) and all(p.grad is not None for p in model.parameters())
+
+
+@pytest.mark.parametrize("arch,layers", [("fc", 1), ("nonlinear", 2)])
+def test_hidden_sets_the_width_of_every_hidden_layer(arch, layers):
+    model = build_model(arch, (1, 8, 8), "bernoulli", 6, hidden=17)
+    for net, n_in, n_out in ((model.encoder, 64, 6), (model.decoder, 6, 64)):
+        sizes = [n_in, *[17] * layers, n_out]
+        linears = [m for m in net.modules() if isinstance(m, torch.nn.Linear)]
+        assert [(m.in_features, m.out_features) for m in linears] == list(zip(sizes[:-1], sizes[1:], strict=True))
 
 
 def test_he_init_draws_weights_with_variance_2_over_fan_in():

@@ -1,6 +1,7 @@
 """The VAE and the architectures of Table I."""
 from __future__ import annotations
 
+import inspect
 import math
 from typing import Callable, NamedTuple
 
@@ -165,7 +166,8 @@ class Head(nn.Linear):
 
 
 def fc(input_shape, param_dim: int, latent_dim: int, hidden: int = 1024):
-    """FC_BVAE / FC_CVAE of Table I: D -> 1024 ReLU -> params; dim -> 1024 ReLU -> D (logits)."""
+    """FC_BVAE / FC_CVAE of Table I: D -> 1024 ReLU -> params; dim -> 1024 ReLU -> D (logits); ``hidden`` in place
+    of 1024."""
     d = math.prod(input_shape)
     encoder = nn.Sequential(nn.Flatten(), nn.Linear(d, hidden), nn.ReLU(), Head(hidden, param_dim))
     decoder = nn.Sequential(nn.Linear(latent_dim, hidden), nn.ReLU(), nn.Linear(hidden, d))
@@ -181,7 +183,7 @@ def linear(input_shape, param_dim: int, latent_dim: int):
 
 def nonlinear(input_shape, param_dim: int, latent_dim: int, hidden: int = 200, slope: float = 0.2):
     """The 'nonlinear' benchmark model: D -> 200 -> 200 -> params and dim -> 200 -> 200 -> D, LeakyReLU
-    (negative slope 0.2, our choice)."""
+    (negative slope 0.2, our choice); ``hidden`` in place of 200."""
     d = math.prod(input_shape)
 
     def mlp(n_in, n_out, last=nn.Linear):
@@ -233,13 +235,17 @@ def initialize(module: nn.Module, init: str) -> nn.Module:
 
 
 def build_model(arch: str, input_shape, latent: str | LatentSpace = "bernoulli", latent_dim: int | None = None,
-                groups: int = 1, likelihood: str = "bernoulli", init: str = "torch") -> VAE:
+                groups: int = 1, likelihood: str = "bernoulli", init: str = "torch", hidden: int | None = None) -> VAE:
     """A VAE with the Table I architecture ``arch`` for data of shape ``input_shape`` ([C, H, W] or [D]), the
     latent ``LatentSpace.parse(latent, latent_dim, groups)`` (e.g. ``"bernoulli", 50`` or
-    ``"categorical:10+gaussian:10"``), its weights initialised by ``init`` (see :func:`initialize`)."""
+    ``"categorical:10+gaussian:10"``), its weights initialised by ``init`` (see :func:`initialize`), its hidden
+    layers ``hidden`` wide if given (the architectures that have a width: ``fc``, ``nonlinear``)."""
     if arch not in ARCHS:
         raise InputError(f"unknown architecture {arch!r}; choose one of {', '.join(ARCHS)}")
     space = latent if isinstance(latent, LatentSpace) else LatentSpace.parse(latent, latent_dim, groups)
-    encoder, decoder = {"fc": fc, "cnn": cnn, "linear": linear, "nonlinear": nonlinear}[arch](
-        tuple(input_shape), space.param_dim, space.dim)
+    make = {"fc": fc, "cnn": cnn, "linear": linear, "nonlinear": nonlinear}[arch]
+    if hidden is not None and "hidden" not in inspect.signature(make).parameters:
+        raise InputError(f"the {arch} architecture has no hidden width to set (fc and nonlinear have)", "hidden")
+    encoder, decoder = make(tuple(input_shape), space.param_dim, space.dim, **({} if hidden is None else
+                                                                                {"hidden": hidden}))
     return initialize(VAE(encoder, decoder, space, likelihood), init)

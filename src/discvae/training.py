@@ -80,6 +80,8 @@ class Config:
                                               "else ~/.cache/discvae)"))
     download: bool = setting(False, Flag("fetch missing MNIST/Fashion-MNIST files"))
     arch: str = setting("fc", Flag("Table I architecture", choices=ARCHS))
+    hidden: int | None = setting(None, Flag("width of the hidden layers of the fc (default 1024) and nonlinear "
+                                            "(default 200) architectures"))
     init: str = setting("torch", Flag("weight initialisation: torch (PyTorch's default) or he (N(0, 2/fan_in), zero "
                                       "biases)", choices=INITS))
     latent: str = setting("bernoulli", Flag(
@@ -152,7 +154,8 @@ class Config:
         for name, ok, need in [("epochs", self.epochs >= 1, "at least 1"), ("batch_size", self.batch_size >= 1,
                                "at least 1"), ("lr", 0 < self.lr < math.inf, "a positive finite number"),
                                ("seed", 0 <= self.seed <= MAX_SEED, f"between 0 and 2^63 - 1 = {MAX_SEED}"),
-                               ("capacity_gamma", 0 < self.capacity_gamma < math.inf, "a positive finite number")]:
+                               ("capacity_gamma", 0 < self.capacity_gamma < math.inf, "a positive finite number"),
+                               ("hidden", self.hidden is None or self.hidden >= 1, "at least 1")]:
             if not ok:
                 raise InputError(f"{name} must be {need}, got {getattr(self, name)}", name)
         for name, value, choices in [("init", self.init, INITS), ("binarize", self.binarize, BINARIZE),
@@ -317,7 +320,8 @@ class TrainState:
 
 
 def model_for(cfg: Config, data: Dataset) -> VAE:
-    return build_model(cfg.arch, data.x_train.shape[1:], cfg.space, likelihood=cfg.likelihood, init=cfg.init)
+    return build_model(cfg.arch, data.x_train.shape[1:], cfg.space, likelihood=cfg.likelihood, init=cfg.init,
+                       hidden=cfg.hidden)
 
 
 def train(cfg: Config, resume: bool = False, progress: bool = True, data: Dataset | None = None,
