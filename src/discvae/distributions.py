@@ -8,7 +8,7 @@ latent vectors ``z`` of shape ``[..., dim]`` (what the decoder reads):
 * :class:`Gaussian`    -- N(mu, diag sigma^2) from (mu, log sigma^2), the reparameterised baseline (section II).
 * :class:`Joint`       -- independent blocks of the above, z their concatenation (hybrid latents such as
   ``categorical:10+gaussian:10``).
-* :class:`Mixture`     -- a Gaussian z under a learned Gaussian-mixture prior, its cluster y summed out exactly
+* :class:`Mixture`     -- a categorical y and a Gaussian z with the prior (1/c) N(z; mu_y, I), the decoder reading z
   (the ``mixture`` prior: clustering, GMVAE / VaDE).
 
 Every family is a :class:`Family` and answers what callers need (they never branch on a family's name).
@@ -535,25 +535,23 @@ class Joint(Family):
 
 
 class Mixture(Joint):
-    """A Gaussian z under the mixture prior p(y) p(z|y) = (1/c) N(z; mu_y, I) with learned means ``means`` ``[c, K]``
-    (GMVAE / VaDE), the cluster y summed out exactly. The encoder gives q(z|x) = N(m, s^2) alone; q(y|x) is the one
-    that maximises the ELBO for it,
+    """A categorical y beside a Gaussian z under the prior p(y) p(z|y) = (1/c) N(z; mu_y, I) with learned means
+    ``means`` ``[c, K]`` (GMVAE / VaDE): q(y, z|x) = q(y|x) q(z|x), the decoder reads z alone, and the cluster of x
+    is argmax_y q(y|x). Its parts, means, codes and usage are those of the :class:`Joint` of the two blocks; what
+    differs is z (the Gaussian block only) and the prior:
 
-        q(y|x) = softmax_y(ln p(y) - KL_y),
-        KL_y = KL(N(m, s^2) || N(mu_y, I)) = 1/2 sum(s^2 + (m - mu_y)^2 - 1 - ln s^2)
+        KL(q || p) = KL(q(y) || 1/c) + sum_y q(y) KL(N(m, s^2) || N(mu_y, I)),
+        KL(N(m, s^2) || N(mu, I)) = 1/2 sum(s^2 + (m - mu)^2 - 1 - ln s^2),
 
-    (the Gaussian's own KL to N(0, I) of z - mu_y), so that KL(q(y, z|x) || p(y, z)) = KL(q(y) || 1/c) +
-    sum_y q(y) KL_y = ln c - logsumexp_y(-KL_y), in closed form: no estimator variance from y; an estimator is given
-    the Gaussian (``estimand``) and reparameterises it. The cluster of x is argmax_y q(y|x), the component nearest
-    in KL. Its parts (the categorical q(y|x) and the Gaussian), codes and usage are those of the :class:`Joint` of
-    the two; the decoder reads z alone. ln p(z) = logsumexp_y ln N(z; mu_y, I) - ln c, the mixture's marginal (for
-    the IWAE bound). ``join(y, u)`` = mu_y + u, the class's prior mean plus an offset, what the figures decode."""
+    both in closed form (the second is the Gaussian's own KL to N(0, I) of z - mu_y), so y is summed out exactly (no
+    estimator variance from the discrete part): an estimator is given the Gaussian block (``estimand``) and
+    reparameterises it. ln p(z) = logsumexp_y [ln N(z; mu_y, I)] -
+    ln c, the marginal of the mixture (for the IWAE bound). ``join(y, u)`` = mu_y + u: the class's prior mean plus
+    an offset, what the figures decode."""
 
-    def __init__(self, gaussian: Gaussian, means: torch.Tensor):
-        self.gaussian, self.means = gaussian, means
-        self.kl_each = Gaussian.of(gaussian.loc[..., None, :] - means, gaussian.logvar[..., None, :]).kl_to_prior()
-        self.category = Categorical(-self.kl_each)  # KL_y for every y: [..., c]; q(y|x), p(y) uniform
-        super().__init__([(self.category.name, self.category), (gaussian.name, gaussian)])
+    def __init__(self, category: Categorical, gaussian: Gaussian, means: torch.Tensor):
+        super().__init__([(category.name, category), (gaussian.name, gaussian)])
+        self.category, self.gaussian, self.means = category, gaussian, means
 
     @property
     def dim(self) -> int:
@@ -566,12 +564,10 @@ class Mixture(Joint):
         return z_d @ self.means.to(z_d.dtype) + z_c
 
     def kl_parts(self) -> dict[str, torch.Tensor]:
+        g = self.gaussian  # KL(N(m, s^2) || N(mu_y, I)) = KL(N(m - mu_y, s^2) || N(0, I)), for every y: [B, c]
+        each = Gaussian.of(g.loc[..., None, :] - self.means, g.logvar[..., None, :]).kl_to_prior()
         return {self.category.name: self.category.kl_to_prior(),
-                self.gaussian.name: (self.category.mean * self.kl_each).sum(-1)}  # mean: q(y) [B, c], one group
-
-    def kl_to_prior(self) -> torch.Tensor:
-        """ln c - logsumexp_y(-KL_y): the sum of ``kl_parts`` at the optimal q(y|x)."""
-        return math.log(len(self.means)) - torch.logsumexp(-self.kl_each, -1)
+                self.gaussian.name: (self.category.mean * each).sum(-1)}  # mean: q(y) [B, c], one group
 
     def rsample(self, sample_shape=()) -> torch.Tensor:
         return self.gaussian.rsample(sample_shape)

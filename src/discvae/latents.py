@@ -68,8 +68,7 @@ class LatentSpace:
         ``gaussian`` -- or blocks ``family:size`` joined by ``+``, a categorical block as ``categorical:c`` or
         ``categorical:cxG`` (G groups), e.g. ``categorical:10+gaussian:10``; then ``size`` and ``groups`` must be
         left out. At most one block per family. ``prior``: ``standard`` (each block's own: uniform, N(0, I)) or
-        ``mixture`` (``categorical:c+gaussian:K`` only: p(y) p(z|y) = (1/c) N(z; mu_y, I), the decoder reading z,
-        q(y|x) following from q(z|x)).
+        ``mixture`` (``categorical:c+gaussian:K`` only: p(y) p(z|y) = (1/c) N(z; mu_y, I), the decoder reading z).
         InputError on anything else."""
         if prior not in PRIORS:
             raise InputError(f"unknown prior {prior!r}; choose one of {', '.join(PRIORS)}", "prior")
@@ -109,9 +108,7 @@ class LatentSpace:
 
     @property
     def param_dim(self) -> int:
-        """The length of the encoder's output: the blocks' parameters; with the mixture prior, the Gaussian's alone
-        (q(y|x) follows from q(z|x))."""
-        return self.blocks[-1].param_dim if self.prior == "mixture" else sum(b.param_dim for b in self.blocks)
+        return sum(b.param_dim for b in self.blocks)
 
     @property
     def dim(self) -> int:
@@ -140,14 +137,14 @@ class LatentSpace:
     def posterior(self, params: torch.Tensor, prior: "MixturePrior | None" = None) -> Family:
         """q(z|x) from the encoder's output ``params`` ``[..., param_dim]``, with the learned ``prior`` of
         ``prior_module()`` when there is one."""
-        if self.prior == "mixture":
-            if prior is None:
-                raise ValueError("a latent with the mixture prior needs that prior's module (VAE.prior)")
-            return Mixture(Gaussian.from_params(params), prior.means)
         if len(self.blocks) == 1:
             return self.blocks[0].family.from_params(params, self.blocks[0].groups)
         chunks = params.split([b.param_dim for b in self.blocks], -1)
         parts = [b.family.from_params(c, b.groups) for b, c in zip(self.blocks, chunks, strict=True)]
+        if self.prior == "mixture":
+            if prior is None:
+                raise ValueError("a latent with the mixture prior needs that prior's module (VAE.prior)")
+            return Mixture(*parts, prior.means)
         return Joint([(b.name, part) for b, part in zip(self.blocks, parts, strict=True)])
 
 

@@ -91,8 +91,8 @@ class Config:
     groups: int = setting(1, Flag("independent categorical groups"))
     prior: str = setting("standard", Flag(
         "p(z): standard (uniform classes and bits, N(0, I)) or mixture, for a latent categorical:C+gaussian:K: "
-        "p(y) p(z|y) = (1/C) N(z; mu_y, I) with learned means, the decoder reading z alone, q(y|x) the optimum for "
-        "q(z|x) and y summed out exactly (GMVAE / VaDE clustering; train with --estimator reparam)", choices=PRIORS))
+        "p(y) p(z|y) = (1/C) N(z; mu_y, I) with learned means, the decoder reading z alone, y summed out exactly "
+        "(GMVAE / VaDE clustering; train with --estimator reparam)", choices=PRIORS))
     likelihood: str = setting("bernoulli", Flag("p(x|z)", choices=list(LIKELIHOODS)))
     binarize: str = setting("none", Flag("data binarisation", choices=BINARIZE))
     estimator: str = setting("importance", Flag("gradient estimator", choices=list(ESTIMATORS)))
