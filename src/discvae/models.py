@@ -243,9 +243,10 @@ def build_model(arch: str, input_shape, latent: str | LatentSpace = "bernoulli",
     if arch not in ARCHS:
         raise InputError(f"unknown architecture {arch!r}; choose one of {', '.join(ARCHS)}")
     space = latent if isinstance(latent, LatentSpace) else LatentSpace.parse(latent, latent_dim, groups)
-    make = {"fc": fc, "cnn": cnn, "linear": linear, "nonlinear": nonlinear}[arch]
-    if hidden is not None and "hidden" not in inspect.signature(make).parameters:
-        raise InputError(f"the {arch} architecture has no hidden width to set (fc and nonlinear have)", "hidden")
-    encoder, decoder = make(tuple(input_shape), space.param_dim, space.dim, **({} if hidden is None else
-                                                                                {"hidden": hidden}))
+    make, width = {"fc": fc, "cnn": cnn, "linear": linear, "nonlinear": nonlinear}[arch], {}
+    if hidden is not None:
+        if "hidden" not in inspect.signature(make).parameters:
+            raise InputError(f"the {arch} architecture has no hidden width to set (fc and nonlinear have)", "hidden")
+        width = {"hidden": hidden}
+    encoder, decoder = make(tuple(input_shape), space.param_dim, space.dim, **width)
     return initialize(VAE(encoder, decoder, space, likelihood), init)
