@@ -60,7 +60,8 @@ def test_shared_state_decoding_matches_per_row():
                                           ({"latent_dim": 0}, "too small"), ({"likelihood": "beta"}, "likelihood"),
                                           ({"init": "xavier"}, "init"),
                                           ({"arch": "cnn", "hidden": 64}, "the cnn architecture has no hidden width"),
-                                          ({"arch": "linear", "hidden": 64}, "the linear architecture has no hidden")])
+                                          ({"arch": "linear", "hidden": 64}, "the linear architecture has no hidden"),
+                                          ({"hidden": 0}, "hidden must be at least 1")])
 def test_bad_model_arguments(kwargs, match):
     args = {"arch": "fc", "input_shape": (1, 8, 8), **kwargs}
     with pytest.raises(InputError, match=match):

@@ -15,7 +15,6 @@ from .latents import LatentSpace
 from .likelihoods import LIKELIHOODS
 from .speed import no_autocast
 
-ARCHS = ("fc", "cnn", "linear", "nonlinear")
 INITS = ("torch", "he")
 
 
@@ -243,10 +242,22 @@ def build_model(arch: str, input_shape, latent: str | LatentSpace = "bernoulli",
     if arch not in ARCHS:
         raise InputError(f"unknown architecture {arch!r}; choose one of {', '.join(ARCHS)}")
     space = latent if isinstance(latent, LatentSpace) else LatentSpace.parse(latent, latent_dim, groups)
-    make, width = {"fc": fc, "cnn": cnn, "linear": linear, "nonlinear": nonlinear}[arch], {}
-    if hidden is not None:
-        if "hidden" not in inspect.signature(make).parameters:
-            raise InputError(f"the {arch} architecture has no hidden width to set (fc and nonlinear have)", "hidden")
-        width = {"hidden": hidden}
-    encoder, decoder = make(tuple(input_shape), space.param_dim, space.dim, **width)
+    check_width(arch, hidden)
+    width = {} if hidden is None else {"hidden": hidden}
+    encoder, decoder = ARCHITECTURES[arch](tuple(input_shape), space.param_dim, space.dim, **width)
     return initialize(VAE(encoder, decoder, space, likelihood), init)
+
+
+def check_width(arch: str, hidden: int | None) -> None:
+    """InputError unless ``hidden`` is None (the architecture's own width) or a width of at least 1 for an
+    architecture that has one (its builder takes ``hidden``)."""
+    if hidden is None:
+        return
+    if "hidden" not in inspect.signature(ARCHITECTURES[arch]).parameters:
+        raise InputError(f"the {arch} architecture has no hidden width to set (fc and nonlinear have)", "hidden")
+    if hidden < 1:
+        raise InputError(f"hidden must be at least 1, got {hidden}", "hidden")
+
+
+ARCHITECTURES = {"fc": fc, "cnn": cnn, "linear": linear, "nonlinear": nonlinear}  # --arch name -> its builder
+ARCHS = tuple(ARCHITECTURES)

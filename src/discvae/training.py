@@ -31,7 +31,7 @@ from .gradients import gradient_variance
 from .latents import DEFAULT_SIZE, FAMILIES, PRIORS, LatentSpace
 from .likelihoods import BINARIZE, LIKELIHOODS, binarize
 from .memory import available_bytes, gib, step_bytes
-from .models import ARCHS, INITS, VAE, Terms, build_model
+from .models import ARCHS, INITS, VAE, Terms, build_model, check_width
 from .runs import (
     CHECKPOINT,
     CONFIG,
@@ -154,14 +154,14 @@ class Config:
         for name, ok, need in [("epochs", self.epochs >= 1, "at least 1"), ("batch_size", self.batch_size >= 1,
                                "at least 1"), ("lr", 0 < self.lr < math.inf, "a positive finite number"),
                                ("seed", 0 <= self.seed <= MAX_SEED, f"between 0 and 2^63 - 1 = {MAX_SEED}"),
-                               ("capacity_gamma", 0 < self.capacity_gamma < math.inf, "a positive finite number"),
-                               ("hidden", self.hidden is None or self.hidden >= 1, "at least 1")]:
+                               ("capacity_gamma", 0 < self.capacity_gamma < math.inf, "a positive finite number")]:
             if not ok:
                 raise InputError(f"{name} must be {need}, got {getattr(self, name)}", name)
         for name, value, choices in [("init", self.init, INITS), ("binarize", self.binarize, BINARIZE),
                                      ("likelihood", self.likelihood, LIKELIHOODS), ("arch", self.arch, ARCHS)]:
             if value not in choices:
                 raise InputError(f"unknown {name} {value!r}; choose one of {', '.join(choices)}")
+        check_width(self.arch, self.hidden)
         names = [block.name for block in self.space.blocks]
         for name, value in self.capacity.items():
             if name not in names:
