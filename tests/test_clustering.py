@@ -35,6 +35,7 @@ def test_many_to_one_and_one_to_one_accuracy_by_hand():
     m = cluster_metrics(labels, np.array([0, 0, 0, 1, 1, 1]), 3)
     assert m["acc_one_to_one"] is None and m["acc_many_to_one"] == pytest.approx(5 / 6)
     assert m["clusters"] == 3 and m["used_clusters"] == 2
+    assert m["counts"] == [[1, 0, 0], [2, 3, 0]]  # class x cluster, the empty cluster 2 a column of zeros
     assert list(cluster_order(labels, np.array([2, 2, 2, 0, 0, 1]), 4)) == [2, 0, 1, 3]  # by class, size; empty
 
 

@@ -8,7 +8,9 @@ for MNIST) and compared with its label:
   the number of clusters equals the number of classes;
 * ``acc_many_to_one``: the accuracy when each cluster takes its majority label (always reported; it is at least the
   one-to-one accuracy, and grows with the number of clusters);
-* ``nmi``, ``ari``: sklearn's normalised mutual information and adjusted Rand index.
+* ``nmi``, ``ari``: sklearn's normalised mutual information and adjusted Rand index;
+* ``counts``: the class x cluster table of image counts (classes in sorted order, clusters 0..c-1, empty ones
+  included), which shows what a clustering merges and splits.
 
 Runs whose configurations differ only by ``seed`` (and ``SEED_FREE``'s settings, which do not change the model) form
 a group, summarised by the mean and the sample standard deviation of each metric over its runs.
@@ -54,13 +56,15 @@ def cluster_metrics(labels: np.ndarray, clusters: np.ndarray, n_clusters: int) -
     """The metrics of the module docstring for cluster indices ``clusters`` (out of ``n_clusters``) against
     ``labels``; ``acc_one_to_one`` is None unless ``n_clusters`` equals the number of classes."""
     table = contingency_matrix(labels, clusters)
+    counts = np.zeros((table.shape[0], n_clusters), dtype=np.int64)
+    counts[:, np.unique(clusters)] = table
     one_to_one = None
     if n_clusters == len(np.unique(labels)):
         one_to_one = float(table[matching(table)].sum() / len(labels))
     return {"clusters": n_clusters, "used_clusters": int(table.shape[1]), "acc_one_to_one": one_to_one,
             "acc_many_to_one": float(table.max(0).sum() / len(labels)),
             "nmi": float(normalized_mutual_info_score(labels, clusters)),
-            "ari": float(adjusted_rand_score(labels, clusters))}
+            "ari": float(adjusted_rand_score(labels, clusters)), "counts": counts.tolist()}
 
 
 def cluster_order(labels: np.ndarray, clusters: np.ndarray, n_clusters: int) -> np.ndarray:
