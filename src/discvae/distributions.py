@@ -48,10 +48,10 @@ class Family:
     Every family has ``dim``, ``discrete``, ``sample(sample_shape)`` (no gradient), ``log_prob(z)``, ``entropy()``,
     ``kl_to_prior()``, ``prior_log_prob(z)``, ``prior_sample(sample_shape)``, ``mean``, ``mode()`` and ``code()``
     (the deterministic code). Discrete families also have ``probs``, ``logits``, ``num_states``, ``enumerate()``
-    and ``state_index(z)`` (a state's row in ``enumerate()``), ``relaxed_sample(sample_shape, tau)``,
-    ``proposal(xi)`` and, from posterior means ``[N, dim]`` over a data set, ``unit_entropies(mean)`` and
-    ``usage(mean)``; continuous ones ``rsample(sample_shape)``. Defined here for every family: its blocks
-    (``parts``) and what an estimator sees (``estimand``)."""
+    and ``state_index(z)`` (a state's row in ``enumerate()``), ``kl(other)`` (to another q of the same shape),
+    ``relaxed_sample(sample_shape, tau)``, ``proposal(xi)`` and, from posterior means ``[N, dim]`` over a data set,
+    ``unit_entropies(mean)`` and ``usage(mean)``; continuous ones ``rsample(sample_shape)``. Defined here for
+    every family: its blocks (``parts``) and what an estimator sees (``estimand``)."""
 
     name: str
     discrete: bool
@@ -181,6 +181,13 @@ class Bernoulli(Family):
         """Per-bit H = softplus(eta) - sigmoid(eta) eta, summed over bits (nats)."""
         return (F.softplus(self.logits) - self.probs * self.logits).sum(-1)
 
+    def kl(self, other: "Bernoulli") -> torch.Tensor:
+        """KL(q || other) for bits of the same shape: sum_i p_i (ln p_i - ln p'_i) + (1 - p_i) (ln(1 - p_i) -
+        ln(1 - p'_i)), the logs as log-sigmoids of +-eta."""
+        a, b = self.logits, other.logits
+        return (self.probs * (F.logsigmoid(a) - F.logsigmoid(b))
+                + torch.sigmoid(-a) * (F.logsigmoid(-a) - F.logsigmoid(-b))).sum(-1)
+
     def kl_to_prior(self) -> torch.Tensor:
         """KL(q || Bernoulli(1/2)^c) = c ln 2 - H(q)."""
         return self.dim * math.log(2.0) - self.entropy()
@@ -297,6 +304,11 @@ class Categorical(Family):
     def entropy(self) -> torch.Tensor:
         lp = self.log_probs
         return -(lp.exp() * lp).sum((-2, -1))
+
+    def kl(self, other: "Categorical") -> torch.Tensor:
+        """KL(q || other) for groups of the same shape: sum_g sum_k q_gk (ln q_gk - ln q'_gk)."""
+        lp = self.log_probs
+        return (lp.exp() * (lp - other.log_probs)).sum((-2, -1))
 
     def kl_to_prior(self) -> torch.Tensor:
         """KL(q || uniform) = G ln c - H(q)."""
@@ -430,6 +442,10 @@ class Joint(Family):
 
     def _sum(self, values: list[torch.Tensor]) -> torch.Tensor:
         return functools.reduce(torch.add, values)
+
+    def kl(self, other: "Joint") -> torch.Tensor:
+        """KL(q || other) for the same blocks: the sum of the blocks' KLs."""
+        return self._sum([part.kl(theirs) for (_, part), (_, theirs) in zip(self._parts, other._parts, strict=True)])
 
     @property
     def discrete_part(self) -> Family | None:

@@ -21,19 +21,22 @@ INITS = ("torch", "he")
 class Terms(NamedTuple):
     """Batch means, in nats per example: ``loss`` carries the gradient, ``neg_elbo``, ``expected_ll`` and ``kl``
     are values, ``kl_blocks`` the KL of each block of the latent (name -> value with its gradient, for a capacity
-    objective; one entry unless the latent is a hybrid)."""
+    objective; one entry unless the latent is a hybrid), ``consistency`` (with its gradient) the consistency term
+    when the batch came with a view (``VAE.forward``), else None."""
 
     loss: torch.Tensor
     neg_elbo: torch.Tensor
     expected_ll: torch.Tensor
     kl: torch.Tensor
     kl_blocks: dict
+    consistency: torch.Tensor | None = None
 
     def values(self) -> dict[str, torch.Tensor]:
-        """What is logged of a batch: ``neg_elbo``, ``expected_ll``, ``kl`` and, for a hybrid latent, ``kl_<block>``
-        per block (no gradient)."""
+        """What is logged of a batch: ``neg_elbo``, ``expected_ll``, ``kl``, for a hybrid latent ``kl_<block>`` per
+        block and, with a view, ``consistency`` (no gradient)."""
         blocks = {f"kl_{name}": kl.detach() for name, kl in self.kl_blocks.items()} if len(self.kl_blocks) > 1 else {}
-        return {"neg_elbo": self.neg_elbo, "expected_ll": self.expected_ll, "kl": self.kl, **blocks}
+        view = {} if self.consistency is None else {"consistency": self.consistency.detach()}
+        return {"neg_elbo": self.neg_elbo, "expected_ll": self.expected_ll, "kl": self.kl, **blocks, **view}
 
 
 def at_least_fp32(t: torch.Tensor) -> torch.Tensor:
@@ -61,8 +64,10 @@ class VAE(nn.Module):
     def posterior(self, x: torch.Tensor) -> Family:
         """q(z|x): the latent space's family (or :class:`~discvae.distributions.Joint` of blocks) built from the
         encoder's output."""
-        # fp32 log-probabilities and KL under bf16 too
-        return self.space.posterior(at_least_fp32(self.encoder(x)), self.prior)
+        return self.space.posterior(self._params(x), self.prior)
+
+    def _params(self, x: torch.Tensor) -> torch.Tensor:
+        return at_least_fp32(self.encoder(x))  # fp32 log-probabilities and KL under bf16 too
 
     def encode(self, x: torch.Tensor, batch_size: int = 1024) -> torch.Tensor:
         """Posterior parameters per image, in batches, without gradient and in eval mode.
@@ -111,7 +116,8 @@ class VAE(nn.Module):
         """ln p(x|z) for ``x`` ``[B, ...]`` and ``z`` ``[M, B or 1, dim]``, shape ``[M, B]``."""
         return self.likelihood.log_prob(x.flatten(1), self.decode(z))
 
-    def forward(self, x: torch.Tensor, estimator: Callable | str = importance, **options) -> Terms:
+    def forward(self, x: torch.Tensor, estimator: Callable | str = importance, view: torch.Tensor | None = None,
+                **options) -> Terms:
         """The terms of the negative ELBO on the batch ``x``, E_q[ln p(x|z)] estimated by ``estimator``.
 
         Args:
@@ -120,20 +126,30 @@ class VAE(nn.Module):
                 discrete blocks, its continuous ones reparameterised: ``Family.estimand``): any function of the
                 contract of :mod:`discvae.estimators` (e.g. an :class:`~discvae.estimators.Estimator` from
                 ``make_estimator``), or a registered name, resolved and its options checked by ``make_estimator``.
+            view: another view of the same images (e.g. ``augmentation.random_affine(x)``), for the consistency
+                term E_x KL(q_d(x) || q_d(view)) of the discrete blocks q_d, q_d(x) held fixed (no gradient through
+                it): what makes the codes invariant to the change of view (IMSAT, Hu et al. 2017).
             **options: keyword arguments for the estimator (e.g. ``num_samples=4``).
 
         Returns:
             ``Terms``, means over the batch: ``loss`` carries the estimated gradient (call ``loss.backward()``),
             ``neg_elbo``, ``expected_ll`` and ``kl`` are detached values, ``kl_blocks`` the KL of each block of
-            the latent.
+            the latent; with a view, ``consistency`` (not in ``loss``: the training objective weighs it).
         """
         if isinstance(estimator, str):
             estimator, options = make_estimator(estimator, **options), {}
-        q = self.posterior(x)
+        params = self._params(x)
+        q = self.space.posterior(params, self.prior)
         expected_ll = estimator(*q.estimand(lambda z: self.log_likelihood(x, z)), **options)
         kl_blocks = {name: kl.mean() for name, kl in q.kl_parts().items()}
         ell, kl = expected_ll.mean(), sum(kl_blocks.values())
-        return Terms(kl - ell, (kl - ell).detach(), ell.detach(), kl.detach(), kl_blocks)
+        consistency = None
+        if view is not None:
+            target = self.space.posterior(params.detach(), self.prior).discrete_part
+            if target is None:
+                raise InputError(f"a consistency view needs a latent with a discrete block, not {self.space}")
+            consistency = target.kl(self.posterior(view).discrete_part).mean()
+        return Terms(kl - ell, (kl - ell).detach(), ell.detach(), kl.detach(), kl_blocks, consistency)
 
 
 def _conv_plan(size: int, layers: int) -> list[int]:

@@ -101,11 +101,12 @@ def compiled(fn: Callable, what: str = "--compile") -> Callable:
 
 
 def train_step(model, optimizer: torch.optim.Optimizer, forward: Callable, x: torch.Tensor, options: dict,
-               loss_of: Callable = lambda terms: terms.loss):
-    """One optimisation step on the batch ``x``: ``terms = forward(x, options)`` (the model's ``Terms``), the
-    gradient of ``loss_of(terms)``, the optimizer's step. Returns ``terms`` and a device scalar that is finite iff the
-    loss and every gradient are (the loss plus the gradients' total norm); nothing waits for the device."""
-    terms = forward(x, options)
+               loss_of: Callable = lambda terms: terms.loss, view: torch.Tensor | None = None):
+    """One optimisation step on the batch ``x`` (and its ``view``, if any): ``terms = forward(x, options, view)``
+    (the model's ``Terms``), the gradient of ``loss_of(terms)``, the optimizer's step. Returns ``terms`` and a device
+    scalar that is finite iff the loss and every gradient are (the loss plus the gradients' total norm); nothing
+    waits for the device."""
+    terms = forward(x, options, view)
     loss = loss_of(terms)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()

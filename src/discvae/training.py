@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from .augmentation import AUGMENT, random_affine
 from .callbacks import CallbackList, Checkpoint, MetricsCSV, ProgressBar
 from .data import DATASETS, Dataset, load_dataset
 from .distributed import process_group
@@ -116,6 +117,17 @@ class Config:
         "from 0 to CMAX nats over STEPS steps; repeat for several blocks", type=capacity_flag,
         metavar="BLOCK=CMAX:STEPS"), factory=dict)
     capacity_gamma: float = setting(30.0, Flag("gamma of --capacity"))
+    consistency: float = setting(0.0, Flag(
+        "weight lambda of a consistency term for the discrete blocks (IMSAT, Hu et al. 2017): the loss gains lambda "
+        "E_x KL(q(y|x) || q(y|t(x))), q(y|x) held fixed, t a random rotation, shift and scaling of the image "
+        "(--rotation, --shift, --scale), so that codes and clusters do not follow slant or position; images only; "
+        "0: the ELBO alone"))
+    augment: dict = setting(
+        MISSING,
+        Flag("t of --consistency: largest rotation, degrees", type=float, key="rotation"),
+        Flag("t of --consistency: largest shift, pixels", type=float, key="shift"),
+        Flag("t of --consistency: largest relative change of size", type=float, key="scale"),
+        factory=lambda: dict(AUGMENT))
     epochs: int = setting(300, Flag("epochs to train"))
     batch_size: int = setting(2048, Flag("images per step"))
     lr: float = setting(1e-3, Flag("Adam learning rate"))
@@ -171,6 +183,15 @@ class Config:
                     and isinstance(value[1], int) and not isinstance(value[1], bool) and value[1] >= 1):
                 raise InputError(f"the capacity of {name} must be [C_max >= 0 nats, steps >= 1], got {value!r}",
                                  "capacity")
+        if not 0 <= self.consistency < math.inf:
+            raise InputError(f"consistency must be a finite number >= 0, got {self.consistency}", "consistency")
+        if self.consistency and not any(block.family.discrete for block in self.space.blocks):
+            raise InputError(f"consistency needs a latent with a discrete block, not {self.space}", "consistency")
+        if set(self.augment) != set(AUGMENT) or not all(_positive_finite(v) or v == 0 for v in self.augment.values()):
+            raise InputError(f"augment must give {', '.join(AUGMENT)}, each a finite number >= 0, got "
+                             f"{self.augment!r}", *AUGMENT)
+        if self.augment["scale"] >= 1:
+            raise InputError(f"scale must be below 1 (sizes 1 +- scale), got {self.augment['scale']}", "scale")
         if self.grad_var_every < 0 or self.grad_var_repeats < 2:
             raise InputError("grad_var_every must be >= 0 (0: never) and grad_var_repeats >= 2", "grad_var_every",
                              "grad_var_repeats")
@@ -254,10 +275,12 @@ def elbo_terms(model: VAE, x: torch.Tensor, batch_size: int = 2048, binarization
     return {name: (total / len(x)).item() for name, total in totals.items()}
 def objective(terms: Terms, cfg: Config, step: int) -> torch.Tensor:
     """The loss minimised at ``step``: the negative ELBO, each block with a capacity (``cfg.capacity``) taking
-    gamma |KL_block - C_block(t)| in place of its KL (Burgess et al. 2018; JointVAE, Dupont 2018)."""
+    gamma |KL_block - C_block(t)| in place of its KL (Burgess et al. 2018; JointVAE, Dupont 2018), plus lambda
+    times the consistency term when there is one (``cfg.consistency``)."""
     capacities = cfg.capacities(step)
-    return terms.loss + sum(cfg.capacity_gamma * (terms.kl_blocks[name] - c).abs() - terms.kl_blocks[name]
-                            for name, c in capacities.items())
+    consistency = 0.0 if terms.consistency is None else cfg.consistency * terms.consistency
+    return terms.loss + consistency + sum(cfg.capacity_gamma * (terms.kl_blocks[name] - c).abs()
+                                          - terms.kl_blocks[name] for name, c in capacities.items())
 
 
 def estimator_options(cfg: Config, step: int) -> dict:
@@ -368,6 +391,8 @@ def train(cfg: Config, resume: bool = False, progress: bool = True, data: Datase
             for group in state.optimizer.param_groups:
                 group["lr"] = cfg.lr
         check_estimator(model, x_train[:2], estimator)
+        if cfg.consistency:  # fails here, before training, unless the data are images (torch's stream untouched)
+            random_affine(x_train[:1], **cfg.augment, generator=torch.Generator(device))
         if ranks.main:
             write_json(out / CONFIG, dataclasses.asdict(cfg))
         hooks = CallbackList([Checkpoint(out), MetricsCSV(out), *([ProgressBar()] if progress else []),
@@ -387,10 +412,13 @@ def train(cfg: Config, resume: bool = False, progress: bool = True, data: Datase
             hooks.on_epoch_start(state, math.ceil(n / cfg.batch_size))
             for i in range(0, n - ranks.world + 1, cfg.batch_size):  # (not a last batch with fewer rows than ranks)
                 rows, share = ranks.share(order[i:i + cfg.batch_size])
-                x = binarize(x_train.index_select(0, rows), cfg.binarize)
+                images = x_train.index_select(0, rows)
+                x = binarize(images, cfg.binarize)
+                view = binarize(random_affine(images, **cfg.augment), cfg.binarize) if cfg.consistency else None
                 step = state.step
                 terms, health = train_step(model, state.optimizer, forward, x, estimator_options(cfg, step),
-                                           lambda terms, step=step, share=share: objective(terms, cfg, step) * share)
+                                           lambda terms, step=step, share=share: objective(terms, cfg, step) * share,
+                                           view)
                 state.step += 1
                 values = terms.values()  # neg_elbo, expected_ll, kl (a hybrid's kl per block): summed on the device
                 sums = sums + torch.stack([*values.values(), one]).double() * len(x)
@@ -410,13 +438,13 @@ def train(cfg: Config, resume: bool = False, progress: bool = True, data: Datase
 
 
 def forward_fn(model: VAE, estimator: Estimator, cfg: Config):
-    """``forward(x, options)``: the model's ``Terms`` on the batch ``x`` with ``estimator(**options)``, the networks
-    in ``cfg.precision``; compiled with ``cfg.compile``."""
+    """``forward(x, options, view=None)``: the model's ``Terms`` on the batch ``x`` (and its ``view``) with
+    ``estimator(**options)``, the networks in ``cfg.precision``; compiled with ``cfg.compile``."""
     device = next(model.parameters()).device
 
-    def forward(x: torch.Tensor, options: dict):
+    def forward(x: torch.Tensor, options: dict, view: torch.Tensor | None = None):
         with autocast(cfg.precision, device):
-            return model(x, estimator, **options)
+            return model(x, estimator, view, **options)
     return compiled(forward) if cfg.compile else forward
 
 
