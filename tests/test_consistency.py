@@ -44,17 +44,20 @@ def impulse_centres(x: torch.Tensor) -> torch.Tensor:
 
 def test_random_affine_rotates_and_shifts_within_its_ranges():
     x = torch.rand(6, 1, 28, 28)
-    assert torch.allclose(random_affine(x, 0, 0, 0), x, atol=1e-5)  # zero ranges: the identity
+    assert torch.allclose(random_affine(x), x, atol=1e-5)  # zero ranges (the defaults): the identity
     dot = torch.zeros(400, 1, 28, 28)
     dot[:, :, 9:11, 17:19] = 1.0  # a 2x2 blob centred 4 px right of and 4 px above the centre
     before = impulse_centres(dot)
-    moved = impulse_centres(random_affine(dot, 0, 2.0, 0, torch.Generator().manual_seed(0))) - before
+    moved = impulse_centres(random_affine(dot, shift=2.0, generator=torch.Generator().manual_seed(0))) - before
     assert moved.abs().max() <= 2.0 + 1e-4 and moved.abs().max() > 1.8  # up to 2 px in each direction
     assert (moved > 0.5).any(0).all() and (moved < -0.5).any(0).all()
-    turned = impulse_centres(random_affine(dot, 30.0, 0, 0, torch.Generator().manual_seed(1)))
+    turned = impulse_centres(random_affine(dot, rotation=30.0, generator=torch.Generator().manual_seed(1)))
     assert torch.allclose(turned.norm(dim=-1), before.norm(dim=-1), atol=0.05)  # a rotation about the centre
     angle = torch.rad2deg(torch.atan2(turned[:, 1], turned[:, 0]) - torch.atan2(before[:, 1], before[:, 0]))
     assert angle.abs().max() <= 30.5 and angle.abs().max() > 25 and (angle > 10).any() and (angle < -10).any()
+    slanted = impulse_centres(random_affine(dot, shear=0.4, generator=torch.Generator().manual_seed(2))) - before
+    assert torch.all(slanted[:, 1].abs() < 1e-3)  # a shear moves the blob sideways only, by up to 0.4 x 4 px
+    assert slanted[:, 0].abs().max() <= 1.6 + 1e-3 and slanted[:, 0].max() > 1.4 and slanted[:, 0].min() < -1.4
     same = [random_affine(x, **AUGMENT, generator=torch.Generator().manual_seed(7)) for _ in range(2)]
     assert torch.equal(*same) and not torch.allclose(same[0], x)
     with pytest.raises(InputError, match=r"need images \[B, C, H, W\]"):
@@ -90,12 +93,12 @@ def test_the_settings_are_checked():
     for settings, match in (({"consistency": -1.0}, "consistency must be a finite number >= 0"),
                             ({"consistency": math.inf}, "consistency must be a finite number >= 0"),
                             ({"consistency": 1.0, "latent": "gaussian"}, "needs a latent with a discrete block"),
-                            ({"augment": {"rotation": 10.0, "shift": 2.0}}, "augment must give rotation, shift, scale"),
+                            ({"augment": {"rotation": 10.0, "skew": 2.0}}, "augment takes rotation, shift, scale"),
                             ({"augment": {**AUGMENT, "shift": -1.0}}, "each a finite number >= 0"),
                             ({"augment": {**AUGMENT, "scale": 1.0}}, "scale must be below 1")):
         with pytest.raises(InputError, match=match):
             Config(**settings).check()
-    Config(latent="bernoulli:8+gaussian:2", consistency=1.0).check()
+    Config(latent="bernoulli:8+gaussian:2", consistency=1.0, augment={"rotation": 10.0}).check()  # the rest 0
 
 
 def read_metrics(run):

@@ -120,13 +120,16 @@ class Config:
     consistency: float = setting(0.0, Flag(
         "weight lambda of a consistency term for the discrete blocks (IMSAT, Hu et al. 2017): the loss gains lambda "
         "E_x KL(q(y|x) || q(y|t(x))), q(y|x) held fixed, t a random rotation, shift and scaling of the image "
-        "(--rotation, --shift, --scale), so that codes and clusters do not follow slant or position; images only; "
+        "(--rotation, --shift, --scale, --shear), so that codes and clusters do not follow slant or position; images "
+        "only; "
         "0: the ELBO alone"))
     augment: dict = setting(
         MISSING,
         Flag("t of --consistency: largest rotation, degrees", type=float, key="rotation"),
         Flag("t of --consistency: largest shift, pixels", type=float, key="shift"),
         Flag("t of --consistency: largest relative change of size", type=float, key="scale"),
+        Flag("t of --consistency: largest horizontal shear (slant), a point h pixels above the centre moving up to "
+             "SHEAR h pixels sideways", type=float, key="shear"),
         factory=lambda: dict(AUGMENT))
     epochs: int = setting(300, Flag("epochs to train"))
     batch_size: int = setting(2048, Flag("images per step"))
@@ -187,10 +190,11 @@ class Config:
             raise InputError(f"consistency must be a finite number >= 0, got {self.consistency}", "consistency")
         if self.consistency and not any(block.family.discrete for block in self.space.blocks):
             raise InputError(f"consistency needs a latent with a discrete block, not {self.space}", "consistency")
-        if set(self.augment) != set(AUGMENT) or not all(_positive_finite(v) or v == 0 for v in self.augment.values()):
-            raise InputError(f"augment must give {', '.join(AUGMENT)}, each a finite number >= 0, got "
-                             f"{self.augment!r}", *AUGMENT)
-        if self.augment["scale"] >= 1:
+        if not set(self.augment) <= set(AUGMENT) or not all(_positive_finite(v) or v == 0
+                                                              for v in self.augment.values()):
+            raise InputError(f"augment takes {', '.join(AUGMENT)} (those left out are 0), each a finite number >= 0, "
+                             f"got {self.augment!r}", *AUGMENT)
+        if self.augment.get("scale", 0) >= 1:
             raise InputError(f"scale must be below 1 (sizes 1 +- scale), got {self.augment['scale']}", "scale")
         if self.grad_var_every < 0 or self.grad_var_repeats < 2:
             raise InputError("grad_var_every must be >= 0 (0: never) and grad_var_repeats >= 2", "grad_var_every",
