@@ -93,8 +93,8 @@ def test_the_settings_are_checked():
     for settings, match in (({"consistency": -1.0}, "consistency must be a finite number >= 0"),
                             ({"consistency": math.inf}, "consistency must be a finite number >= 0"),
                             ({"consistency": 1.0, "latent": "gaussian"}, "needs a latent with a discrete block"),
-                            ({"augment": {"rotation": 10.0, "skew": 2.0}}, "augment takes rotation, shift, scale"),
-                            ({"augment": {**AUGMENT, "shift": -1.0}}, "each a finite number >= 0"),
+                            ({"augment": {"rotation": 10.0, "skew": 2.0}}, "augment takes .* not skew"),
+                            ({"augment": {**AUGMENT, "shift": -1.0}}, "shift must be a finite number >= 0, got -1.0"),
                             ({"augment": {**AUGMENT, "scale": 1.0}}, "scale must be below 1")):
         with pytest.raises(InputError, match=match):
             Config(**settings).check()

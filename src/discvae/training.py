@@ -190,10 +190,12 @@ class Config:
             raise InputError(f"consistency must be a finite number >= 0, got {self.consistency}", "consistency")
         if self.consistency and not any(block.family.discrete for block in self.space.blocks):
             raise InputError(f"consistency needs a latent with a discrete block, not {self.space}", "consistency")
-        if not set(self.augment) <= set(AUGMENT) or not all(_positive_finite(v) or v == 0
-                                                              for v in self.augment.values()):
-            raise InputError(f"augment takes {', '.join(AUGMENT)} (those left out are 0), each a finite number >= 0, "
-                             f"got {self.augment!r}", *AUGMENT)
+        unknown = set(self.augment) - set(AUGMENT)
+        if unknown:
+            raise InputError(f"augment takes {', '.join(AUGMENT)} (those left out are 0), not {', '.join(unknown)}")
+        for name, value in self.augment.items():
+            if not (_positive_finite(value) or value == 0):
+                raise InputError(f"{name} must be a finite number >= 0, got {value!r}", name)
         if self.augment.get("scale", 0) >= 1:
             raise InputError(f"scale must be below 1 (sizes 1 +- scale), got {self.augment['scale']}", "scale")
         if self.grad_var_every < 0 or self.grad_var_repeats < 2:
