@@ -1,5 +1,6 @@
-"""The consistency term (``--consistency``): the families' KL to each other against torch.distributions, the random
-transformation's geometry, the term and its gradient, its checks, and a run that resumes bit for bit."""
+"""The consistency and balance terms (``--consistency``, ``--balance``): the families' KL to each other and their
+batch marginals against torch.distributions, the random transformation's geometry, the terms and their gradients,
+their checks, and a run that resumes bit for bit."""
 import csv
 import math
 
@@ -31,6 +32,40 @@ def test_kl_between_posteriors_matches_torch():
     assert torch.allclose(joint.kl(other), Bernoulli(a[:, :2]).kl(Bernoulli(b[:, :2]))
                           + Categorical(a[:, 2:]).kl(Categorical(b[:, 2:])))
     assert torch.all(Bernoulli(a).kl(Bernoulli(a)).abs() < 1e-12)
+
+
+def test_the_batch_marginal_and_its_kl_to_the_prior():
+    torch.manual_seed(1)
+    a = torch.randn(5, 6, dtype=torch.float64) * 4
+    a[0, 0] = 80.0  # saturated: still exact in log space
+    bits = Bernoulli(a).aggregate()
+    assert torch.allclose(bits.probs, torch.sigmoid(a).mean(0), rtol=1e-12)
+    uniform = td.Bernoulli(probs=torch.full((6,), 0.5, dtype=torch.float64))
+    assert torch.allclose(bits.kl_to_prior(), td.kl_divergence(td.Bernoulli(probs=torch.sigmoid(a).mean(0)),
+                                                               uniform).sum())
+    classes = Categorical(a, groups=2).aggregate()  # two groups of 3 classes
+    mean = torch.softmax(a.reshape(5, 2, 3), -1).mean(0)
+    assert torch.allclose(classes.probs, mean, rtol=1e-12)
+    assert torch.allclose(classes.kl_to_prior(), (mean * (mean * 3).log()).sum())
+    joint = Joint([("bernoulli", Bernoulli(a[:, :2])), ("categorical", Categorical(a[:, 2:]))]).aggregate()
+    assert torch.allclose(joint.kl_to_prior(), Bernoulli(a[:, :2]).aggregate().kl_to_prior()
+                          + Categorical(a[:, 2:]).aggregate().kl_to_prior())
+    even = Categorical(torch.eye(4, dtype=torch.float64) * 50)  # four confident, different classes: q_bar uniform
+    assert even.aggregate().kl_to_prior().abs() < 1e-12 and even.kl_to_prior().mean() > 1.3
+
+
+def test_the_balance_term_in_the_terms_and_the_objective():
+    model, x = tiny_model("categorical:3+gaussian:1"), tiny_data(n=5)
+    terms = model(x, make_estimator("exact"))
+    assert torch.allclose(terms.marginal_kl, model.posterior(x).discrete_part.aggregate().kl_to_prior())
+    assert terms.marginal_kl > 0 and "marginal_kl" not in terms.values()
+    cfg = Config(latent="categorical:3+gaussian:1", balance=4.0)
+    assert torch.allclose(objective(terms, cfg, 0), terms.loss + 4.0 * terms.marginal_kl)
+    model.zero_grad()
+    terms.marginal_kl.backward()  # a function of q(y|x) alone: the encoder's gradient, not the decoder's
+    assert model.encoder.weight.grad.abs().sum() > 0
+    assert all(p.grad is None or not p.grad.any() for p in model.decoder.parameters())
+    assert tiny_model("gaussian", 2)(x, make_estimator("reparam")).marginal_kl is None
 
 
 def impulse_centres(x: torch.Tensor) -> torch.Tensor:
@@ -93,6 +128,8 @@ def test_the_settings_are_checked():
     for settings, match in (({"consistency": -1.0}, "consistency must be a finite number >= 0"),
                             ({"consistency": math.inf}, "consistency must be a finite number >= 0"),
                             ({"consistency": 1.0, "latent": "gaussian"}, "needs a latent with a discrete block"),
+                            ({"balance": -0.5}, "balance must be a finite number >= 0"),
+                            ({"balance": 1.0, "latent": "gaussian"}, "balance needs a latent with a discrete block"),
                             ({"augment": {"rotation": 10.0, "skew": 2.0}}, "augment takes .* not skew"),
                             ({"augment": {**AUGMENT, "shift": -1.0}}, "shift must be a finite number >= 0, got -1.0"),
                             ({"augment": {**AUGMENT, "scale": 1.0}}, "scale must be below 1")):

@@ -49,9 +49,10 @@ class Family:
     ``kl_to_prior()``, ``prior_log_prob(z)``, ``prior_sample(sample_shape)``, ``mean``, ``mode()`` and ``code()``
     (the deterministic code). Discrete families also have ``probs``, ``logits``, ``num_states``, ``enumerate()``
     and ``state_index(z)`` (a state's row in ``enumerate()``), ``kl(other)`` (to another q of the same shape),
-    ``relaxed_sample(sample_shape, tau)``, ``proposal(xi)`` and, from posterior means ``[N, dim]`` over a data set,
-    ``unit_entropies(mean)`` and ``usage(mean)``; continuous ones ``rsample(sample_shape)``. Defined here for
-    every family: its blocks (``parts``) and what an estimator sees (``estimand``)."""
+    ``aggregate()`` (the batch's marginal of each unit), ``relaxed_sample(sample_shape, tau)``, ``proposal(xi)``
+    and, from posterior means ``[N, dim]`` over a data set, ``unit_entropies(mean)`` and ``usage(mean)``; continuous
+    ones ``rsample(sample_shape)``. Defined here for every family: its blocks (``parts``) and what an estimator sees
+    (``estimand``)."""
 
     name: str
     discrete: bool
@@ -188,6 +189,11 @@ class Bernoulli(Family):
         return (self.probs * (F.logsigmoid(a) - F.logsigmoid(b))
                 + torch.sigmoid(-a) * (F.logsigmoid(-a) - F.logsigmoid(-b))).sum(-1)
 
+    def aggregate(self) -> "Bernoulli":
+        """The batch's marginal of each bit, p_i = mean_b q(z_i = 1|x_b), as one Bernoulli (batch shape ``[]``):
+        logits ln p_i - ln(1 - p_i) from log-sum-exps of the log-sigmoids."""
+        return Bernoulli(torch.logsumexp(F.logsigmoid(self.logits), 0) - torch.logsumexp(F.logsigmoid(-self.logits), 0))
+
     def kl_to_prior(self) -> torch.Tensor:
         """KL(q || Bernoulli(1/2)^c) = c ln 2 - H(q)."""
         return self.dim * math.log(2.0) - self.entropy()
@@ -309,6 +315,11 @@ class Categorical(Family):
         """KL(q || other) for groups of the same shape: sum_g sum_k q_gk (ln q_gk - ln q'_gk)."""
         lp = self.log_probs
         return (lp.exp() * (lp - other.log_probs)).sum((-2, -1))
+
+    def aggregate(self) -> "Categorical":
+        """The batch's marginal of each group, mean_b q(z_g|x_b), as one Categorical (batch shape ``[]``): logits
+        logsumexp_b ln q(z_g|x_b)."""
+        return Categorical(torch.logsumexp(self.log_probs, 0).flatten(-2), self.groups)
 
     def kl_to_prior(self) -> torch.Tensor:
         """KL(q || uniform) = G ln c - H(q)."""
@@ -442,6 +453,10 @@ class Joint(Family):
 
     def _sum(self, values: list[torch.Tensor]) -> torch.Tensor:
         return functools.reduce(torch.add, values)
+
+    def aggregate(self) -> "Joint":
+        """Each block's ``aggregate()``."""
+        return Joint([(name, part.aggregate()) for name, part in self._parts])
 
     def kl(self, other: "Joint") -> torch.Tensor:
         """KL(q || other) for the same blocks: the sum of the blocks' KLs."""

@@ -22,7 +22,9 @@ class Terms(NamedTuple):
     """Batch means, in nats per example: ``loss`` carries the gradient, ``neg_elbo``, ``expected_ll`` and ``kl``
     are values, ``kl_blocks`` the KL of each block of the latent (name -> value with its gradient, for a capacity
     objective; one entry unless the latent is a hybrid), ``consistency`` (with its gradient) the consistency term
-    when the batch came with a view (``VAE.forward``), else None."""
+    when the batch came with a view (``VAE.forward``), else None, and ``marginal_kl`` (with its gradient) KL(q_bar ||
+    p) of the batch's marginal q_bar = mean_x q_d(y|x) of the discrete blocks (None without discrete blocks): the
+    part of the KL term that measures how unevenly the codes are used (Hoffman & Johnson 2016)."""
 
     loss: torch.Tensor
     neg_elbo: torch.Tensor
@@ -30,6 +32,7 @@ class Terms(NamedTuple):
     kl: torch.Tensor
     kl_blocks: dict
     consistency: torch.Tensor | None = None
+    marginal_kl: torch.Tensor | None = None
 
     def values(self) -> dict[str, torch.Tensor]:
         """What is logged of a batch: ``neg_elbo``, ``expected_ll``, ``kl``, for a hybrid latent ``kl_<block>`` per
@@ -143,13 +146,14 @@ class VAE(nn.Module):
         expected_ll = estimator(*q.estimand(lambda z: self.log_likelihood(x, z)), **options)
         kl_blocks = {name: kl.mean() for name, kl in q.kl_parts().items()}
         ell, kl = expected_ll.mean(), sum(kl_blocks.values())
-        consistency = None
+        consistency, q_d = None, q.discrete_part
         if view is not None:
-            target = self.space.posterior(params.detach(), self.prior).discrete_part
-            if target is None:
+            if q_d is None:
                 raise InputError(f"a consistency view needs a latent with a discrete block, not {self.space}")
+            target = self.space.posterior(params.detach(), self.prior).discrete_part
             consistency = target.kl(self.posterior(view).discrete_part).mean()
-        return Terms(kl - ell, (kl - ell).detach(), ell.detach(), kl.detach(), kl_blocks, consistency)
+        marginal_kl = None if q_d is None else q_d.aggregate().kl_to_prior()
+        return Terms(kl - ell, (kl - ell).detach(), ell.detach(), kl.detach(), kl_blocks, consistency, marginal_kl)
 
 
 def _conv_plan(size: int, layers: int) -> list[int]:

@@ -123,6 +123,11 @@ class Config:
         "(--rotation, --shift, --scale, --shear), so that codes and clusters do not follow slant or position; images "
         "only; "
         "0: the ELBO alone"))
+    balance: float = setting(0.0, Flag(
+        "weight beta of a balance term for the discrete blocks: the loss gains beta KL(q_bar(y) || p(y)), q_bar the "
+        "batch's mean of q(y|x) -- the part of the KL term that measures how unevenly the codes or clusters are "
+        "used (Hoffman & Johnson 2016; IMSAT's marginal entropy) -- against one cluster taking several classes; "
+        "0: the ELBO alone"))
     augment: dict = setting(
         MISSING,
         Flag("t of --consistency: largest rotation, degrees", type=float, key="rotation"),
@@ -186,10 +191,11 @@ class Config:
                     and isinstance(value[1], int) and not isinstance(value[1], bool) and value[1] >= 1):
                 raise InputError(f"the capacity of {name} must be [C_max >= 0 nats, steps >= 1], got {value!r}",
                                  "capacity")
-        if not 0 <= self.consistency < math.inf:
-            raise InputError(f"consistency must be a finite number >= 0, got {self.consistency}", "consistency")
-        if self.consistency and not any(block.family.discrete for block in self.space.blocks):
-            raise InputError(f"consistency needs a latent with a discrete block, not {self.space}", "consistency")
+        for name in ("consistency", "balance"):
+            if not 0 <= getattr(self, name) < math.inf:
+                raise InputError(f"{name} must be a finite number >= 0, got {getattr(self, name)}", name)
+            if getattr(self, name) and not any(block.family.discrete for block in self.space.blocks):
+                raise InputError(f"{name} needs a latent with a discrete block, not {self.space}", name)
         unknown = set(self.augment) - set(AUGMENT)
         if unknown:
             raise InputError(f"augment takes {', '.join(AUGMENT)} (those left out are 0), not {', '.join(unknown)}")
@@ -282,10 +288,12 @@ def elbo_terms(model: VAE, x: torch.Tensor, batch_size: int = 2048, binarization
 def objective(terms: Terms, cfg: Config, step: int) -> torch.Tensor:
     """The loss minimised at ``step``: the negative ELBO, each block with a capacity (``cfg.capacity``) taking
     gamma |KL_block - C_block(t)| in place of its KL (Burgess et al. 2018; JointVAE, Dupont 2018), plus lambda
-    times the consistency term when there is one (``cfg.consistency``)."""
+    times the consistency term when there is one (``cfg.consistency``) and beta times the marginal KL
+    (``cfg.balance``)."""
     capacities = cfg.capacities(step)
     consistency = 0.0 if terms.consistency is None else cfg.consistency * terms.consistency
-    return terms.loss + consistency + sum(cfg.capacity_gamma * (terms.kl_blocks[name] - c).abs()
+    balance = cfg.balance * terms.marginal_kl if cfg.balance else 0.0
+    return terms.loss + consistency + balance + sum(cfg.capacity_gamma * (terms.kl_blocks[name] - c).abs()
                                           - terms.kl_blocks[name] for name, c in capacities.items())
 
 
