@@ -119,10 +119,9 @@ class Config:
     capacity_gamma: float = setting(30.0, Flag("gamma of --capacity"))
     consistency: float = setting(0.0, Flag(
         "weight lambda of a consistency term for the discrete blocks (IMSAT, Hu et al. 2017): the loss gains lambda "
-        "E_x KL(q(y|x) || q(y|t(x))), q(y|x) held fixed, t a random rotation, shift and scaling of the image "
-        "(--rotation, --shift, --scale, --shear), so that codes and clusters do not follow slant or position; images "
-        "only; "
-        "0: the ELBO alone"))
+        "E_x KL(q(y|x) || q(y|t(x))), q(y|x) held fixed, t a random shear, rotation, scaling and shift of the image "
+        "(--shear, --rotation, --scale, --shift), so that codes and clusters do not follow slant or position; "
+        "images only; 0: the ELBO alone"))
     balance: float = setting(0.0, Flag(
         "weight beta of a balance term for the discrete blocks: the loss gains beta KL(q_bar(y) || p(y)), q_bar the "
         "batch's mean of q(y|x) -- the part of the KL term that measures how unevenly the codes or clusters are "
