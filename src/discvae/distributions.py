@@ -62,7 +62,11 @@ class Family:
     grouped = False  # may a block have several independent groups (``categorical:10x3``)?
 
     @classmethod
-    def from_params(cls, params: torch.Tensor, groups: int = 1) -> "Family":
+    def from_params(cls, params: torch.Tensor, groups: int = 1, prior_logits: torch.Tensor | None = None) -> "Family":
+        """The family from the encoder's output; ``prior_logits``: a discrete family's learned prior (None: its
+        standard one)."""
+        if prior_logits is not None:
+            raise ValueError(f"a {cls.name} block has no learned prior")
         return cls(params)
 
     @staticmethod
@@ -119,14 +123,21 @@ class Family:
 
 
 class Bernoulli(Family):
-    """Independent bits with logits ``eta``: log q(z) = eta.z - sum softplus(eta) (eq. 19, A = 1^T ln(1+e^eta))."""
+    """Independent bits with logits ``eta``: log q(z) = eta.z - sum softplus(eta) (eq. 19, A = 1^T ln(1+e^eta)).
+    The prior p(z) is uniform, or Bernoulli(sigmoid(lambda)) with learned logits ``prior_logits`` lambda ``[c]``."""
 
     name = "bernoulli"
     discrete = True
     binary = True
 
-    def __init__(self, logits: torch.Tensor):
+    def __init__(self, logits: torch.Tensor, prior_logits: torch.Tensor | None = None):
         self.logits = logits
+        self.prior_logits = prior_logits
+
+    @classmethod
+    def from_params(cls, params: torch.Tensor, groups: int = 1,
+                    prior_logits: torch.Tensor | None = None) -> "Bernoulli":
+        return cls(params, prior_logits)
 
     @staticmethod
     def param_dim(size: int, groups: int = 1) -> int:
@@ -168,7 +179,7 @@ class Bernoulli(Family):
         return torch.sigmoid(y / tau), (y > 0).to(y.dtype)
 
     def proposal(self, xi: torch.Tensor) -> "Bernoulli":
-        return Bernoulli(xi.expand_as(self.logits))
+        return Bernoulli(xi.expand_as(self.logits), self.prior_logits)
 
     def sample(self, sample_shape=()) -> torch.Tensor:
         with torch.no_grad():
@@ -192,18 +203,26 @@ class Bernoulli(Family):
     def aggregate(self) -> "Bernoulli":
         """The batch's marginal of each bit, p_i = mean_b q(z_i = 1|x_b), as one Bernoulli (batch shape ``[]``):
         logits ln p_i - ln(1 - p_i) from log-sum-exps of the log-sigmoids."""
-        return Bernoulli(torch.logsumexp(F.logsigmoid(self.logits), 0) - torch.logsumexp(F.logsigmoid(-self.logits), 0))
+        return Bernoulli(torch.logsumexp(F.logsigmoid(self.logits), 0) - torch.logsumexp(F.logsigmoid(-self.logits), 0),
+                         self.prior_logits)
 
     def kl_to_prior(self) -> torch.Tensor:
-        """KL(q || Bernoulli(1/2)^c) = c ln 2 - H(q)."""
-        return self.dim * math.log(2.0) - self.entropy()
+        """KL(q || Bernoulli(1/2)^c) = c ln 2 - H(q); with a learned prior, ``kl`` to Bernoulli(lambda)."""
+        if self.prior_logits is None:
+            return self.dim * math.log(2.0) - self.entropy()
+        return self.kl(Bernoulli(self.prior_logits))
 
     def prior_log_prob(self, z: torch.Tensor) -> torch.Tensor:
-        return torch.full(z.shape[:-1], -self.dim * math.log(2.0), dtype=z.dtype, device=z.device)
+        """ln p(z): -c ln 2, or lambda.z - sum softplus(lambda) with a learned prior."""
+        if self.prior_logits is None:
+            return torch.full(z.shape[:-1], -self.dim * math.log(2.0), dtype=z.dtype, device=z.device)
+        return (z * self.prior_logits).sum(-1) - F.softplus(self.prior_logits).sum(-1)
 
     def prior_sample(self, sample_shape=()) -> torch.Tensor:
-        bits = torch.randint(0, 2, (*_shape(sample_shape), self.dim), device=self.logits.device)
-        return bits.to(self.logits.dtype)
+        if self.prior_logits is None:
+            bits = torch.randint(0, 2, (*_shape(sample_shape), self.dim), device=self.logits.device)
+            return bits.to(self.logits.dtype)
+        return Bernoulli(self.prior_logits.detach().to(self.logits.dtype)).sample(sample_shape)
 
     def enumerate(self) -> torch.Tensor:
         """All 2^c states, shape ``[2^c, c]`` (bit i of row k is bit i of k, most significant first)."""
@@ -228,23 +247,26 @@ class Bernoulli(Family):
 
 
 class Categorical(Family):
-    """G independent one-hot groups of c classes; log q(z) = sum_g z_g . log_softmax(eta_g) (eq. 27)."""
+    """G independent one-hot groups of c classes; log q(z) = sum_g z_g . log_softmax(eta_g) (eq. 27). The prior
+    p(z) is uniform, or softmax(lambda_g) per group with learned logits ``prior_logits`` lambda ``[G*c]``."""
 
     name = "categorical"
     min_size, grouped = 2, True
     discrete = True
 
-    def __init__(self, logits: torch.Tensor, groups: int = 1):
+    def __init__(self, logits: torch.Tensor, groups: int = 1, prior_logits: torch.Tensor | None = None):
         if logits.shape[-1] % groups:
             raise InputError(f"categorical logits of size {logits.shape[-1]} do not split into {groups} groups")
         self.groups = groups
         self.classes = logits.shape[-1] // groups
         self.logits = logits
+        self.prior_logits = prior_logits
         self._grouped = logits.unflatten(-1, (groups, self.classes))
 
     @classmethod
-    def from_params(cls, params: torch.Tensor, groups: int = 1) -> "Categorical":
-        return cls(params, groups)
+    def from_params(cls, params: torch.Tensor, groups: int = 1,
+                    prior_logits: torch.Tensor | None = None) -> "Categorical":
+        return cls(params, groups, prior_logits)
 
     @staticmethod
     def param_dim(size: int, groups: int = 1) -> int:
@@ -295,7 +317,7 @@ class Categorical(Family):
         return soft.flatten(-2), F.one_hot(y.argmax(-1), self.classes).to(y.dtype).flatten(-2)
 
     def proposal(self, xi: torch.Tensor) -> "Categorical":
-        return Categorical(xi.expand_as(self.logits), self.groups)
+        return Categorical(xi.expand_as(self.logits), self.groups, self.prior_logits)
 
     def sample(self, sample_shape=()) -> torch.Tensor:
         """Gumbel-max: argmax(eta - ln E), E ~ Exp(1)."""
@@ -319,18 +341,29 @@ class Categorical(Family):
     def aggregate(self) -> "Categorical":
         """The batch's marginal of each group, mean_b q(z_g|x_b), as one Categorical (batch shape ``[]``): logits
         logsumexp_b ln q(z_g|x_b)."""
-        return Categorical(torch.logsumexp(self.log_probs, 0).flatten(-2), self.groups)
+        return Categorical(torch.logsumexp(self.log_probs, 0).flatten(-2), self.groups, self.prior_logits)
+
+    def _prior(self) -> "Categorical":
+        """The learned prior softmax(lambda_g) as a Categorical of batch shape ``[]``."""
+        return Categorical(self.prior_logits, self.groups)
 
     def kl_to_prior(self) -> torch.Tensor:
-        """KL(q || uniform) = G ln c - H(q)."""
-        return self.groups * math.log(self.classes) - self.entropy()
+        """KL(q || uniform) = G ln c - H(q); with a learned prior, ``kl`` to softmax(lambda)."""
+        if self.prior_logits is None:
+            return self.groups * math.log(self.classes) - self.entropy()
+        return self.kl(self._prior())
 
     def prior_log_prob(self, z: torch.Tensor) -> torch.Tensor:
-        return torch.full(z.shape[:-1], -self.groups * math.log(self.classes), dtype=z.dtype, device=z.device)
+        """ln p(z): -G ln c, or sum_g z_g . log_softmax(lambda_g) with a learned prior."""
+        if self.prior_logits is None:
+            return torch.full(z.shape[:-1], -self.groups * math.log(self.classes), dtype=z.dtype, device=z.device)
+        return (z * self._prior().log_probs.flatten(-2)).sum(-1)
 
     def prior_sample(self, sample_shape=()) -> torch.Tensor:
-        k = torch.randint(0, self.classes, (*_shape(sample_shape), self.groups), device=self.logits.device)
-        return F.one_hot(k, self.classes).to(self.logits.dtype).flatten(-2)
+        if self.prior_logits is None:
+            k = torch.randint(0, self.classes, (*_shape(sample_shape), self.groups), device=self.logits.device)
+            return F.one_hot(k, self.classes).to(self.logits.dtype).flatten(-2)
+        return Categorical(self.prior_logits.detach().to(self.logits.dtype), self.groups).sample(sample_shape)
 
     def enumerate(self) -> torch.Tensor:
         """All c^G states, shape ``[c^G, G*c]`` (group 0 varies slowest)."""

@@ -2,10 +2,10 @@
 
 A :class:`LatentSpace` is one or more :class:`Block` s -- a family of :mod:`discvae.distributions` with its size --
 concatenated in z (``LatentSpace.parse("categorical:10+gaussian:10")``), and its prior: each block's own
-(``standard``) or, for a categorical beside a Gaussian, the ``mixture`` p(y) p(z|y) with learned means
-(:class:`MixturePrior`). It sizes the encoder's output and the decoder's input, counts the latent states, and
-builds q(z|x) from an encoder's output: the block's family, a :class:`~discvae.distributions.Joint` of the blocks,
-or a :class:`~discvae.distributions.Mixture`.
+(``standard``), a factorised prior with ``learned`` logits for the discrete blocks (:class:`LearnedPrior`) or, for a
+categorical beside a Gaussian, the ``mixture`` p(y) p(z|y) with learned means (:class:`MixturePrior`). It sizes the
+encoder's output and the decoder's input, counts the latent states, and builds q(z|x) from an encoder's output: the
+block's family, a :class:`~discvae.distributions.Joint` of the blocks, or a :class:`~discvae.distributions.Mixture`.
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from .errors import InputError
 
 FAMILIES = {family.name: family for family in (Bernoulli, Categorical, Gaussian)}
 DEFAULT_SIZE = 50
-PRIORS = ("standard", "mixture")
+PRIORS = ("standard", "learned", "mixture")
 _BLOCK = re.compile(r"(?P<family>[a-z]+)(?::(?P<size>\d+)(?:x(?P<groups>\d+))?)?")
 
 
@@ -67,7 +67,8 @@ class LatentSpace:
         """``spec``: a family name sized by ``size`` (default 50) and ``groups`` -- ``bernoulli``, ``categorical``,
         ``gaussian`` -- or blocks ``family:size`` joined by ``+``, a categorical block as ``categorical:c`` or
         ``categorical:cxG`` (G groups), e.g. ``categorical:10+gaussian:10``; then ``size`` and ``groups`` must be
-        left out. At most one block per family. ``prior``: ``standard`` (each block's own: uniform, N(0, I)) or
+        left out. At most one block per family. ``prior``: ``standard`` (each block's own: uniform, N(0, I)),
+        ``learned`` (the discrete blocks' bits and classes with learned probabilities, :class:`LearnedPrior`) or
         ``mixture`` (``categorical:c+gaussian:K`` only: p(y) p(z|y) = (1/c) N(z; mu_y, I), the decoder reading z).
         InputError on anything else."""
         if prior not in PRIORS:
@@ -101,6 +102,9 @@ class LatentSpace:
         if prior == "mixture" and [(b.family, b.groups) for b in blocks] != [(Categorical, 1), (Gaussian, 1)]:
             raise InputError(f"prior mixture needs a latent categorical:C+gaussian:K (one group), not {spec!r}",
                              "prior")
+        if prior == "learned" and all(b.num_states is None for b in blocks):
+            raise InputError(f"prior learned needs a latent with a discrete block (bits or classes), not {spec!r}",
+                             "prior")
         return cls(tuple(blocks), prior)
 
     def __str__(self) -> str:
@@ -130,20 +134,24 @@ class LatentSpace:
         discrete = [b for b in self.blocks if b.num_states is not None]
         return discrete[0] if len(discrete) == 1 else None
 
-    def prior_module(self) -> "MixturePrior | None":
+    def prior_module(self) -> "MixturePrior | LearnedPrior | None":
         """The prior's learned parameters as a module for the VAE to hold, None for the standard priors."""
-        return MixturePrior(self.blocks[0].size, self.blocks[1].size) if self.prior == "mixture" else None
+        if self.prior == "mixture":
+            return MixturePrior(self.blocks[0].size, self.blocks[1].size)
+        return LearnedPrior(self.blocks) if self.prior == "learned" else None
 
-    def posterior(self, params: torch.Tensor, prior: "MixturePrior | None" = None) -> Family:
+    def posterior(self, params: torch.Tensor, prior: "MixturePrior | LearnedPrior | None" = None) -> Family:
         """q(z|x) from the encoder's output ``params`` ``[..., param_dim]``, with the learned ``prior`` of
         ``prior_module()`` when there is one."""
-        if len(self.blocks) == 1:
-            return self.blocks[0].family.from_params(params, self.blocks[0].groups)
+        if self.prior != "standard" and prior is None:
+            raise ValueError(f"a latent with the {self.prior} prior needs that prior's module (VAE.prior)")
+        learned = prior.logits if self.prior == "learned" else {}
         chunks = params.split([b.param_dim for b in self.blocks], -1)
-        parts = [b.family.from_params(c, b.groups) for b, c in zip(self.blocks, chunks, strict=True)]
+        parts = [b.family.from_params(c, b.groups, learned.get(b.name))
+                 for b, c in zip(self.blocks, chunks, strict=True)]
+        if len(parts) == 1:
+            return parts[0]
         if self.prior == "mixture":
-            if prior is None:
-                raise ValueError("a latent with the mixture prior needs that prior's module (VAE.prior)")
             return Mixture(*parts, prior.means)
         return Joint([(b.name, part) for b, part in zip(self.blocks, parts, strict=True)])
 
@@ -155,3 +163,15 @@ class MixturePrior(nn.Module):
     def __init__(self, classes: int, dim: int):
         super().__init__()
         self.means = nn.Parameter(torch.randn(classes, dim))
+
+
+class LearnedPrior(nn.Module):
+    """The learned logits lambda of a factorised prior over the discrete blocks, ``logits[block name]``:
+    p(z) = Bernoulli(sigmoid(lambda)) for bits, softmax(lambda_g) for each categorical group; zeros at the start
+    (the uniform prior). Gaussian blocks keep N(0, I). The prior of the ARM / DisARM benchmark code (200 learned
+    logits for the 200 bits)."""
+
+    def __init__(self, blocks: tuple[Block, ...]):
+        super().__init__()
+        self.logits = nn.ParameterDict({b.name: nn.Parameter(torch.zeros(b.param_dim))
+                                        for b in blocks if b.num_states is not None})

@@ -91,7 +91,9 @@ class Config:
     latent_dim: int | None = setting(None, Flag(f"bits, classes per group, or Gaussian dims (default {DEFAULT_SIZE})"))
     groups: int = setting(1, Flag("independent categorical groups"))
     prior: str = setting("standard", Flag(
-        "p(z): standard (uniform classes and bits, N(0, I)) or mixture, for a latent categorical:C+gaussian:K: "
+        "p(z): standard (uniform classes and bits, N(0, I)); learned (the bits' and classes' probabilities "
+        "learned, a factorised prior as in the ARM / DisARM benchmark; Gaussian blocks N(0, I)); or mixture, for a "
+        "latent categorical:C+gaussian:K: "
         "p(y) p(z|y) = (1/C) N(z; mu_y, I) with learned means, the decoder reading z alone, y summed out exactly "
         "(GMVAE / VaDE clustering; train with --estimator reparam)", choices=PRIORS))
     likelihood: str = setting("bernoulli", Flag("p(x|z)", choices=list(LIKELIHOODS)))

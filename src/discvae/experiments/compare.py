@@ -400,7 +400,7 @@ def compare_seed(base: Config, specs: list[Spec], settings: Comparison, out: Pat
         _curves_figure(out / "curves.png", curves)
 
     described = {"dataset": base.dataset, "arch": base.arch, "init": base.init,
-                 "latent": str(base.space),
+                 "latent": str(base.space), "prior": base.prior,
                  "binarize": base.binarize, "batch_size": base.batch_size, "lr": base.lr, "seed": base.seed,
                  "epochs": base.epochs,
                  "bias_model": f"{small.arch}, {small.space}, after {settings.bias_epochs} epoch(s) of exact",
