@@ -22,9 +22,8 @@ class Terms(NamedTuple):
     """Batch means, in nats per example: ``loss`` carries the gradient, ``neg_elbo``, ``expected_ll`` and ``kl``
     are values, ``kl_blocks`` the KL of each block of the latent (name -> value with its gradient, for a capacity
     objective; one entry unless the latent is a hybrid), ``consistency`` (with its gradient) the consistency term
-    when the batch came with a view (``VAE.forward``), else None, and ``marginal_kl`` (with its gradient) KL(q_bar ||
-    p) of the batch's marginal q_bar = mean_x q_d(y|x) of the discrete blocks (None without discrete blocks): the
-    part of the KL term that measures how unevenly the codes are used (Hoffman & Johnson 2016)."""
+    when the batch came with a view (``VAE.forward``), else None, and ``discrete`` the discrete blocks' q_d(y|x) of
+    the batch (None without discrete blocks), from which ``marginal_kl`` is computed when asked for."""
 
     loss: torch.Tensor
     neg_elbo: torch.Tensor
@@ -32,7 +31,14 @@ class Terms(NamedTuple):
     kl: torch.Tensor
     kl_blocks: dict
     consistency: torch.Tensor | None = None
-    marginal_kl: torch.Tensor | None = None
+    discrete: Family | None = None
+
+    @property
+    def marginal_kl(self) -> torch.Tensor | None:
+        """KL(q_bar || p) (with its gradient) of the batch's marginal q_bar = mean_x q_d(y|x) of the discrete blocks,
+        None without discrete blocks: the part of the KL term that measures how unevenly the codes are used (Hoffman
+        & Johnson 2016). Computed on each access (the training loop asks only when ``--balance`` weighs it)."""
+        return None if self.discrete is None else self.discrete.aggregate().kl_to_prior()
 
     def values(self) -> dict[str, torch.Tensor]:
         """What is logged of a batch: ``neg_elbo``, ``expected_ll``, ``kl``, for a hybrid latent ``kl_<block>`` per
@@ -152,8 +158,7 @@ class VAE(nn.Module):
                 raise InputError(f"a consistency view needs a latent with a discrete block, not {self.space}")
             target = self.space.posterior(params.detach(), self.prior).discrete_part
             consistency = target.kl(self.posterior(view).discrete_part).mean()
-        marginal_kl = None if q_d is None else q_d.aggregate().kl_to_prior()
-        return Terms(kl - ell, (kl - ell).detach(), ell.detach(), kl.detach(), kl_blocks, consistency, marginal_kl)
+        return Terms(kl - ell, (kl - ell).detach(), ell.detach(), kl.detach(), kl_blocks, consistency, q_d)
 
 
 def _conv_plan(size: int, layers: int) -> list[int]:
