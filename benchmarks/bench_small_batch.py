@@ -5,7 +5,9 @@ Trains the `linear` model (784-200 / 200-784, 200 Bernoulli latents, dynamic bin
 ``--steps`` steps per round on random grey images, timing the steps from a callback, and in the same rounds the
 four matrix products of one step alone (encoder and decoder forward, the two weight gradients; autograd needs no
 input gradient: x is data and z is sampled), rounds interleaved, medians reported. Also times one step of Adam's
-three implementations on the model's parameters, and, with ``--precision bf16``, the bf16 step (and its GEMMs).
+three implementations on the model's parameters, the same step written by hand in plain PyTorch (the floor of
+PyTorch's building blocks: one function, no library around it), and, with ``--precision bf16``, the bf16 step (and
+its GEMMs).
 
     python benchmarks/bench_small_batch.py [--rounds 7] [--steps 400] [--threads 1] [--precision fp32 bf16]
                                            [--compile]
@@ -14,11 +16,13 @@ The last line is ``step/GEMM ratio R``: the fp32 step's time over its GEMMs' tim
 """
 from __future__ import annotations
 
+import math
 import statistics
 import tempfile
 import time
 
 import torch
+import torch.nn.functional as F
 from timing import parse_args, time_it
 
 from discvae import Config, Dataset, train
@@ -72,6 +76,33 @@ def gemms(dtype: torch.dtype):
     return run
 
 
+def hand_written_step(data: Dataset):
+    """One DisARM step of the linear model written out in plain PyTorch (binarise, encode, the antithetic pair,
+    decode, the Bernoulli likelihood, the KL to the uniform prior, backward, fused Adam), walking through ``data``."""
+    enc, dec = torch.nn.Linear(D, C), torch.nn.Linear(C, D)
+    optimizer = torch.optim.Adam([*enc.parameters(), *dec.parameters()], lr=1e-4, fused=True)
+    images, batches = data.x_train.flatten(1), iter(range(10**9))
+
+    def step():
+        i = next(batches) * B % (len(images) - B + 1)
+        x = (torch.rand(B, D) < images[i:i + B]).float()
+        eta = enc(x)
+        with torch.no_grad():
+            p = torch.sigmoid(eta)
+            u = torch.rand_like(p)
+            b, b_anti = (u < p).float(), (1 - u < p).float()
+        logits = dec(torch.cat([b, b_anti]))
+        f = (logits * x.repeat(2, 1)).sum(-1) - F.softplus(logits).sum(-1)
+        fb, fa = f.chunk(2)
+        direction = ((b - b_anti) * torch.sigmoid(eta.abs()) * (eta - eta.detach())).sum(-1)
+        kl = C * math.log(2) - (F.softplus(eta) - torch.sigmoid(eta) * eta).sum(-1)
+        loss = (kl - 0.5 * (fb + fa) - 0.5 * (fb - fa).detach() * direction).mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    return step
+
+
 def adam_steps():
     """One step of each Adam implementation on parameters and gradients of the linear model's sizes."""
     shapes = [(C, D), (C,), (D, C), (D,)]
@@ -101,6 +132,7 @@ def main():
         if args.compile:
             fns["step fp32 compiled"] = step_timer(data, f"{folder}/compiled", compile=True)
             fns["step fp32 compiled"]()  # compiled once before the rounds
+        fns["hand-written fp32"] = hand_written_step(data)
         for p in args.precision:
             fns[f"gemms {p}"] = gemms({"fp32": torch.float32, "bf16": torch.bfloat16}[p])
         fns.update(adam_steps())
@@ -119,6 +151,8 @@ def main():
               f"{t[f'step {p}'] * 1e6 / 60:.0f} min")
     if "bf16" in args.precision:
         print(f"bf16/fp32 step speed ratio {t['step fp32'] / t['step bf16']:.2f}")
+    print(f"hand-written PyTorch: step / its GEMMs {t['hand-written fp32'] / t['gemms fp32']:.2f}; "
+          f"discvae's step / hand-written {t['step fp32'] / t['hand-written fp32']:.2f}")
     if args.compile:
         print(f"compiled/eager fp32 step speed ratio {t['step fp32'] / t['step fp32 compiled']:.2f}")
     print(f"step/GEMM ratio {t['step fp32'] / t['gemms fp32']:.2f}")
