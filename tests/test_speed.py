@@ -117,9 +117,23 @@ def test_compiled_training_matches_eager(tmp_path, capsys):
     assert diff.max() <= 4 * 1e-3 and (diff > 1e-5).float().mean() < 1e-3, diff.max()
 
 
-def test_the_guard_names_the_first_non_finite_step_of_a_later_epoch(tmp_path):
-    """A NaN at training step 11 (epoch 2 of 8-step epochs) stops the run naming that step, whatever the guard's
-    interval, and leaves the checkpoint of epoch 1 as it was."""
+class InfiniteGradient(torch.autograd.Function):
+    """The identity whose gradient is +inf: a finite loss with non-finite gradients."""
+
+    @staticmethod
+    def forward(ctx, t):
+        return t.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return torch.full_like(grad, float("inf"))
+
+
+@pytest.mark.parametrize("poison", [lambda out: out * float("nan"), InfiniteGradient.apply],
+                         ids=["nan-loss", "inf-gradient"])
+def test_the_guard_names_the_first_non_finite_step_of_a_later_epoch(tmp_path, poison):
+    """A NaN loss, or a finite loss with infinite gradients, at training step 11 (epoch 2 of 8-step epochs) stops
+    the run naming that step, whatever the guard's interval, and leaves the checkpoint of epoch 1 as it was."""
     calls = {"n": 0}
 
     def nan_at_step_11(q, f, num_samples=1):
@@ -127,7 +141,7 @@ def test_the_guard_names_the_first_non_finite_step_of_a_later_epoch(tmp_path):
         if torch.is_grad_enabled() and q.logits.device.type == "cpu":  # a training step (not the memory check)
             calls["n"] += 1
             if calls["n"] == 11:
-                return out * float("nan")
+                return poison(out)
         return out
 
     run = tmp_path / "run"

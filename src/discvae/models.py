@@ -151,14 +151,16 @@ class VAE(nn.Module):
         q = self.space.posterior(params, self.prior)
         expected_ll = estimator(*q.estimand(lambda z: self.log_likelihood(x, z)), **options)
         kl_blocks = {name: kl.mean() for name, kl in q.kl_parts().items()}
-        ell, kl = expected_ll.mean(), sum(kl_blocks.values())
+        blocks = list(kl_blocks.values())
+        ell, kl = expected_ll.mean(), sum(blocks[1:], blocks[0])
         consistency, q_d = None, q.discrete_part
         if view is not None:
             if q_d is None:
                 raise InputError(f"a consistency view needs a latent with a discrete block, not {self.space}")
             target = self.space.posterior(params.detach(), self.prior).discrete_part
             consistency = target.kl(self.posterior(view).discrete_part).mean()
-        return Terms(kl - ell, (kl - ell).detach(), ell.detach(), kl.detach(), kl_blocks, consistency, q_d)
+        neg_elbo = kl - ell
+        return Terms(neg_elbo, neg_elbo.detach(), ell.detach(), kl.detach(), kl_blocks, consistency, q_d)
 
 
 def _conv_plan(size: int, layers: int) -> list[int]:

@@ -104,19 +104,19 @@ def train_step(model, optimizer: torch.optim.Optimizer, forward: Callable, x: to
                loss_of: Callable = lambda terms: terms.loss, view: torch.Tensor | None = None):
     """One optimisation step on the batch ``x`` (and its ``view``, if any): ``terms = forward(x, options, view)``
     (the model's ``Terms``), the gradient of ``loss_of(terms)``, the optimizer's step. Returns ``terms`` and a device
-    scalar that is finite iff the loss and every gradient are (the loss plus the gradients' total norm); nothing
-    waits for the device."""
+    scalar that is finite iff the loss and every gradient are (the loss plus the sum of every gradient's entries: half
+    the cost of their norm, and no squares to overflow); nothing waits for the device."""
     terms = forward(x, options, view)
     loss = loss_of(terms)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
-    grad_norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
+    health = torch.stack([loss.detach(), *(p.grad.sum() for p in model.parameters() if p.grad is not None)]).sum()
     optimizer.step()
-    return terms, loss.detach() + grad_norm
+    return terms, health
 
 
 class DivergenceGuard:
-    """Records every step's health (``train_step``'s: loss plus gradient norm) on the device and looks at the record
+    """Records every step's health (``train_step``'s: loss plus gradient sums) on the device and looks at the record
     every ``every`` steps and at the end of each epoch (one host synchronisation per look): :meth:`check` raises
     :class:`Diverged` naming the first step whose loss or gradient was not finite. ``agree`` (e.g. an all-reduce of
     the record across processes) makes every process see the same record."""

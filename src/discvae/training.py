@@ -291,11 +291,18 @@ def objective(terms: Terms, cfg: Config, step: int) -> torch.Tensor:
     gamma |KL_block - C_block(t)| in place of its KL (Burgess et al. 2018; JointVAE, Dupont 2018), plus lambda
     times the consistency term when there is one (``cfg.consistency``) and beta times the marginal KL
     (``cfg.balance``)."""
-    capacities = cfg.capacities(step)
-    consistency = 0.0 if terms.consistency is None else cfg.consistency * terms.consistency
-    balance = cfg.balance * terms.marginal_kl if cfg.balance else 0.0
-    return terms.loss + consistency + balance + sum(cfg.capacity_gamma * (terms.kl_blocks[name] - c).abs()
-                                          - terms.kl_blocks[name] for name, c in capacities.items())
+    extra = [cfg.capacity_gamma * (terms.kl_blocks[name] - c).abs() - terms.kl_blocks[name]
+             for name, c in cfg.capacities(step).items()]
+    if terms.consistency is not None:
+        extra.append(cfg.consistency * terms.consistency)
+    if cfg.balance:
+        extra.append(cfg.balance * terms.marginal_kl)
+    return sum(extra, terms.loss)  # the loss itself when there is nothing to add (no kernel, no graph node)
+
+
+def scaled(loss: torch.Tensor, share: float) -> torch.Tensor:
+    """``loss`` times this rank's ``share`` (``Ranks.share``): the loss itself for one process."""
+    return loss if share == 1 else loss * share
 
 
 def estimator_options(cfg: Config, step: int) -> dict:
@@ -430,10 +437,10 @@ def train(cfg: Config, resume: bool = False, progress: bool = True, data: Datase
                 images = x_train.index_select(0, rows)
                 x = binarize(images, cfg.binarize)
                 view = binarize(random_affine(images, **cfg.augment), cfg.binarize) if cfg.consistency else None
-                step = state.step
-                terms, health = train_step(model, state.optimizer, forward, x, estimator_options(cfg, step),
-                                           lambda terms, step=step, share=share: objective(terms, cfg, step) * share,
-                                           view)
+                def loss_of(terms, step=state.step, share=share):
+                    return scaled(objective(terms, cfg, step), share)
+                terms, health = train_step(model, state.optimizer, forward, x, estimator_options(cfg, state.step),
+                                           loss_of, view)
                 state.step += 1
                 values = terms.values()  # neg_elbo, expected_ll, kl (a hybrid's kl per block): summed on the device
                 sums = sums + torch.stack([*values.values(), one]).double() * len(x)
