@@ -291,12 +291,11 @@ def objective(terms: Terms, cfg: Config, step: int) -> torch.Tensor:
     gamma |KL_block - C_block(t)| in place of its KL (Burgess et al. 2018; JointVAE, Dupont 2018), plus lambda
     times the consistency term when there is one (``cfg.consistency``) and beta times the marginal KL
     (``cfg.balance``)."""
-    extra = [cfg.capacity_gamma * (terms.kl_blocks[name] - c).abs() - terms.kl_blocks[name]
-             for name, c in cfg.capacities(step).items()]
-    if terms.consistency is not None:
-        extra.append(cfg.consistency * terms.consistency)
+    extra = [] if terms.consistency is None else [cfg.consistency * terms.consistency]
     if cfg.balance:
         extra.append(cfg.balance * terms.marginal_kl)
+    extra += [cfg.capacity_gamma * (terms.kl_blocks[name] - c).abs() - terms.kl_blocks[name]
+              for name, c in cfg.capacities(step).items()]
     return sum(extra, terms.loss)  # the loss itself when there is nothing to add (no kernel, no graph node)
 
 
