@@ -4,7 +4,10 @@ spread = std over the 100 one-hot states of each output logit, averaged over the
          std over 1000 MNIST test images of each of the 100 encoder logits, averaged (encoder).
 Run:  OMP_NUM_THREADS=1 python docs/results/cnn_decoder_readings.py DATA   (DATA: the directory holding mnist/; ~5 s)
 """
-import math, sys, time
+import math
+import sys
+import time
+
 import torch
 from torch import nn
 
@@ -14,7 +17,8 @@ C = 100  # 100-way categorical latent (CVAE)
 
 class Crop(nn.Module):  # Keras Cropping2D(((top, bottom), (left, right))), same on both axes
     def __init__(self, a, b):
-        super().__init__(); self.a, self.b = a, b
+        super().__init__()
+        self.a, self.b = a, b
 
     def forward(self, h):
         return h[..., self.a:h.shape[-2] - self.b, self.a:h.shape[-1] - self.b]
@@ -35,7 +39,8 @@ def dec(fc_units, shape, convs, crop=None):
     layers = [nn.Linear(C, fc_units), nn.ReLU(), nn.Unflatten(1, shape)]
     cin = shape[0]
     for i, (cout, s, pad) in enumerate(convs):
-        layers.append(ct(cin, cout, s, pad)); cin = cout
+        layers.append(ct(cin, cout, s, pad))
+        cin = cout
         if i < len(convs) - 1:
             layers.append(nn.ReLU())
     if crop:
@@ -78,15 +83,12 @@ def encoder(pad):  # Table I encoder; pad 1 = Keras 'same' (28-14-7-4), 0 = 'val
                          nn.Conv2d(64, 128, 3, 2, pad), nn.ReLU(), nn.Flatten(), nn.Linear(128 * n * n, C))
 
 
-def keras_fans(w, transposed):
+def keras_fans(w):
     """Fans as Keras 2.x initializers._compute_fans computes them on the Keras kernel. Keras kernels: Dense (in, out),
     Conv2D (kh, kw, in, out), Conv2DTranspose (kh, kw, OUT, IN); fan_in = shape[-2]*kh*kw, fan_out = shape[-1]*kh*kw.
-    Torch weights: Linear (out, in), Conv2d (out, in, kh, kw), ConvTranspose2d (in, out, kh, kw)."""
-    if w.dim() == 2:
-        return w.shape[1], w.shape[0]
-    rf = w.shape[2] * w.shape[3]
-    if transposed:  # Keras kernel (kh, kw, out, in): fan_in = out*rf, fan_out = in*rf
-        return w.shape[1] * rf, w.shape[0] * rf
+    Torch weights: Linear (out, in), Conv2d (out, in, kh, kw), ConvTranspose2d (in, out, kh, kw) -- so for all three
+    Keras' fan_in is torch's dim 1 (times kh*kw) and its fan_out torch's dim 0."""
+    rf = w[0, 0].numel()  # kh*kw (1 for a Linear)
     return w.shape[1] * rf, w.shape[0] * rf
 
 
@@ -95,13 +97,15 @@ def initialize(model, init):
         if not isinstance(m, (nn.Linear, nn.Conv2d, nn.ConvTranspose2d)):
             continue
         if init == "glorot":
-            fi, fo = keras_fans(m.weight, isinstance(m, nn.ConvTranspose2d))
+            fi, fo = keras_fans(m.weight)
             limit = math.sqrt(6 / (fi + fo))
             tfi, tfo = nn.init._calculate_fan_in_and_fan_out(m.weight)  # what xavier_uniform_ would use
             assert fi + fo == tfi + tfo  # same sum -> xavier_uniform_ gives the identical limit
-            nn.init.uniform_(m.weight, -limit, limit); nn.init.zeros_(m.bias)
+            nn.init.uniform_(m.weight, -limit, limit)
+            nn.init.zeros_(m.bias)
         elif init == "he":  # N(0, 2/fan_in), torch fan_in (ConvT: out*kh*kw, = Keras's fan_in) as the library does
-            nn.init.kaiming_normal_(m.weight, nonlinearity="relu"); nn.init.zeros_(m.bias)
+            nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+            nn.init.zeros_(m.bias)
 
 
 def build(reading, init, seed, enc_pad=1):
@@ -113,7 +117,7 @@ def build(reading, init, seed, enc_pad=1):
 
 
 def main():
-    from discvae import load_dataset, build_model
+    from discvae import build_model, load_dataset
     t0 = time.time()
     x = load_dataset("mnist", sys.argv[1]).x_test[:1000]
     inits, seeds = ("torch", "glorot", "he"), (0, 1, 2)
@@ -144,7 +148,8 @@ def main():
         for init in ("torch", "he"):
             torch.manual_seed(0)
             m = build_model("cnn", (1, 28, 28), "categorical", 100, init=init)
-            print(f"library cnn {init}: dec {m.decode(z).std(0).mean().item():.4f} enc {m.encoder(x).std(0).mean().item():.4f}")
+            dec, enc = m.decode(z).std(0).mean().item(), m.encoder(x).std(0).mean().item()
+            print(f"library cnn {init}: dec {dec:.4f} enc {enc:.4f}")
     print(f"runtime {time.time() - t0:.1f} s", file=sys.stderr)
 
 

@@ -206,17 +206,21 @@ class Bernoulli(Family):
         return Bernoulli(torch.logsumexp(F.logsigmoid(self.logits), 0) - torch.logsumexp(F.logsigmoid(-self.logits), 0),
                          self.prior_logits)
 
+    def _prior(self) -> "Bernoulli":
+        """The learned prior Bernoulli(sigmoid(lambda)), batch shape ``[]``."""
+        return Bernoulli(self.prior_logits)
+
     def kl_to_prior(self) -> torch.Tensor:
         """KL(q || Bernoulli(1/2)^c) = c ln 2 - H(q); with a learned prior, ``kl`` to Bernoulli(lambda)."""
         if self.prior_logits is None:
             return self.dim * math.log(2.0) - self.entropy()
-        return self.kl(Bernoulli(self.prior_logits))
+        return self.kl(self._prior())
 
     def prior_log_prob(self, z: torch.Tensor) -> torch.Tensor:
-        """ln p(z): -c ln 2, or lambda.z - sum softplus(lambda) with a learned prior."""
+        """ln p(z): -c ln 2, or the learned prior's ``log_prob``."""
         if self.prior_logits is None:
             return torch.full(z.shape[:-1], -self.dim * math.log(2.0), dtype=z.dtype, device=z.device)
-        return (z * self.prior_logits).sum(-1) - F.softplus(self.prior_logits).sum(-1)
+        return self._prior().log_prob(z)
 
     def prior_sample(self, sample_shape=()) -> torch.Tensor:
         if self.prior_logits is None:
@@ -354,10 +358,10 @@ class Categorical(Family):
         return self.kl(self._prior())
 
     def prior_log_prob(self, z: torch.Tensor) -> torch.Tensor:
-        """ln p(z): -G ln c, or sum_g z_g . log_softmax(lambda_g) with a learned prior."""
+        """ln p(z): -G ln c, or the learned prior's ``log_prob``."""
         if self.prior_logits is None:
             return torch.full(z.shape[:-1], -self.groups * math.log(self.classes), dtype=z.dtype, device=z.device)
-        return (z * self._prior().log_probs.flatten(-2)).sum(-1)
+        return self._prior().log_prob(z)
 
     def prior_sample(self, sample_shape=()) -> torch.Tensor:
         if self.prior_logits is None:
