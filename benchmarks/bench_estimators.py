@@ -11,7 +11,7 @@ train at different times on a shared machine.
 from __future__ import annotations
 
 import torch
-from timing import adam_step, fc_model, interleaved_medians, parse_args
+from timing import adam_step, interleaved_medians, paper_model, parse_args
 
 from discvae.experiments.compare import parse_spec
 
@@ -28,7 +28,7 @@ def main():
     args = parse_args(__doc__, rounds=3, steps=2, more=lambda p: p.add_argument("--num-samples", type=int, default=2))
     print(f"batch {B}, M = {args.num_samples}, {torch.get_num_threads()} threads, median of {args.rounds} rounds")
     for name, (latent, c, labels) in MODELS.items():
-        model, opt, x = fc_model(latent, c, B)
+        model, opt, x = paper_model(latent, c, B)
         specs = [parse_spec(label, args.num_samples) for label in labels]
         t = interleaved_medians({s.label: adam_step(model, opt, x, s.estimator) for s in specs},
                                 args.rounds, args.steps)

@@ -10,14 +10,14 @@ exact / importance (target: <= 1).
 from __future__ import annotations
 
 import torch
-from timing import adam_step, fc_model, interleaved_medians, parse_args
+from timing import adam_step, interleaved_medians, paper_model, parse_args
 
 B, C = 2048, 100
 
 
 def main():
     args = parse_args(__doc__)
-    model, opt, x = fc_model("categorical", C, B)
+    model, opt, x = paper_model("categorical", C, B)
     t = interleaved_medians({name: adam_step(model, opt, x, name, num_samples=1) for name in ("importance", "exact")},
                             args.rounds, args.steps)
     t_imp, t_exact = t["importance"], t["exact"]

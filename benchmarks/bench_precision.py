@@ -1,18 +1,19 @@
-"""One training step of the paper's FC_BVAE (c = 50 bits, batch 2048, M = 1) in bf16 against fp32.
+"""One training step of the paper's FC_BVAE (c = 50 bits, batch 2048, M = 1) in bf16 against fp32; ``--arch cnn``
+the same for its CNN_BVAE.
 
 The step is the library's own (``training.forward_fn`` and ``speed.train_step``: the networks under autocast with
 ``precision="bf16"``, weights, gradients, Adam's state and the log-space sums in fp32), on random grey images,
 rounds alternating between the two precisions, medians reported. Also the bf16 / fp32 speed of torch's matmul at the
 step's largest shape, and the loss of both precisions on the same batch.
 
-    python benchmarks/bench_precision.py [--rounds 7] [--steps 5] [--threads N]
+    python benchmarks/bench_precision.py [--rounds 7] [--steps 5] [--threads N] [--arch fc|cnn]
 
 The last line is ``bf16/fp32 step speed ratio R``.
 """
 from __future__ import annotations
 
 import torch
-from timing import fc_model, interleaved_medians, parse_args
+from timing import interleaved_medians, paper_model, parse_args
 
 from discvae import Config, make_estimator
 from discvae.speed import adam, check_precision, train_step
@@ -22,14 +23,15 @@ B, C = 2048, 50
 
 
 def main():
-    args = parse_args(__doc__)
+    args = parse_args(__doc__, more=lambda p: p.add_argument("--arch", choices=("fc", "cnn"), default="fc",
+                                                                 help="the Table I architecture (default fc)"))
     check_precision("bf16", torch.device("cpu"))
-    model, _, x = fc_model("bernoulli", C, B)
+    model, _, x = paper_model("bernoulli", C, B, args.arch)
     x = (x < 0.5).float()
     estimator = make_estimator("importance", num_samples=1)
     steps, losses = {}, {}
     for p in ("fp32", "bf16"):
-        replica, _, _ = fc_model("bernoulli", C, B)
+        replica, _, _ = paper_model("bernoulli", C, B, args.arch)
         replica.load_state_dict(model.state_dict())
         forward, optimizer = forward_fn(replica, estimator, Config(precision=p)), adam(replica.parameters(), 1e-3)
         torch.manual_seed(1)
@@ -40,7 +42,8 @@ def main():
     steps["matmul fp32"] = lambda: a @ w
     steps["matmul bf16"] = lambda: a.bfloat16() @ w.bfloat16()
     t = interleaved_medians(steps, args.rounds, args.steps)
-    print(f"threads {torch.get_num_threads()}, FC_BVAE (784-1024-50 / 50-1024-784), batch {B}, importance M = 1, "
+    shape = "784-1024-50 / 50-1024-784" if args.arch == "fc" else "Table I's CNN, c = 50"
+    print(f"threads {torch.get_num_threads()}, {args.arch.upper()}_BVAE ({shape}), batch {B}, importance M = 1, "
           f"{args.rounds} rounds x {args.steps} steps, medians")
     for name, seconds in t.items():
         print(f"{name:14s} {seconds * 1e3:8.1f} ms")

@@ -8,7 +8,7 @@ this run, interleaved in rounds so machine noise hits both alike; the medians ov
 from __future__ import annotations
 
 import torch
-from timing import adam_step, fc_model, interleaved_medians, parse_args
+from timing import adam_step, interleaved_medians, paper_model, parse_args
 
 B, D, H, C = 2048, 784, 1024, 50
 
@@ -33,7 +33,7 @@ def gemm_shapes():
 
 def main():
     args = parse_args(__doc__)
-    model, opt, x = fc_model("bernoulli", C, B)
+    model, opt, x = paper_model("bernoulli", C, B)
 
     mats = [(torch.randn(m, k), torch.randn(k, n)) for m, k, n in gemm_shapes()]
     gemm_flops = sum(2 * m * k * n for m, k, n in gemm_shapes())

@@ -1,4 +1,4 @@
-"""Helpers shared by the step benchmarks: their command line, the paper's FC model on random images, one Adam
+"""Helpers shared by the step benchmarks: their command line, the paper's models on random images, one Adam
 step as a closure, and medians over interleaved rounds."""
 from __future__ import annotations
 
@@ -27,9 +27,10 @@ def parse_args(doc: str, rounds: int = 7, steps: int = 5, more=None, threads: in
     return args
 
 
-def fc_model(latent: str, c: int, batch: int):
-    """The paper's FC model with ``c`` latent units, its Adam optimiser (lr 1e-3) and a batch of random images."""
-    model = build_model("fc", (1, 28, 28), latent, c)
+def paper_model(latent: str, c: int, batch: int, arch: str = "fc"):
+    """The paper's ``arch`` model (Table I: ``fc`` or ``cnn``) with ``c`` latent units, its Adam optimiser (lr 1e-3)
+    and a batch of random images."""
+    model = build_model(arch, (1, 28, 28), latent, c)
     return model, torch.optim.Adam(model.parameters(), lr=1e-3), torch.rand(batch, 1, 28, 28)
 
 
