@@ -4,7 +4,7 @@ the same for its CNN_BVAE.
 The step is the library's own (``training.forward_fn`` and ``speed.train_step``: the networks under autocast with
 ``precision="bf16"``, weights, gradients, Adam's state and the log-space sums in fp32), on random grey images,
 rounds alternating between the two precisions, medians reported. Also the bf16 / fp32 speed of torch's matmul at the
-step's largest shape, and the loss of both precisions on the same batch.
+FC step's largest shape (for either ``--arch``), and the loss of both precisions on the same batch.
 
     python benchmarks/bench_precision.py [--rounds 7] [--steps 5] [--threads N] [--arch fc|cnn]
 
