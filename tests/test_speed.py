@@ -149,3 +149,27 @@ def test_the_guard_names_the_first_non_finite_step_of_a_later_epoch(tmp_path, po
         train(cfg, progress=False, data=small_digits(), estimator=nan_at_step_11)
     assert [int(r["epoch"]) for r in read_metrics(run)] == [1]
     assert torch.load(run / "checkpoint.pt", weights_only=True)["step"] == 8
+
+
+def denormal_survives() -> bool:
+    """Whether a float below 2^-126 is computed as such (torch's default), not flushed to 0."""
+    return (torch.tensor([1e-30]) * 1e-10).item() != 0.0
+
+
+def test_training_and_evaluation_flush_denormals_and_keep_them_again_after(tmp_path, monkeypatch):
+    from discvae import evaluation
+    from discvae.callbacks import Callback
+
+    class Probe(Callback):
+        def on_step_end(self, state, terms):
+            seen.append(denormal_survives())
+
+    seen = []
+    assert denormal_survives()
+    cfg = Config(dataset="digits", latent_dim=8, epochs=1, batch_size=256, grad_var_every=0, out=str(tmp_path / "r"))
+    train(cfg, progress=False, data=small_digits(), callbacks=[Probe()])
+    assert seen and not any(seen) and denormal_survives()
+    during = []
+    monkeypatch.setattr(evaluation, "evaluate", lambda *a, **kw: during.append(denormal_survives()) or {})
+    evaluation.evaluate_run(tmp_path / "r", k=2)
+    assert during == [False] and denormal_survives()

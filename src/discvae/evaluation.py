@@ -23,7 +23,7 @@ from .errors import InputError
 from .estimators import EXACT_MAX_STATES
 from .likelihoods import binarize
 from .runs import check_output, load_checkpoint, write_json
-from .speed import autocast, check_precision
+from .speed import autocast, check_precision, flush_denormals
 from .training import elbo_terms, load_run
 
 EVAL = "eval.json"
@@ -194,8 +194,9 @@ def evaluate_run(run_dir, k: int = 1000, chunk: int = 100, batch_size: int = 500
               "exact_max_states": EXACT_MAX_STATES, "active_threshold": ACTIVE_THRESHOLD,
               "used_fraction": USED_FRACTION, "precision": precision}
     splits = {"test": data.x_test, **({"train": data.x_train} if train_set else {})}
-    for name, x in splits.items():
-        torch.manual_seed(seed)
-        result[name] = evaluate(model, fixed_binarization(x, cfg.binarize, seed), k, chunk, batch_size, precision)
+    with flush_denormals():
+        for name, x in splits.items():
+            torch.manual_seed(seed)
+            result[name] = evaluate(model, fixed_binarization(x, cfg.binarize, seed), k, chunk, batch_size, precision)
     write_json(Path(run_dir) / EVAL, result)
     return result

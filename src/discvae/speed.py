@@ -11,7 +11,7 @@ hardware has no fast bf16: emulated, it would be slower than fp32.
 from __future__ import annotations
 
 import sys
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Callable
 
@@ -52,6 +52,20 @@ def check_precision(precision: str, device: torch.device) -> None:
         what = "this CPU has neither AVX512-BF16 nor AMX" if device.type == "cpu" else f"{device} has no native bf16"
         raise InputError(f"precision bf16 needs fast bf16 hardware and {what}: it would run slower than fp32; use "
                          "precision fp32", "precision")
+
+
+@contextmanager
+def flush_denormals():
+    """CPU floats below 2^-126 (denormals) read and computed as 0 while the block runs, then kept again (torch's
+    default). x86 CPUs compute on denormals many times slower, and a trained categorical model makes enough of them
+    to slow its whole step: the paper's CNN_CVAE after 100 epochs, 1.61x (``benchmarks/bench_denormals.py``). The
+    objective lives in log space, where nothing it depends on is that small."""
+    flushed = torch.set_flush_denormal(True)  # False where the CPU cannot: nothing to undo
+    try:
+        yield
+    finally:
+        if flushed:
+            torch.set_flush_denormal(False)
 
 
 def autocast(precision: str, device: torch.device):

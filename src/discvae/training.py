@@ -44,7 +44,7 @@ from .runs import (
     run_lock,
     write_json,
 )
-from .speed import PRECISIONS, DivergenceGuard, adam, autocast, check_precision, compiled, train_step
+from .speed import PRECISIONS, DivergenceGuard, adam, autocast, check_precision, compiled, flush_denormals, train_step
 
 # what may change when a run is resumed (a smaller lr continues a run that diverged)
 RESUMABLE = ("epochs", "lr", "device", "data_dir", "download", "out", "grad_var_every", "grad_var_repeats",
@@ -395,7 +395,8 @@ def train(cfg: Config, resume: bool = False, progress: bool = True, data: Datase
     estimator = estimator_for(cfg, estimator)
     cfg = dataclasses.replace(cfg, estimator=estimator.name)
     out = check_output(cfg.out)
-    with process_group(resolve_device(cfg.device)) as ranks, run_lock(out) if ranks.main else nullcontext():
+    with flush_denormals(), process_group(resolve_device(cfg.device)) as ranks, \
+            run_lock(out) if ranks.main else nullcontext():
         if cfg.batch_size < ranks.world:
             raise InputError(f"batch_size {cfg.batch_size} is smaller than the {ranks.world} processes sharing each "
                              "batch", "batch_size")
