@@ -1,5 +1,5 @@
 """What makes a training step fast: bf16 autocast (``precision``), ``torch.compile`` with a fallback (``compile``),
-the optimizer, and a divergence guard that does not wait for the device at every step.
+the optimizer, denormals flushed to 0, and a divergence guard that does not wait for the device at every step.
 
 ``precision="bf16"`` runs the networks under ``torch.autocast`` in bfloat16 (but the encoder's last layer, which
 computes eta, in float32: ``models.Head``) while the weights, their gradients and Adam's state stay float32; the
