@@ -58,7 +58,7 @@ def check_precision(precision: str, device: torch.device) -> None:
 def flush_denormals():
     """CPU floats below 2^-126 (denormals) read and computed as 0 while the block runs, then kept again (torch's
     default). x86 CPUs compute on denormals many times slower, and a trained categorical model makes enough of them
-    to slow its whole step: the paper's CNN_CVAE after 100 epochs, 1.61x (``benchmarks/bench_denormals.py``). The
+    to slow its whole step: the paper's CNN_CVAE after 100 epochs, 1.6x (``benchmarks/bench_denormals.py``). The
     objective lives in log space, where nothing it depends on is that small."""
     flushed = torch.set_flush_denormal(True)  # False where the CPU cannot: nothing to undo
     try:
