@@ -12,10 +12,6 @@ The last line is ``denormals kept/flushed step time ratio R``.
 """
 from __future__ import annotations
 
-import shutil
-import tempfile
-from pathlib import Path
-
 import torch
 from timing import adam_step, interleaved_medians, parse_args
 
@@ -27,10 +23,7 @@ from discvae.training import load_run
 
 def main():
     args = parse_args(__doc__, rounds=3, steps=2, more=lambda p: p.add_argument("run", help="a run directory"))
-    with tempfile.TemporaryDirectory() as copy:  # read from a copy: the run may be training
-        for name in ("config.json", "checkpoint.pt"):
-            shutil.copy(Path(args.run) / name, copy)
-        cfg, model, data = load_run(copy)
+    cfg, model, data = load_run(args.run)  # checkpoints are replaced atomically: a run still training reads whole
     model.train()
     x = binarize(data.x_train[:2048], cfg.binarize)
     step = adam_step(model, torch.optim.Adam(model.parameters(), lr=0.0), x,
