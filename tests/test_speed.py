@@ -174,3 +174,21 @@ def test_training_and_evaluation_flush_denormals_and_keep_them_again_after(tmp_p
     monkeypatch.setattr(evaluation, "evaluate", lambda *a, **kw: during.append(denormal_survives()) or {})
     evaluation.evaluate_run(tmp_path / "r", k=2)
     assert during == [False] and denormal_survives()
+
+
+@pytest.mark.skipif(not torch.set_flush_denormal(False), reason="this CPU cannot flush denormals")
+def test_flush_denormals_leaves_a_caller_who_flushed_already_flushing():
+    from discvae.speed import flush_denormals, flushing_denormals
+
+    assert not flushing_denormals() and denormal_survives()
+    try:
+        torch.set_flush_denormal(True)
+        assert flushing_denormals() and not denormal_survives()
+        with flush_denormals():
+            assert not denormal_survives()
+        assert flushing_denormals() and not denormal_survives()  # the caller's setting, not torch's default
+    finally:
+        torch.set_flush_denormal(False)
+    with flush_denormals():
+        assert flushing_denormals()
+    assert not flushing_denormals() and denormal_survives()

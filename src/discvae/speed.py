@@ -54,17 +54,24 @@ def check_precision(precision: str, device: torch.device) -> None:
                          "precision fp32", "precision")
 
 
+def flushing_denormals() -> bool:
+    """Whether this thread now flushes CPU floats below 2^-126 to 0 (torch sets the flag but has no getter: a
+    denormal times 1 tells)."""
+    return bool((torch.tensor([2.0 ** -130]) * 1.0 == 0).item())
+
+
 @contextmanager
 def flush_denormals():
-    """CPU floats below 2^-126 (denormals) read and computed as 0 while the block runs, then kept again (torch's
-    default). x86 CPUs compute on denormals many times slower, and a trained categorical model makes enough of them
-    to slow its whole step: the paper's CNN_CVAE after 100 epochs, 1.6x (``benchmarks/bench_denormals.py``). The
-    objective lives in log space, where nothing it depends on is that small."""
+    """CPU floats below 2^-126 (denormals) read and computed as 0 while the block runs, then as before it. x86 CPUs
+    compute on denormals many times slower, and a trained categorical model makes enough of them to slow its whole
+    step: the paper's CNN_CVAE after 100 epochs, 1.6x (``benchmarks/bench_denormals.py``). The objective lives in
+    log space, where nothing it depends on is that small."""
+    kept = not flushing_denormals()
     flushed = torch.set_flush_denormal(True)  # False where the CPU cannot: nothing to undo
     try:
         yield
     finally:
-        if flushed:
+        if flushed and kept:
             torch.set_flush_denormal(False)
 
 
