@@ -184,7 +184,8 @@ def format_results(distances: np.ndarray, ids: np.ndarray, fmt: str = "json") ->
     text = io.StringIO()
     writer = csv.writer(text, lineterminator="\n")
     writer.writerow(["query", "rank", "id", "distance"])
-    writer.writerows((q, r, i, d) for q in range(len(ids)) for r, (i, d) in enumerate(zip(ids[q], distances[q])))
+    writer.writerows((q, r, i, d) for q, (row, dist) in enumerate(zip(ids.tolist(), distances.tolist(), strict=True))
+                     for r, (i, d) in enumerate(zip(row, dist, strict=True)))
     return text.getvalue()
 
 
