@@ -5,8 +5,9 @@ torchrun starts one process per rank and tells each its ``RANK``, ``LOCAL_RANK``
 training loop asks: which rows of each global batch are this rank's (``share``), sums over ranks, the model wrapped
 in DDP (which averages the gradients over ranks in the backward pass). Every rank draws the same permutation of the
 data from the same seeded generator and takes its contiguous share of each batch, so ``--batch-size`` is the global
-batch; rank 0 alone holds the run's lock, writes config, metrics and checkpoints, and evaluates. Without torchrun
-(``WORLD_SIZE`` unset or 1) this is one rank and nothing changes.
+batch; rank 0 alone holds the run's lock, writes config, metrics and checkpoints, and evaluates. ``encode`` and
+``index`` split their images the same way (:func:`split_rows`): each rank encodes its contiguous share, rank 0
+writes. Without torchrun (``WORLD_SIZE`` unset or 1) this is one rank and nothing changes.
 """
 from __future__ import annotations
 
@@ -120,12 +121,13 @@ def process_group(device: torch.device):
 
 def split_rows(n: int, fn) -> list:
     """``fn(start, stop)`` on this process's contiguous share of ``n`` rows (``Ranks.span``; all of them without
-    torchrun), and the results of every rank in rank order, on every rank. An ``InputError`` on any rank is raised
-    on all of them (after the gather, so that no rank waits for one that failed)."""
+    torchrun), and the results of every rank in rank order, on every rank. An ``InputError`` or ``OSError`` on any
+    rank is raised on all of them, as an ``InputError`` (after the gather, so that no rank waits for one that
+    failed)."""
     with process_group(torch.device("cpu")) as ranks:
         try:
             mine = (fn(*ranks.span(n)), None)
-        except InputError as err:
+        except (InputError, OSError) as err:
             mine = (None, str(err))
         parts = ranks.gather(mine)
     errors = [error for _, error in parts if error]
