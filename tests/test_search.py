@@ -151,6 +151,7 @@ def test_bad_input_gets_one_line_and_exit_status_2(runs, images, tmp_path, capsy
         (["search", tmp_path / "nothing", runs["bits"], "--query", q], "not a discvae index"),
         (["search", index, runs["cat"], "--query", q], "this needs one bernoulli block"),
         (["search", index, runs["bits"], "--query", q, "-k", "0"], "--k must be at least 1"),
+        (["search", index, runs["bits"], "--query", q, "--format", "xml"], "unknown format 'xml'"),
     ]
     for argv, match in cases:
         code, _, err = run_cli(capsys, *argv)

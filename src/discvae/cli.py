@@ -239,8 +239,6 @@ def cmd_index(args) -> None:
 
 
 def _add_search(sub):
-    from .applications.search import FORMATS
-
     p = sub.add_parser("search", help="the k nearest items of query images in an index, by Hamming distance",
                        description="Encode query images with RUN_DIR and find the k nearest codes of INDEX (built by "
                        "discvae index with the same run, as it is now): one record (json) or k rows (csv) per query "
@@ -249,15 +247,16 @@ def _add_search(sub):
     p.add_argument("run_dir", metavar="RUN_DIR", help="the run the index was built with")
     p.add_argument("--query", required=True, help="the query images, given as index's --data")
     p.add_argument("-k", "--k", type=int, default=10, help="neighbours per query (default 10)")
-    p.add_argument("--format", choices=FORMATS, default="json", help="json (default) or csv")
+    p.add_argument("--format", default="json", help="json (default) or csv")
     p.add_argument("--out", help="file to write (atomically; default stdout)")
     _add_encoding_flags(p)
     p.set_defaults(func=cmd_search)
 
 
 def cmd_search(args) -> None:
-    from .applications.search import HashIndex, format_results
+    from .applications.search import HashIndex, check_format, format_results
 
+    check_format(args.format)
     out = args.out and check_output(args.out, "file")
     index = HashIndex.load(args.index, args.run_dir, args.batch_size, args.data_dir)
     text = format_results(*index.search(args.query, args.k), args.format)

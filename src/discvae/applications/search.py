@@ -176,17 +176,22 @@ def build_index(run_dir, data, out, batch_size: int = 1024, data_dir=None) -> Ha
 def format_results(distances: np.ndarray, ids: np.ndarray, fmt: str = "json") -> str:
     """Search results as text: ``json``, a list of ``{"query", "ids", "distances"}`` (one query a line), or ``csv``
     with the columns query, rank, id, distance (rank 0 the nearest)."""
-    if fmt == "json":
+    if check_format(fmt) == "json":
         return "[\n" + ",\n".join(json.dumps({"query": q, "ids": i.tolist(), "distances": d.tolist()})
                                   for q, (i, d) in enumerate(zip(ids, distances, strict=True))) + "\n]\n"
-    if fmt != "csv":
-        raise InputError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
     text = io.StringIO()
     writer = csv.writer(text, lineterminator="\n")
     writer.writerow(["query", "rank", "id", "distance"])
     writer.writerows((q, r, i, d) for q, (row, dist) in enumerate(zip(ids.tolist(), distances.tolist(), strict=True))
                      for r, (i, d) in enumerate(zip(row, dist, strict=True)))
     return text.getvalue()
+
+
+def check_format(fmt: str) -> str:
+    """``fmt`` if it is one of ``FORMATS``, else an ``InputError``."""
+    if fmt not in FORMATS:
+        raise InputError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    return fmt
 
 
 @contextlib.contextmanager
