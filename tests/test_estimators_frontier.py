@@ -88,6 +88,19 @@ def test_unbiased_against_enumeration_with_stated_power(estimator, num_samples):
 
 
 @pytest.mark.parametrize("estimator", FRONTIER)
+def test_a_batch_of_one_has_no_coefficient_to_fit_and_is_rloo(estimator):
+    """The coefficients of a data point are fitted on the batch's others: with none they are 0, leaving rloo."""
+    model, x = tiny_model("bernoulli", 3), tiny_data(1)
+    grads = []
+    for name in (estimator, "rloo"):
+        torch.manual_seed(7)
+        model.zero_grad()
+        ESTIMATORS[name](model.posterior(x), lambda z: model.log_likelihood(x, z), num_samples=3).sum().backward()
+        grads.append(flat_grad(model))
+    assert torch.allclose(grads[0], grads[1], rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("estimator", FRONTIER)
 def test_value_is_the_mean_of_f_and_torch_distributions_are_accepted(estimator):
     eta = torch.tensor([[0.3, -1.2, 2.0]], dtype=torch.float64, requires_grad=True)
     seen = []
