@@ -10,8 +10,18 @@ from discvae import Config, Dataset, load_dataset, train
 from discvae.distributions import Bernoulli
 from discvae.estimators import ESTIMATORS, gibbs_stein_linear
 from discvae.experiments.compare import Comparison, compare, parse_spec
-from helpers import (Z_MAX, assert_one_line_error, exact_expected_ll, exact_grad, flat_grad, run_cli, tiny_data,
-                     tiny_model, train_digits, z_scores)
+from helpers import (
+    Z_MAX,
+    assert_one_line_error,
+    exact_expected_ll,
+    exact_grad,
+    flat_grad,
+    run_cli,
+    tiny_data,
+    tiny_model,
+    train_digits,
+    z_scores,
+)
 
 FRONTIER = ["double-cv", "rodeo"]
 R = 3000  # independent gradient estimates per check
@@ -36,7 +46,7 @@ def test_gibbs_stein_closed_forms_match_the_definition_and_have_mean_zero():
 
     states = q.enumerate()  # [16, 4]
     a_h, a_hs = gibbs_stein_linear(q, states, gamma.expand_as(states))
-    for z, ah, ahs in zip(states, a_h, a_hs):
+    for z, ah, ahs in zip(states, a_h, a_hs, strict=True):
         flips = z + torch.eye(d, dtype=z.dtype) * (1 - 2 * z)  # row i: z with bit i flipped
         p_flip = torch.where(z > 0, 1 - mu, mu)
         assert torch.allclose(ah, (p_flip * (h(flips) - h(z))).sum() / d)

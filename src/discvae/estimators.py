@@ -200,8 +200,9 @@ def double_cv(q, f, num_samples: int = 2) -> torch.Tensor:
     (1/K) sum_k [f_k + a c_k - mean_{j != k} (f_j + a c_j)] s_k - a sigma(eta) sigma(-eta) gbar,
     gbar = mean_k g_k: the last term is the exact mean of the a-terms (E[c_k s_k | z_-k] = Cov(z) gbar_-k; gbar_-j
     is free of z_j, so E[c_j | z_-j] = 0). Unbiased for any a; a is fitted per data point on the batch's others
-    (``_fitted``), where the paper learns it by SGD. K = ``num_samples`` >= 2 evaluations of f plus one backward
-    pass for the K gradients (f must be differentiable in z)."""
+    (``_fitted``), where the paper learns it by SGD (the authors' ``double_cv``, github.com/thjashin/rodeo). K =
+    ``num_samples`` >= 2 evaluations of f plus one backward pass for the K gradients (f must be differentiable in
+    z)."""
     _need_bits("double-cv", q)
     _need_samples("double-cv", num_samples)
     z, fz, g = _taylor_samples(q, f, num_samples)
@@ -234,7 +235,8 @@ def rodeo(q, f, num_samples: int = 2) -> torch.Tensor:
     h_k(y) = fhat_k(y) - fhat_k(sigma(eta)) = gbar_-k . (y - sigma(eta)), and H_k = h_k s. Encoder gradient w.r.t.
     eta: (1/K) sum_k ([f_k - mean_{j != k} (f_j + a (A h_j)(z_j))] s_k + b (A H_k)(z_k)). E (A u) = 0 under q for
     any u, and h_j, H_k are free of z_j, z_k, so it is unbiased for any a, b. The paper's h, H are a small network
-    of the surrogate, trained online with a, b by SGD on the estimate's squared norm; this pure function keeps no
+    of the surrogate, trained online with a, b by SGD on the estimate's squared norm (the authors'
+    ``discrete_stein_avg``, github.com/thjashin/rodeo, their K = 2 benchmark setting); this pure function keeps no
     state: h, H are the centred linear surrogate above and (a, b) are fitted per data point on the batch's others
     (``_fitted``). K = ``num_samples`` >= 2 evaluations of f plus one backward pass for the K gradients; the Stein
     operator needs no evaluation at the D neighbours (f must be differentiable in z)."""
