@@ -11,10 +11,11 @@ which estimator runs: the model and the training loop take any such function, e.
 ``make_estimator(name_or_function, **options)`` resolves a registered name (``ESTIMATORS``) once and checks the
 options against the function's signature, returning an :class:`Estimator` value ``(q, f) -> surrogate``.
 
-Unbiased for grad E_q[f]: ``importance`` (any baseline), ``rloo``, ``disarm``, ``exact``. ``vimco`` is unbiased for
-the gradient of a different objective, the M-sample IWAE bound. ``gumbel``, ``st-gumbel`` and ``straight-through``
-are biased. ``num_samples`` M counts decoder evaluations per data point (``disarm``: M / 2 antithetic pairs;
-``exact`` ignores it and decodes each of the S latent states once per batch).
+Unbiased for grad E_q[f]: ``importance`` (any baseline), ``rloo``, ``disarm``, ``double-cv``, ``rodeo``, ``exact``.
+``vimco`` is unbiased for the gradient of a different objective, the M-sample IWAE bound. ``gumbel``, ``st-gumbel``
+and ``straight-through`` are biased. ``num_samples`` M counts decoder evaluations per data point (``disarm``: M / 2
+antithetic pairs; ``double-cv`` and ``rodeo`` add one backward pass for grad_z f at their M samples; ``exact``
+ignores it and decodes each of the S latent states once per batch).
 """
 from __future__ import annotations
 
@@ -101,6 +102,11 @@ def _need_samples(name: str, num_samples: int, pairs: bool = False) -> None:
         raise InputError(f"{name} needs num_samples of at least 2, got {num_samples}", "num_samples")
 
 
+def _need_bits(name: str, q) -> None:
+    if not isinstance(q, Bernoulli):
+        raise InputError(f"{name} needs a bernoulli latent (use rloo or exact for categoricals)")
+
+
 @_posterior_as_family
 def rloo(q, f, num_samples: int = 2) -> torch.Tensor:
     """REINFORCE leave-one-out (Kool et al. 2019): the score function with baseline b_m = mean_{j != m} f(z_j),
@@ -140,8 +146,7 @@ def disarm(q, f, num_samples: int = 2) -> torch.Tensor:
     b' = [1 - u < sigma(eta)] sharing u ~ U(0, 1)^c. Encoder gradient per pair and bit
     g_i = 1/2 (f(b) - f(b')) (b_i - b'_i) sigma(|eta_i|) d eta_i; value and decoder gradient (f(b) + f(b')) / 2.
     Unbiased; M even."""
-    if not isinstance(q, Bernoulli):
-        raise InputError("disarm needs a bernoulli latent (use rloo or exact for categoricals)")
+    _need_bits("disarm", q)
     _need_samples("disarm", num_samples, pairs=True)
     with torch.no_grad():
         p = q.probs.expand(num_samples // 2, *q.logits.shape)
@@ -151,6 +156,97 @@ def disarm(q, f, num_samples: int = 2) -> torch.Tensor:
     eta = q.logits
     direction = ((b - b_anti) * torch.sigmoid(eta.abs()).detach() * (eta - eta.detach())).sum(-1)
     return (0.5 * (fb + fa) + 0.5 * (fb - fa).detach() * direction).mean(0)
+
+
+def _taylor_samples(q, f, num_samples: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """z_k ~ q for k = 1..K, f(z_k) ``[K, B]`` and g_k = grad_z f(z_k) ``[K, B, dim]``, the gradient of f's
+    continuous extension (the decoder takes real z): K evaluations of f and one backward pass, no more."""
+    z = q.sample(num_samples).requires_grad_()
+    with torch.enable_grad():  # under no_grad too: the gradients are part of the estimate
+        fz = f(z)
+        g, = torch.autograd.grad(fz.sum(), z, retain_graph=True)
+    return z.detach(), fz, g
+
+
+def _loo(v: torch.Tensor, score: torch.Tensor) -> torch.Tensor:
+    """(1/K) sum_k (v_k - mean_{j != k} v_j) score_k for ``v`` ``[K, B]``, ``score`` ``[K, B, dim]``: ``[B, dim]``."""
+    return ((v - _baseline(v, "loo"))[..., None] * score).mean(0)
+
+
+def _fitted(estimate: torch.Tensor, controls: list[torch.Tensor]) -> torch.Tensor:
+    """estimate_b + sum_j a_bj control_bj (all ``[B, dim]``, the controls of mean zero), the coefficients a_b of data
+    point b minimising sum_{b' != b} |estimate_b' + sum_j a_bj control_b'j|^2 (least squares by pseudo-inverse).
+    a_b does not depend on b's own samples, so every control keeps mean zero and the sum stays unbiased; a batch of
+    one has a = 0. (The papers instead learn the coefficients online by SGD on the estimate's squared norm.)"""
+    c = torch.stack(controls, 1)  # [B, J, dim]
+    gram, cross = c @ c.transpose(1, 2), c @ estimate[..., None]  # [B, J, J], [B, J, 1]
+    a = -torch.linalg.pinv(gram.sum(0) - gram) @ (cross.sum(0) - cross)
+    return estimate + (a * c).sum(1)
+
+
+def _logit_surrogate(q, fz: torch.Tensor, grad_eta: torch.Tensor) -> torch.Tensor:
+    """Value (1/K) sum_k f(z_k) (its gradient the decoder's); its gradient w.r.t. the logits eta is ``grad_eta``."""
+    eta = q.logits
+    return fz.mean(0) + (grad_eta.detach() * (eta - eta.detach())).sum(-1)
+
+
+@_posterior_as_family
+def double_cv(q, f, num_samples: int = 2) -> torch.Tensor:
+    """Double control variates (Titsias & Shi 2022) for Bernoulli latents: RLOO whose baseline carries a second
+    control variate, the first-order Taylor expansion of f around the other samples.
+
+    z_k ~ q, s_k = z_k - sigma(eta) = d ln q(z_k) / d eta, g_k = grad_z f(z_k), gbar_-k = mean_{j != k} g_j,
+    c_k = gbar_-k . s_k. Encoder gradient w.r.t. eta:
+    (1/K) sum_k [f_k + a c_k - mean_{j != k} (f_j + a c_j)] s_k - a sigma(eta) sigma(-eta) gbar,
+    gbar = mean_k g_k: the last term is the exact mean of the a-terms (E[c_k s_k | z_-k] = Cov(z) gbar_-k; gbar_-j
+    is free of z_j, so E[c_j | z_-j] = 0). Unbiased for any a; a is fitted per data point on the batch's others
+    (``_fitted``), where the paper learns it by SGD (the authors' ``double_cv``, github.com/thjashin/rodeo). K =
+    ``num_samples`` >= 2 evaluations of f plus one backward pass for the K gradients (f must be differentiable in
+    z)."""
+    _need_bits("double-cv", q)
+    _need_samples("double-cv", num_samples)
+    z, fz, g = _taylor_samples(q, f, num_samples)
+    s, fd = z - q.probs.detach(), fz.detach()
+    c = (_baseline(g, "loo") * s).sum(-1)
+    variance = (torch.sigmoid(q.logits) * torch.sigmoid(-q.logits)).detach()
+    control = _loo(c, s) - variance * g.mean(0)
+    return _logit_surrogate(q, fz, _fitted(_loo(fd, s), [control]))
+
+
+def gibbs_stein_linear(q, z: torch.Tensor, gamma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The Gibbs Stein operator of Bernoulli q (Shi et al. 2022), (A u)(x) = (1/D) sum_i q(not x_i) [u(x^(i)) - u(x)]
+    with x^(i) = x with bit i flipped and q(not x_i) = sigma((1 - 2 x_i) eta_i), at ``z`` ``[..., D]`` for the linear
+    h(y) = gamma . (y - sigma(eta)) (``gamma`` ``[..., D]``) and for H = h s, s(y) = y - sigma(eta). As
+    u(x^(i)) - u(x) = (1 - 2 x_i) d_i u and q(not x_i) (1 - 2 x_i) = -s_i: (A h)(z) = -(1/D) h(z) and
+    (A H)(z) = (1/D) [q(not z) gamma - 2 h(z) s(z)], ``[...]`` and ``[..., D]``; both have mean 0 under q."""
+    eta = q.logits.detach()
+    s = z - torch.sigmoid(eta)
+    h = (gamma * s).sum(-1)
+    return -h / z.shape[-1], (torch.sigmoid((1 - 2 * z) * eta) * gamma - 2 * h[..., None] * s) / z.shape[-1]
+
+
+@_posterior_as_family
+def rodeo(q, f, num_samples: int = 2) -> torch.Tensor:
+    """RODEO (Shi, Zhou, Hwang, Titsias & Mackey 2022) for Bernoulli latents: RLOO with two control variates made by
+    the Gibbs Stein operator A (``gibbs_stein_linear``) from surrogates of f that cost no evaluation of f.
+
+    z_k ~ q, s_k = z_k - sigma(eta), g_j = grad_z f(z_j); the surrogate of f for sample k is the mean first-order
+    Taylor expansion around the others, fhat_k(y) = mean_{j != k} [f_j + g_j . (y - z_j)], taken as
+    h_k(y) = fhat_k(y) - fhat_k(sigma(eta)) = gbar_-k . (y - sigma(eta)), and H_k = h_k s. Encoder gradient w.r.t.
+    eta: (1/K) sum_k ([f_k - mean_{j != k} (f_j + a (A h_j)(z_j))] s_k + b (A H_k)(z_k)). E (A u) = 0 under q for
+    any u, and h_j, H_k are free of z_j, z_k, so it is unbiased for any a, b. The paper's h, H are a small network
+    of the surrogate, trained online with a, b by SGD on the estimate's squared norm (the authors'
+    ``discrete_stein_avg``, github.com/thjashin/rodeo, their K = 2 benchmark setting); this pure function keeps no
+    state: h, H are the centred linear surrogate above and (a, b) are fitted per data point on the batch's others
+    (``_fitted``). K = ``num_samples`` >= 2 evaluations of f plus one backward pass for the K gradients; the Stein
+    operator needs no evaluation at the D neighbours (f must be differentiable in z)."""
+    _need_bits("rodeo", q)
+    _need_samples("rodeo", num_samples)
+    z, fz, g = _taylor_samples(q, f, num_samples)
+    s, fd = z - q.probs.detach(), fz.detach()
+    a_h, a_hs = gibbs_stein_linear(q, z, _baseline(g, "loo"))
+    controls = [-(_baseline(a_h, "loo")[..., None] * s).mean(0), a_hs.mean(0)]
+    return _logit_surrogate(q, fz, _fitted(_loo(fd, s), controls))
 
 
 def _relaxed(q, num_samples: int, tau: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -208,7 +304,8 @@ def exact(q, f, num_samples: int = 1) -> torch.Tensor:
 
 
 ESTIMATORS = {"importance": importance, "reparam": reparam, "rloo": rloo, "vimco": vimco, "disarm": disarm,
-              "gumbel": gumbel, "st-gumbel": st_gumbel, "straight-through": straight_through, "exact": exact}
+              "double-cv": double_cv, "rodeo": rodeo, "gumbel": gumbel, "st-gumbel": st_gumbel,
+              "straight-through": straight_through, "exact": exact}
 
 
 @dataclass(frozen=True)

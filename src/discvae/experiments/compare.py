@@ -17,10 +17,11 @@ Two measurements, written into one directory (``report.md``, ``bias_variance.png
    stage (bias and variance only).
 
 Equal budget rule: every sampling estimator gets the same number ``M`` of decoder evaluations per data point and
-step (``num_samples = M``; ``disarm`` spends them as M / 2 antithetic pairs); ``exact`` decodes each of its S latent
-states once per batch (S / batch evaluations per data point). A spec ``NAME:key=value:...`` overrides options, e.g.
-``importance:num_samples=1`` (the paper's estimator) or ``gumbel:tau=0.5``. Runs are resumed where they stopped, so
-an interrupted comparison can simply be restarted with the same arguments.
+step (``num_samples = M``; ``disarm`` spends them as M / 2 antithetic pairs; ``double-cv`` and ``rodeo`` add one
+backward pass for grad_z f at their M samples); ``exact`` decodes each of its S latent states once per batch (S /
+batch evaluations per data point). A spec ``NAME:key=value:...`` overrides options, e.g. ``importance:num_samples=1``
+(the paper's estimator) or ``gumbel:tau=0.5``. Runs are resumed where they stopped, so an interrupted comparison can
+simply be restarted with the same arguments.
 """
 from __future__ import annotations
 
@@ -254,7 +255,8 @@ def report_markdown(title: str, settings: dict, bias_rows: list[dict], final: li
     lines = [f"# {title}", "", "## Settings", ""]
     lines += [f"- {k}: `{v}`" for k, v in s.items()]
     lines += ["", "Equal budget: every sampling estimator has the same M decoder evaluations per data point and step "
-              "(disarm: M/2 antithetic pairs); exact decodes each latent state once per batch.", ""]
+              "(disarm: M/2 antithetic pairs; double-cv and rodeo also take grad_z f at their M samples, one backward "
+              "pass); exact decodes each latent state once per batch.", ""]
     if seeds:
         lines += [f"Every number is the mean ± sample standard deviation over the {len(seeds)} seeds "
                   f"{', '.join(map(str, seeds))}; each seed's own report and figures: "
