@@ -274,11 +274,13 @@ def test_zero_width_items_are_refused_at_load(tmp_path, capsys):
 
 # 8. Smaller ones.
 
-def test_leftovers_of_killed_writes_are_removed_on_the_next_start(run, capsys):
-    stale = run / ".checkpoint.pt.k1ll3d.tmp"
+def test_leftovers_of_killed_writes_are_removed_on_the_next_start_and_nothing_else(run, capsys):
+    stale = run / ".checkpoint.pt.0123456789ab.tmp"  # as atomic_path names its temporaries
     stale.write_bytes(b"half a checkpoint")
+    mine = run / ".notes.tmp"
+    mine.write_text("a user's file")
     assert cli(capsys, "train", "--resume", "--out", run, "--epochs", "2", "--quiet")[0] == 0
-    assert not stale.exists()
+    assert not stale.exists() and mine.read_text() == "a user's file"
 
 
 def test_writes_are_durable(tmp_path, monkeypatch):
