@@ -333,21 +333,25 @@ def estimator_for(cfg: Config, function=None) -> Estimator:
 
 
 def check_estimator(model: VAE, x: torch.Tensor, estimator: Estimator) -> None:
-    """Fail before training starts if ``estimator`` rejects this latent family or the values of its options (one
-    forward pass on the rows ``x``, without gradient, the random state restored), or if it is a registered one
-    other than ``reparam`` and what it is given (``Family.estimand``) is Gaussian."""
+    """Fail before training starts if ``estimator`` rejects this latent family or the values of its options: one
+    forward pass on the rows ``x``, without gradient, the random state restored."""
     rng = torch.get_rng_state()
     try:
         with torch.no_grad():
-            family = model.posterior(x).estimand(lambda z: z)[0]
-            if not family.discrete and estimator.function in ESTIMATORS.values() and estimator.name != "reparam":
-                given = "prior mixture sums its categorical out" if model.space.prior == "mixture" else \
-                    f"the latent {model.space} has no discrete block"
-                raise InputError(f"estimator {estimator.name} is for discrete latents, and {given}: train the "
-                                 "Gaussian with estimator reparam", "estimator", "prior")
             model(x, estimator)
     finally:
         torch.set_rng_state(rng)
+
+
+def check_estimand(space: LatentSpace, estimator: Estimator) -> None:
+    """Refuse a registered estimator other than ``reparam`` where what it is given (``Family.estimand``) is
+    Gaussian: a latent without a discrete block, or the mixture prior (which sums its categorical out)."""
+    gaussian = space.prior == "mixture" or all(block.num_states is None for block in space.blocks)
+    if gaussian and estimator.function in ESTIMATORS.values() and estimator.name != "reparam":
+        given = "prior mixture sums its categorical out" if space.prior == "mixture" else \
+            f"the latent {space} has no discrete block"
+        raise InputError(f"estimator {estimator.name} is for discrete latents, and {given}: train the Gaussian "
+                         "with estimator reparam", "estimator", "prior")
 
 
 @dataclass
@@ -416,8 +420,8 @@ def check_state(ckpt: dict, model: VAE, source: str = "the checkpoint") -> None:
         refuse("its optimizer state is not Adam's {state, param_groups} with one group")
     settings = adam([torch.zeros(1, requires_grad=True)], 1.0).param_groups[0]
     group = groups[0]
-    wrong = [k for k, v in group.items() if k not in ("params", "lr") and not (
-        k in settings and type(v) is type(settings[k]) and v == settings[k])]
+    wrong = sorted(set(settings) ^ set(group)) + [k for k, v in group.items() if k in settings and k not in (
+        "params", "lr") and not (type(v) is type(settings[k]) and v == settings[k])]
     if wrong or group.get("params") != list(range(len(params))) or not _positive_finite(group.get("lr")):
         refuse(f"its optimizer settings differ ({', '.join(map(str, wrong)) or 'params or lr'})")
     for index, entry in state.items():
@@ -466,6 +470,7 @@ def train(cfg: Config, resume: bool = False, progress: bool = True, data: Datase
     """
     cfg.check()
     estimator = estimator_for(cfg, estimator)
+    check_estimand(cfg.space, estimator)
     cfg = dataclasses.replace(cfg, estimator=estimator.name)
     out = check_output(cfg.out)
     if not resume and out.is_dir():
