@@ -211,18 +211,16 @@ def _read_arrays(path: Path) -> dict[str, np.ndarray]:
 
 def _images(x: np.ndarray, what: str) -> torch.Tensor:
     """float32 tensor: uint8 is divided by 255, float/bool must lie in [0, 1]; [N, H, W] gets a channel axis; of
-    4 axes, the one of length 1, 3 or 4 (grey, RGB, RGBA) is the channel axis, [N, C, H, W] or NumPy's and PIL's
-    [N, H, W, C] (moved to the front); an array where this is ambiguous is refused."""
+    4 axes, a last one of length 1, 3 or 4 (grey, RGB, RGBA) is NumPy's and PIL's [N, H, W, C] and moved to the
+    front unless the second is such a length too (ambiguous: refused); else the array is [N, C, H, W]."""
     if x.ndim not in (2, 3, 4) or 0 in x.shape:
         raise InputError(f"{what}: expected a non-empty array [N, H, W], [N, C, H, W] or [N, D] with no axis of "
                          f"length 0, got {x.shape}")
-    if x.ndim == 4:
-        first, last = x.shape[1] in CHANNELS, x.shape[3] in CHANNELS
-        if first == last:
+    if x.ndim == 4 and x.shape[3] in CHANNELS:
+        if x.shape[1] in CHANNELS:
             raise InputError(f"{what}: cannot tell the channel axis of shape {x.shape}: give [N, C, H, W] or "
-                             f"[N, H, W, C] with C one of {', '.join(map(str, CHANNELS))} and H, W not")
-        if last:
-            x = np.ascontiguousarray(x.transpose(0, 3, 1, 2))
+                             f"[N, H, W, C], with H and W not {', '.join(map(str, CHANNELS))}")
+        x = np.ascontiguousarray(x.transpose(0, 3, 1, 2))
     if x.dtype == np.uint8:
         x = np.divide(x, 255, dtype=np.float32)
     elif np.issubdtype(x.dtype, np.floating) or x.dtype == np.bool_:
