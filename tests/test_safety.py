@@ -408,7 +408,7 @@ def test_non_finite_parameters_are_refused_by_every_command(run, tmp_path, capsy
         else:
             state["optimizer"]["state"][7]["exp_avg_sq"][0] = float("inf")
     resign(run, poison)
-    for name, argv in commands_reading(run, tmp_path).items():
+    for argv in commands_reading(run, tmp_path).values():
         assert_error(cli(capsys, *argv), "non-finite weights" if where == "weights" else "exp_avg_sq of parameter 7")
     assert not (run / "eval.json").exists()
 

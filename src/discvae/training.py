@@ -37,10 +37,10 @@ from .runs import (
     CHECKPOINT,
     CONFIG,
     LOCK,
+    TEMPORARY,
     check_output,
     load_checkpoint,
     read_config,
-    TEMPORARY,
     remove_stale_temporaries,
     run_lock,
     write_json,
@@ -404,7 +404,8 @@ def check_state(ckpt: dict, model: VAE, source: str = "the checkpoint") -> None:
     expected, weights = model.state_dict(), ckpt["model"]
     missing, extra = set(expected) - set(weights), set(weights) - set(expected)
     if missing or extra:
-        refuse(f"missing {', '.join(sorted(missing))}" if missing else f"unexpected {', '.join(sorted(map(str, extra)))}")
+        refuse(f"missing {', '.join(sorted(missing))}" if missing else
+               f"unexpected {', '.join(sorted(map(str, extra)))}")
     for name, t in weights.items():
         ref = expected[name]
         if not isinstance(t, torch.Tensor) or t.shape != ref.shape or t.dtype != ref.dtype:
