@@ -60,7 +60,7 @@ def _new_temporary(path: Path) -> Path:
     ``open()`` would (the system applies the umask: it is never read or set, which would race with other threads;
     ``tempfile.mkstemp`` would make it 0600)."""
     while True:
-        tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")  # TEMPORARY
+        tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")  # matches TEMPORARY
         try:
             os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
             return tmp
@@ -204,17 +204,14 @@ def check_entries(ckpt, path) -> None:
     if wrong:
         raise InputError(f"{path} is not a discvae checkpoint (missing or malformed: {', '.join(wrong)})")
     history, epoch = ckpt["history"], ckpt["epoch"]
-    size = torch.get_rng_state().shape
     problems = {
         "epoch": epoch >= 1 and epoch == len(history),
         "step": ckpt["step"] >= epoch,
         "elapsed": 0 <= ckpt["elapsed"] < math.inf,
-        "history": all(isinstance(row, dict) and row.get("epoch") == i + 1 and not isinstance(row["epoch"], bool)
-                       and all(isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool)
-                               for k, v in row.items()) for i, row in enumerate(history)),
-        **{name: ckpt[name].dtype == torch.uint8 and ckpt[name].shape == size for name in ("shuffle", "rng")},
-        "cuda_rng": all(isinstance(t, torch.Tensor) and t.dtype == torch.uint8 and t.dim() == 1
-                        for t in ckpt["cuda_rng"]),
+        "history": all(_is_row(row, i + 1) for i, row in enumerate(history)),
+        **{name: _is_rng_state(ckpt[name]) and ckpt[name].shape == torch.get_rng_state().shape
+           for name in ("shuffle", "rng")},
+        "cuda_rng": all(_is_rng_state(t) and t.dim() == 1 for t in ckpt["cuda_rng"]),
     }
     bad = [name for name, ok in problems.items() if not ok]
     if bad:
@@ -222,6 +219,16 @@ def check_entries(ckpt, path) -> None:
                  "elapsed": f"elapsed {ckpt['elapsed']}"}
         raise InputError(f"{path} is not a valid discvae checkpoint (out of range or malformed: "
                          f"{', '.join(shown.get(name, name) for name in bad)})")
+
+
+def _is_row(row, epoch: int) -> bool:
+    """Whether ``row`` is the row of ``history`` (and ``metrics.csv``) of ``epoch``: numbers by name."""
+    return isinstance(row, dict) and all(isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(
+        v, bool) for k, v in row.items()) and row.get("epoch") == epoch
+
+
+def _is_rng_state(t) -> bool:
+    return isinstance(t, torch.Tensor) and t.layout == torch.strided and t.dtype == torch.uint8
 
 
 def read_config(run_dir) -> dict:

@@ -408,7 +408,7 @@ def check_state(ckpt: dict, model: VAE, source: str = "the checkpoint") -> None:
                f"unexpected {', '.join(sorted(map(str, extra)))}")
     for name, t in weights.items():
         ref = expected[name]
-        if not isinstance(t, torch.Tensor) or t.shape != ref.shape or t.dtype != ref.dtype:
+        if not isinstance(t, torch.Tensor) or t.layout != ref.layout or t.shape != ref.shape or t.dtype != ref.dtype:
             got = f"{t.dtype} {list(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
             refuse(f"{name} is {got}, the model's {ref.dtype} {list(ref.shape)}")
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
@@ -421,22 +421,24 @@ def check_state(ckpt: dict, model: VAE, source: str = "the checkpoint") -> None:
         refuse("its optimizer state is not Adam's {state, param_groups} with one group")
     settings = adam([torch.zeros(1, requires_grad=True)], 1.0).param_groups[0]
     group = groups[0]
-    wrong = sorted(set(settings) ^ set(group)) + [k for k, v in group.items() if k in settings and k not in (
+    wrong = sorted(map(str, set(settings) ^ set(group))) + [k for k, v in group.items() if k in settings and k not in (
         "params", "lr") and not (type(v) is type(settings[k]) and v == settings[k])]
-    if wrong or group.get("params") != list(range(len(params))) or not _positive_finite(group.get("lr")):
+    indices = group.get("params")
+    if wrong or not (isinstance(indices, list) and all(type(i) is int for i in indices)
+                     and indices == list(range(len(params)))) or not _positive_finite(group.get("lr")):
         refuse(f"its optimizer settings differ ({', '.join(map(str, wrong)) or 'params or lr'})")
     for index, entry in state.items():
-        if not (isinstance(index, int) and 0 <= index < len(params)) or not isinstance(entry, dict) \
+        if not (type(index) is int and 0 <= index < len(params)) or not isinstance(entry, dict) \
                 or set(entry) != {"step", "exp_avg", "exp_avg_sq"}:
             refuse(f"its optimizer state {index!r} is not Adam's step, exp_avg and exp_avg_sq of a parameter")
         param, step = params[index], entry["step"]
-        if not (isinstance(step, torch.Tensor) and step.dtype == torch.float32 and step.dim() == 0
-                and 0 <= step.item() < math.inf):
+        if not (isinstance(step, torch.Tensor) and step.layout == torch.strided and step.dtype == torch.float32
+                and step.dim() == 0 and 0 <= step.item() < math.inf):
             refuse(f"the step of parameter {index} is not a finite count")
         for key in ("exp_avg", "exp_avg_sq"):
             t = entry[key]
-            if not (isinstance(t, torch.Tensor) and t.shape == param.shape and t.dtype == param.dtype
-                    and t.device == param.device and bool(torch.isfinite(t).all())
+            if not (isinstance(t, torch.Tensor) and t.layout == param.layout and t.shape == param.shape
+                    and t.dtype == param.dtype and t.device == param.device and bool(torch.isfinite(t).all())
                     and (key == "exp_avg" or bool((t >= 0).all()))):
                 refuse(f"{key} of parameter {index} does not match it (shape, dtype, device, finite values)")
 
