@@ -89,7 +89,7 @@ def test_incompatible_checkpoint(tmp_path, capsys):
     cfg = json.loads((run / "config.json").read_text())
     (run / "config.json").write_text(json.dumps({**cfg, "latent_dim": 12}))
     code, _, err = run_cli(capsys, "reconstruct", str(run))
-    assert_one_line_error(code, err, "does not match")
+    assert_one_line_error(code, err, "disagree on latent_dim")
     (run / "checkpoint.pt").write_bytes(b"garbage")
     code, _, err = run_cli(capsys, "reconstruct", str(run))
     assert_one_line_error(code, err, "cannot read checkpoint")

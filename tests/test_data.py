@@ -256,9 +256,9 @@ def test_npz_flat_floats_with_labels(tmp_path):
 
 
 def test_npz_without_x_test_splits_labels_too(tmp_path):
-    np.savez(tmp_path / "mine.npz", x_train=np.zeros((10, 2, 3, 3), np.float32), y_train=np.arange(10))
+    np.savez(tmp_path / "mine.npz", x_train=np.zeros((10, 2, 3, 5), np.float32), y_train=np.arange(10))
     d = load_dataset(str(tmp_path / "mine.npz"))
-    assert d.x_train.shape == (9, 2, 3, 3) and d.y_test.tolist() == [9]
+    assert d.x_train.shape == (9, 2, 3, 5) and d.y_test.tolist() == [9]
 
 
 @pytest.mark.parametrize("value, message", [(1.5, r"must lie in \[0, 1\], got \[0, 1\.5\]"), (np.nan, "NaN")])

@@ -275,11 +275,13 @@ def test_zero_width_items_are_refused_at_load(tmp_path, capsys):
 
 # 8. Smaller ones.
 
-def test_leftovers_of_killed_writes_are_removed_on_the_next_start(run, capsys):
-    stale = run / ".checkpoint.pt.k1ll3d.tmp"
+def test_leftovers_of_killed_writes_are_removed_on_the_next_start_and_nothing_else(run, capsys):
+    stale = run / ".checkpoint.pt.0123456789ab.tmp"  # as atomic_path names its temporaries
     stale.write_bytes(b"half a checkpoint")
+    mine = run / ".notes.tmp"
+    mine.write_text("a user's file")
     assert cli(capsys, "train", "--resume", "--out", run, "--epochs", "2", "--quiet")[0] == 0
-    assert not stale.exists()
+    assert not stale.exists() and mine.read_text() == "a user's file"
 
 
 def test_writes_are_durable(tmp_path, monkeypatch):
@@ -348,3 +350,206 @@ def test_every_flag_of_every_subcommand_has_help():
     missing = [f"{name} {'/'.join(a.option_strings) or a.dest}" for name, sub in commands.items()
                for a in sub._actions if a.dest != "help" and a.option_strings and not a.help]
     assert not missing
+
+
+# 10. A run's files as untrusted input end to end (issue 27).
+
+def resign(run, change):
+    """Rewrite ``run``'s checkpoint after ``change(state)`` (in place), with a valid digest, so that what is tested
+    is the check of the content, not the digest."""
+    state = torch.load(run / runs.CHECKPOINT, weights_only=True)
+    state.pop(runs.DIGEST, None)
+    change(state)
+    runs.save_checkpoint(run / runs.CHECKPOINT, state)
+
+
+def snapshot(run):
+    return {p.name: p.read_bytes() for p in run.iterdir() if p.is_file() and p.name != runs.LOCK}
+
+
+@pytest.mark.parametrize("target", ["checkpoint.pt", "config.json", "metrics.csv", ".lock"])
+def test_no_other_command_writes_over_a_runs_own_files(run, capsys, target):
+    before = snapshot(run)
+    assert_error(cli(capsys, "encode", run, "--out", run / target), "it is a file of the run")
+    assert_error(cli(capsys, "reconstruct", run, "--out", run / target), "it is a file of the run")
+    assert snapshot(run) == before
+
+
+def test_no_command_writes_into_a_run_that_is_training(run, tmp_path, capsys):
+    before = snapshot(run)
+    with runs.run_lock(run):
+        for argv in (["evaluate", run, "--k", "2"], ["reconstruct", run], ["plot", run],
+                     ["encode", tmp_path / "run-codes", "--out", run / "codes.npz"]):
+            assert_error(cli(capsys, *argv), f"in use by another discvae process (pid {os.getpid()})")
+    assert snapshot(run) == before
+
+
+@pytest.mark.parametrize("content", [[".x.tmp"], ["README"], [".lock", "README"]])
+def test_train_out_refusing_a_directory_leaves_it_as_it_was(tmp_path, capsys, content):
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    for name in content:
+        (folder / name).write_text(f"my {name}\n")
+    assert_error(cli(capsys, *TRAIN, "--out", folder), "not a discvae run")
+    assert {p.name: p.read_text() for p in folder.iterdir()} == {name: f"my {name}\n" for name in content}
+
+
+def test_a_failed_start_in_an_empty_directory_leaves_no_lock(tmp_path, capsys):
+    folder = tmp_path / "empty"
+    folder.mkdir()
+    assert_error(cli(capsys, *TRAIN, "--out", folder, "--dataset", tmp_path / "missing.npz"), "no such file")
+    assert list(folder.iterdir()) == []
+
+
+@pytest.mark.parametrize("where", ["weights", "optimizer"])
+def test_non_finite_parameters_are_refused_by_every_command(run, tmp_path, capsys, where):
+    def poison(state):
+        if where == "weights":
+            state["model"]["decoder.2.bias"][3] = float("nan")
+        else:
+            state["optimizer"]["state"][7]["exp_avg_sq"][0] = float("inf")
+    resign(run, poison)
+    for argv in commands_reading(run, tmp_path).values():
+        assert_error(cli(capsys, *argv), "non-finite weights" if where == "weights" else "exp_avg_sq of parameter 7")
+    assert not (run / "eval.json").exists()
+
+
+def test_config_json_and_the_checkpoint_must_agree(run, tmp_path, capsys):
+    config = json.loads((run / runs.CONFIG).read_text())
+    (run / runs.CONFIG).write_text(json.dumps({**config, "latent": "categorical"}))  # same tensor shapes
+    for name, argv in commands_reading(run, tmp_path).items():
+        assert_error(cli(capsys, *argv), "with a different latent" if name == "resume" else "disagree on latent")
+
+
+MALFORMED = {
+    "rng of the wrong size": lambda s: s.update(rng=torch.zeros(7, dtype=torch.uint8)),
+    "rng of the wrong type": lambda s: s.update(rng=s["rng"].float()),
+    "history of non-rows": lambda s: s.update(history=[1]),
+    "param_groups not a list": lambda s: s["optimizer"].update(param_groups=s["optimizer"]["param_groups"][0]),
+    "a negative epoch": lambda s: s.update(epoch=-4),
+    "a NaN elapsed": lambda s: s.update(elapsed=float("nan")),
+    "int64 weights": lambda s: s["model"].update({"decoder.2.bias": s["model"]["decoder.2.bias"].long()}),
+    "a bool for an int": lambda s: s.update(epoch=True),
+    "a changed Adam setting": lambda s: s["optimizer"]["param_groups"][0].update(eps=float("nan")),
+}
+
+
+@pytest.mark.parametrize("damage", MALFORMED)
+def test_malformed_checkpoint_entries_are_refused_before_anything_is_written(run, tmp_path, capsys, damage):
+    resign(run, MALFORMED[damage])
+    before = snapshot(run)
+    assert_error(cli(capsys, "train", "--resume", "--out", run, "--epochs", "2", "--quiet"), "checkpoint")
+    assert_error(cli(capsys, "evaluate", run, "--k", "2"), "checkpoint")
+    assert snapshot(run) == before
+
+
+def test_flipped_bytes_are_corruption_not_divergence(run, capsys):
+    data = bytearray((run / runs.CHECKPOINT).read_bytes())
+    middle = len(data) // 2  # inside the encoder's weights
+    data[middle:middle + 4000] = bytes(b ^ 0x5A for b in data[middle:middle + 4000])
+    (run / runs.CHECKPOINT).write_bytes(data)
+    for argv in (["evaluate", run, "--k", "2"], ["train", "--resume", "--out", run, "--epochs", "2", "--quiet"]):
+        code, _, err = cli(capsys, *argv)
+        assert_error((code, "", err), "is corrupt")
+        assert "diverge" not in err and "--lr" not in err
+
+
+@pytest.mark.parametrize("command", [["evaluate", "RUN"], ["plot", "RUN", "--out", "OUT"], ["reconstruct", "RUN"],
+                                     ["retrieval", "RUN", "--out", "OUT"], ["clustering", "RUN", "--out", "OUT"]])
+@pytest.mark.parametrize("seed", ["-1", str(2**64)])
+def test_seeds_out_of_range(run, tmp_path, capsys, command, seed):
+    argv = [run if a == "RUN" else tmp_path / "out" if a == "OUT" else a for a in command]
+    assert_error(cli(capsys, *argv, "--seed", seed), "--seed must be between 0 and")
+
+
+@pytest.mark.parametrize("argv", [["evaluate", "RUN", "--k", "100000000", "--chunk", "100000000"],
+                                  ["reconstruct", "RUN", "--rows", "100000"],
+                                  ["plot", "RUN", "--rows", "100000"]])
+def test_work_that_cannot_fit_in_memory_is_refused_with_the_estimate(run, capsys, argv):
+    assert_error(cli(capsys, *[run if a == "RUN" else a for a in argv]), "GiB of memory, more than the")
+    assert not (run / "eval.json").exists()
+
+
+@pytest.mark.parametrize("damage,match", [
+    (lambda c: json.dumps(c)[:-1] + ', "x": ' + "[" * 100000 + "]" * 100000 + "}", "nested too deeply"),
+    (lambda c: json.dumps({**c, "latent_dim": 10**30}), "too large"),
+    (lambda c: json.dumps({**c, "hidden": 10**30}), "hidden must be between"),
+], ids=["deeply nested", "huge latent_dim", "huge hidden"])
+def test_config_values_that_overflow(run, tmp_path, capsys, damage, match):
+    (run / runs.CONFIG).write_text(damage(json.loads((run / runs.CONFIG).read_text())))
+    for argv in commands_reading(run, tmp_path).values():
+        assert_error(cli(capsys, *argv), match)
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["--latent", "bernoulli", "--capacity", "bernoulli=1:10", "--capacity", "bernoulli=2:10"],
+     "--capacity is given more than once for bernoulli"),
+    (["--latent", "categorical:4+gaussian:2", "--prior", "mixture"], "--estimator importance is for discrete"),
+    (["--latent", "categorical:4+gaussian:2", "--prior", "mixture", "--estimator", "exact"],
+     "--prior mixture sums its categorical out"),
+    (["--latent", "gaussian", "--estimator", "importance"], "has no discrete block"),
+])
+def test_combinations_the_readme_rules_out(tmp_path, capsys, argv, match):
+    unsized = [a for i, a in enumerate(TRAIN) if "--latent-dim" not in TRAIN[max(i - 1, 0):i + 1]]
+    assert_error(cli(capsys, *unsized, *argv, "--out", tmp_path / "run"), match)
+    assert not (tmp_path / "run").exists()
+
+
+def test_channel_last_images_are_read_as_channels(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "rgb.npz", x_train=rng.random((40, 6, 5, 3), dtype=np.float32))
+    run = tmp_path / "run"
+    assert cli(capsys, "train", "--dataset", tmp_path / "rgb.npz", "--latent-dim", "4", "--hidden", "16",
+               "--epochs", "1", "--batch-size", "16", "--out", run, "--quiet")[0] == 0
+    assert cli(capsys, "reconstruct", run, "--n", "2", "--rows", "1")[0] == 0
+    from discvae.training import load_run
+
+    assert load_run(run)[2].x_train.shape[1:] == (3, 6, 5)
+    np.save(tmp_path / "ambiguous.npy", np.zeros((10, 3, 8, 3), np.float32))
+    assert_error(cli(capsys, *TRAIN, "--dataset", tmp_path / "ambiguous.npy", "--out", tmp_path / "r2"),
+                 "cannot tell the channel axis")
+
+
+@pytest.mark.parametrize("damage", ["missing", "a row short", "empty", "no time column"])
+def test_metrics_csv_is_rebuilt_from_the_checkpoint(run, tmp_path, capsys, monkeypatch, damage):
+    import discvae.figures as figures
+
+    history = torch.load(run / runs.CHECKPOINT, weights_only=True)["history"]
+    assert cli(capsys, "train", "--resume", "--out", run, "--epochs", "2", "--quiet")[0] == 0
+    good = (run / runs.METRICS).read_text()
+    path = run / runs.METRICS
+    if damage == "missing":
+        path.unlink()
+    elif damage == "a row short":
+        path.write_text("".join(good.splitlines(keepends=True)[:-1]))
+    elif damage == "empty":
+        path.write_text("")
+    else:
+        runs.write_csv(path, [{k: v for k, v in row.items() if k != "time"} for row in runs.read_csv(path)])
+    drawn = {}
+    monkeypatch.setattr(figures, "convergence", lambda path, histories: drawn.update(histories))
+    assert cli(capsys, "plot", run, "--out", tmp_path / "figs")[0] == 0
+    assert [row["epoch"] for row in drawn["run"]] == [1, 2] and "time" in drawn["run"][0]
+    assert drawn["run"][0] == history[0]
+    assert cli(capsys, "train", "--resume", "--out", run, "--epochs", "2", "--quiet")[0] == 0  # the final epoch
+    assert path.read_text() == good
+
+
+def test_under_torchrun_only_rank_0_prints_the_error(capsys, monkeypatch):
+    monkeypatch.setenv("RANK", "1")
+    assert cli(capsys, "evaluate", "/nonexistent/run") == (2, "", "")
+    monkeypatch.setenv("RANK", "0")
+    assert_error(cli(capsys, "evaluate", "/nonexistent/run"), "not a run directory")
+
+
+@pytest.mark.parametrize("command", ["reconstruct", "plot"])
+def test_reconstruct_and_plot_check_their_output_before_loading(run, tmp_path, capsys, monkeypatch, command):
+    import discvae.cli
+    import discvae.figures
+
+    for module in (discvae.cli, discvae.figures):
+        monkeypatch.setattr(module, "load_run", lambda *a, **k: pytest.fail("loaded before checking the output"))
+    f = tmp_path / "file"
+    f.write_text("x")
+    assert_error(cli(capsys, command, run, "--out", f / "sub" if command == "reconstruct" else f),
+                 "is a file" if command == "reconstruct" else "is not a directory")

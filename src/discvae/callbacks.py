@@ -88,10 +88,15 @@ class Checkpoint(Callback):
 
 
 class MetricsCSV(Callback):
-    """Rewrites ``RUN_DIR/metrics.csv`` atomically after every epoch: one row per epoch of ``state.history``."""
+    """Rewrites ``RUN_DIR/metrics.csv`` atomically from ``state.history`` (one row per epoch) at the start, so a
+    kill between the checkpoint's write and its own leaves nothing behind, and after every epoch."""
 
     def __init__(self, run_dir):
         self.path = Path(run_dir) / METRICS
+
+    def on_train_start(self, state, cfg):
+        if state.history:
+            write_csv(self.path, state.history)
 
     def on_epoch_end(self, state, row):
         write_csv(self.path, state.history)

@@ -21,7 +21,7 @@ from .errors import InputError
 from .flags import add_flags, build, changed, flag, given
 from .runs import CONFIG, check_output, read_config, write_text
 from .speed import PRECISIONS
-from .training import RESUMABLE, Config, load_run, train
+from .training import RESUMABLE, Config, check_seed, load_run, train
 
 
 class _Parser(argparse.ArgumentParser):
@@ -73,12 +73,15 @@ def _add_reconstruct(sub):
 
 
 def cmd_reconstruct(args) -> None:
-    from .figures import reconstructions, save_grid
+    from .figures import check_grid, reconstructions, save_grid
 
     if args.n < 1 or args.rows < 1:
         raise InputError("--n and --rows must be at least 1")
-    cfg, model, data = load_run(args.run_dir)
+    check_seed(args.seed)
+    read_config(args.run_dir)  # a run directory: said before anything about the output
     out = check_output(args.out or Path(args.run_dir) / "reconstructions.png", "file")
+    cfg, model, data = load_run(args.run_dir)
+    check_grid(args.rows, args.n, data.x_test.shape[1:])
     torch.manual_seed(args.seed)
     x = data.x_test[: args.n * args.rows]
     x_hat = reconstructions(model, x)
@@ -328,11 +331,10 @@ def main(argv=None) -> int:
     args.argv = argv
     try:
         args.func(args)
-    except InputError as err:
-        print(f"discvae {args.command}: error: {err.renamed(flag)}", file=sys.stderr)
-        return 2
-    except OSError as err:
-        print(f"discvae {args.command}: error: {err}", file=sys.stderr)
+    except (InputError, OSError) as err:
+        if distributed.rank() == 0:  # under torchrun, once
+            text = err.renamed(flag) if isinstance(err, InputError) else err
+            print(f"discvae {args.command}: error: {text}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("discvae: interrupted", file=sys.stderr)

@@ -1,8 +1,8 @@
 """Datasets, held whole in memory as float32 tensors in [0, 1].
 
 ``load_dataset(name)`` accepts ``mnist``, ``fashion-mnist``, ``digits`` (scikit-learn's bundled 8x8 digits; it
-needs no files) or the path of your own ``.npy``/``.npz`` file. Images have the shape ``[N, C, H, W]``. Flat
-``[N, D]`` data from your own files stays flat.
+needs no files) or the path of your own ``.npy``/``.npz`` file. Images have the shape ``[N, C, H, W]`` (a file's
+``[N, H, W, C]`` is moved to it: ``_images``). Flat ``[N, D]`` data from your own files stays flat.
 
 MNIST and Fashion-MNIST come from the four standard gzip IDX files in ``<data_dir>/mnist/`` and
 ``<data_dir>/fashion-mnist/``. The data directory is the ``data_dir`` argument (``--data-dir``), else
@@ -40,6 +40,7 @@ class Dataset(NamedTuple):
 
 DATASETS = ("mnist", "fashion-mnist", "digits")
 NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")
+CHANNELS = (1, 3, 4)  # grey, RGB, RGBA: the lengths of a channel axis
 IDX_FILES = {"x_train": "train-images-idx3-ubyte.gz", "y_train": "train-labels-idx1-ubyte.gz",
              "x_test": "t10k-images-idx3-ubyte.gz", "y_test": "t10k-labels-idx1-ubyte.gz"}
 MD5 = {
@@ -209,10 +210,17 @@ def _read_arrays(path: Path) -> dict[str, np.ndarray]:
 
 
 def _images(x: np.ndarray, what: str) -> torch.Tensor:
-    """float32 tensor: uint8 is divided by 255, float/bool must lie in [0, 1]; [N, H, W] gets a channel axis."""
+    """float32 tensor: uint8 is divided by 255, float/bool must lie in [0, 1]; [N, H, W] gets a channel axis; of
+    4 axes, a last one of length 1, 3 or 4 (grey, RGB, RGBA) is NumPy's and PIL's [N, H, W, C] and moved to the
+    front unless the second is such a length too (ambiguous: refused); else the array is [N, C, H, W]."""
     if x.ndim not in (2, 3, 4) or 0 in x.shape:
         raise InputError(f"{what}: expected a non-empty array [N, H, W], [N, C, H, W] or [N, D] with no axis of "
                          f"length 0, got {x.shape}")
+    if x.ndim == 4 and x.shape[3] in CHANNELS:
+        if x.shape[1] in CHANNELS:
+            raise InputError(f"{what}: cannot tell the channel axis of shape {x.shape}: give [N, C, H, W] or "
+                             f"[N, H, W, C], with H and W not {', '.join(map(str, CHANNELS))}")
+        x = np.ascontiguousarray(x.transpose(0, 3, 1, 2))
     if x.dtype == np.uint8:
         x = np.divide(x, 255, dtype=np.float32)
     elif np.issubdtype(x.dtype, np.floating) or x.dtype == np.bool_:

@@ -22,9 +22,10 @@ from .distributions import USED_FRACTION
 from .errors import InputError
 from .estimators import EXACT_MAX_STATES
 from .likelihoods import binarize
-from .runs import check_output, load_checkpoint, write_json
+from .memory import check_fits, step_bytes
+from .runs import check_output, load_checkpoint, read_config, write_json
 from .speed import autocast, check_precision, flush_denormals
-from .training import elbo_terms, load_run
+from .training import check_seed, elbo_terms, load_run, model_for
 
 EVAL = "eval.json"
 ACTIVE_THRESHOLD = 0.01  # Burda et al. (2016): unit i is active if Var_x E_q[z_i | x] > 0.01
@@ -186,9 +187,16 @@ def evaluate_run(run_dir, k: int = 1000, chunk: int = 100, batch_size: int = 500
     if k < 1 or chunk < 1 or batch_size < 1:
         raise InputError("k, chunk and batch_size must be at least 1", "k", "chunk", "batch_size")
     check_precision(precision, torch.device("cpu"))
-    ckpt = load_checkpoint(run_dir)  # read once: the epoch recorded is that of the weights evaluated
+    check_seed(seed)
+    read_config(run_dir)  # a run directory: said before anything about its output
     check_output(Path(run_dir) / EVAL, "file")  # before the work, not after it
+    ckpt = load_checkpoint(run_dir)  # read once: the epoch recorded is that of the weights evaluated
     cfg, model, data = load_run(run_dir, ckpt=ckpt)
+    rows = min(batch_size, len(data.x_train) if train_set else len(data.x_test))
+    need = step_bytes(lambda: model_for(cfg, data), data.x_test.shape[1:], rows,
+                      lambda meta, x: iwae_bound(meta, x, min(chunk, k), chunk, rows))
+    check_fits(need, torch.device("cpu"), f"the bound's {min(chunk, k)} samples of {rows} images at a time",
+               "lower chunk or batch_size", "chunk", "batch_size")
     result = {"run": str(run_dir), "epoch": ckpt["epoch"], "step": ckpt["step"], "train_seconds": ckpt["elapsed"],
               "k": k, "binarize": cfg.binarize, "latent": str(model.space),
               "exact_max_states": EXACT_MAX_STATES, "active_threshold": ACTIVE_THRESHOLD,

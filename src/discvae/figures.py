@@ -19,8 +19,9 @@ from PIL import Image
 
 from .errors import InputError
 from .evaluation import INFORMATIVE_BITS, fixed_binarization, unit_entropies
-from .runs import METRICS, atomic_path, check_output, read_csv
-from .training import load_run
+from .memory import check_fits
+from .runs import atomic_path, check_output, load_checkpoint, read_config
+from .training import check_seed, load_run
 
 MAX_TEMPLATES = 200  # decode every discrete state when there are at most this many (the paper's c = 100, not 8 bits)
 MAX_HYBRID_ROWS = 20  # rows of the figures of a hybrid latent
@@ -57,6 +58,16 @@ def save_grid(path, rows: list[torch.Tensor], scale: int | None = None) -> None:
     grid = grid.repeat(scale, 0).repeat(scale, 1)
     with atomic_path(path) as tmp:
         matplotlib.image.imsave(tmp, grid, cmap="gray", vmin=0, vmax=1, format="png")
+
+
+def check_grid(rows: int, n: int, shape) -> None:
+    """Refuse, with the estimate, a figure of ``2 rows`` rows of ``n`` images of ``shape`` (as :func:`save_grid`
+    draws them) whose pixels would not fit in the free memory."""
+    c, h, w = _as_images(torch.empty(0, *shape, device="meta")).shape[1:]
+    scale = max(1, round(56 / max(h, w)))
+    need = 3 * 4 * c * (2 * rows * (h + 1) + 1) * scale * (n * (w + 1) + 1) * scale  # float32 grid, copies
+    check_fits(need, torch.device("cpu"), f"a figure of {2 * rows} rows of {n} images", "lower n or rows", "n",
+               "rows")
 
 
 @torch.no_grad()
@@ -183,7 +194,8 @@ def save_figure(path, fig) -> None:
 def plot_runs(run_dirs: list, out=None, n: int = 16, rows: int = 2, seed: int = 0) -> list[Path]:
     """Write the figures of ``run_dirs`` into ``out`` (default the first run directory); returns their paths.
 
-    ``convergence.png`` overlays every run (Fig. 5). Per run ``NAME-reconstructions.png`` (``rows`` pairs of rows:
+    ``convergence.png`` overlays every run (Fig. 5), from the history in each checkpoint (what ``metrics.csv``
+    holds). Per run ``NAME-reconstructions.png`` (``rows`` pairs of rows:
     ``n`` fixed test images above their reconstructions from one z ~ q(z|x), Fig. 4, 6, 7), ``NAME-samples.png``
     (``rows`` x ``n`` images decoded from z ~ p(z)), for a latent with discrete blocks ``NAME-units.png``
     (:func:`unit_information`) and, when those have at most ``MAX_TEMPLATES`` states, ``NAME-templates.png``
@@ -196,12 +208,16 @@ def plot_runs(run_dirs: list, out=None, n: int = 16, rows: int = 2, seed: int = 
     names = [Path(r).resolve().name for r in run_dirs]
     if len(set(names)) < len(names):
         raise InputError(f"run directories need distinct names to label them: {', '.join(names)}")
-    loaded = [load_run(run) for run in run_dirs]
+    check_seed(seed)
+    for run in run_dirs:
+        read_config(run)  # run directories: said before anything about the output
     out = check_output(out or run_dirs[0])
-    written, histories, recons = [], {}, {}
-    for run, name, (cfg, model, data) in zip(run_dirs, names, loaded, strict=True):
-        metrics = Path(run) / METRICS
-        histories[name] = read_csv(metrics) if metrics.is_file() else []
+    checkpoints = [load_checkpoint(run) for run in run_dirs]
+    loaded = [load_run(run, ckpt=ckpt) for run, ckpt in zip(run_dirs, checkpoints, strict=True)]
+    written, recons = [], {}
+    histories = {name: ckpt["history"] for name, ckpt in zip(names, checkpoints, strict=True)}
+    for name, (cfg, model, data) in zip(names, loaded, strict=True):
+        check_grid(rows, n, data.x_test.shape[1:])
         torch.manual_seed(seed)
         x = fixed_binarization(data.x_test[: n * rows], cfg.binarize, seed)
         shape = x.shape[1:]

@@ -27,6 +27,8 @@ import typing
 from collections.abc import Callable, Sequence
 from dataclasses import MISSING, dataclass
 
+from .errors import InputError
+
 
 @dataclass(frozen=True)
 class Flag:
@@ -150,6 +152,10 @@ def _given(args: argparse.Namespace, cls):
         if hasattr(args, _dest(cls, name)):
             value = getattr(args, _dest(cls, name))
             if _per_entry(f, spec):
+                keys = [key for entry in value for key in entry]
+                twice = sorted({key for key in keys if keys.count(key) > 1})
+                if twice:
+                    raise InputError(f"{flag(name)} is given more than once for {', '.join(twice)}")
                 value = {key: v for entry in value for key, v in entry.items()}
             yield f, spec, name, value
 

@@ -22,6 +22,7 @@ from .errors import InputError
 FAMILIES = {family.name: family for family in (Bernoulli, Categorical, Gaussian)}
 DEFAULT_SIZE = 50
 PRIORS = ("standard", "learned", "mixture")
+MAX_WIDTH = 2**31 - 1  # the most coordinates of a latent block or units of a layer (a tensor's dimension in int32)
 _BLOCK = re.compile(r"(?P<family>[a-z]+)(?::(?P<size>\d+)(?:x(?P<groups>\d+))?)?")
 
 
@@ -94,6 +95,9 @@ class LatentSpace:
             if block.size < family.min_size or block.groups < 1:
                 raise InputError(f"latent block {block} is too small: at least {family.min_size} "
                                  f"{'classes' if family.grouped else 'dimension'} and 1 group", "latent_dim")
+            if block.size * block.groups > MAX_WIDTH:
+                raise InputError(f"latent block {block} is too large: at most {MAX_WIDTH} coordinates",
+                                 "latent_dim")
             blocks.append(block)
         names = [b.name for b in blocks]
         if len(set(names)) < len(names):

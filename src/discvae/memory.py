@@ -12,6 +12,8 @@ import weakref
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from .errors import InputError
+
 
 class _LiveBytes(TorchDispatchMode):
     """Counts the bytes of the meta tensors each op returns until they are freed; keeps the peak."""
@@ -68,3 +70,12 @@ def available_bytes(device: torch.device) -> int | None:
 def gib(n: int) -> str:
     return f"{n / 2**30:.1f} GiB"
 
+
+
+def check_fits(need: int | None, device: torch.device, what: str, advice: str, *params: str) -> None:
+    """An ``InputError`` with both figures if ``what`` needs ``need`` bytes, more than ``device`` has free (nothing
+    when either is unknown); ``advice`` says what to lower, ``params`` names the settings it mentions."""
+    have = available_bytes(device)
+    if need is not None and have is not None and need > have:
+        raise InputError(f"{what} would need about {gib(need)} of memory, more than the {gib(have)} free on "
+                         f"{device}; {advice}", *params)

@@ -11,7 +11,7 @@ from torch import nn
 from .distributions import Family
 from .errors import InputError
 from .estimators import importance, make_estimator
-from .latents import LatentSpace
+from .latents import MAX_WIDTH, LatentSpace
 from .likelihoods import LIKELIHOODS
 from .speed import no_autocast
 
@@ -282,8 +282,8 @@ def check_width(arch: str, hidden: int | None) -> None:
         return
     if "hidden" not in inspect.signature(ARCHITECTURES[arch]).parameters:
         raise InputError(f"the {arch} architecture has no hidden width to set (fc and nonlinear have)", "hidden")
-    if hidden < 1:
-        raise InputError(f"hidden must be at least 1, got {hidden}", "hidden")
+    if not 1 <= hidden <= MAX_WIDTH:
+        raise InputError(f"hidden must be between 1 and {MAX_WIDTH}, got {hidden}", "hidden")
 
 
 ARCHITECTURES = {"fc": fc, "cnn": cnn, "linear": linear, "nonlinear": nonlinear}  # --arch name -> its builder

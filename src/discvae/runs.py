@@ -5,9 +5,11 @@ Guarantees (README, "Safety and failure behaviour"):
 * every file is written atomically and durably: into a temporary file beside it, ``fsync``'d, renamed over the
   target, then the directory ``fsync``'d -- a reader sees the old file or the new one, never a mix;
 * a checkpoint is read with ``torch.load(weights_only=True)``: tensors and plain data only, so opening a checkpoint
-  from someone else never runs code; anything else is refused;
+  from someone else never runs code; anything else is refused; it carries a digest of its contents, verified on
+  load, and every entry is checked for its type and range (``training.check_state`` checks the weights and the
+  optimizer state against the model);
 * one process at a time trains in a run directory (an exclusive ``flock`` on ``RUN_DIR/.lock``, which names the
-  holder's pid).
+  holder's pid); no output is written over a run's own files or into a run that is training (``check_output``).
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ import contextlib
 import csv
 import hashlib
 import json
+import math
 import os
 import pickle
 import re
@@ -27,9 +30,12 @@ import torch
 from .errors import InputError
 
 CONFIG, METRICS, CHECKPOINT, LOCK = "config.json", "metrics.csv", "checkpoint.pt", ".lock"
+RUN_FILES = (CONFIG, METRICS, CHECKPOINT, LOCK)  # what no command but train writes in a run directory
 # what a training checkpoint holds, with the type of each entry
 CHECKPOINT_KEYS = {"config": dict, "model": dict, "optimizer": dict, "shuffle": torch.Tensor, "rng": torch.Tensor,
                    "cuda_rng": list, "epoch": int, "step": int, "elapsed": float, "history": list}
+DIGEST = "digest"  # the checkpoint's entry holding the SHA-256 of the others (``content_digest``)
+TEMPORARY = re.compile(r"\.(.+)\.[0-9a-f]{12}\.tmp")  # the names ``_new_temporary`` makes
 
 
 @contextlib.contextmanager
@@ -54,7 +60,7 @@ def _new_temporary(path: Path) -> Path:
     ``open()`` would (the system applies the umask: it is never read or set, which would race with other threads;
     ``tempfile.mkstemp`` would make it 0600)."""
     while True:
-        tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
+        tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")  # matches TEMPORARY
         try:
             os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
             return tmp
@@ -70,10 +76,18 @@ def _fsync(path, flags: int) -> None:
         os.close(fd)
 
 
+def is_run(folder) -> bool:
+    """Whether ``folder`` is a discvae run directory (it holds a ``config.json`` or a ``checkpoint.pt``)."""
+    return any((Path(folder) / name).is_file() for name in (CONFIG, CHECKPOINT))
+
+
 def remove_stale_temporaries(folder) -> list[Path]:
-    """Delete the ``.NAME.*.tmp`` files that writes killed half-way (``atomic_path``) left in ``folder``; call it
-    only while holding the folder's lock, so no live write is removed."""
-    stale = [p for p in Path(folder).glob(".*.tmp") if p.is_file()]
+    """Delete the temporaries (``.NAME.RANDOM.tmp``, as ``atomic_path`` names them) that writes killed half-way left
+    in ``folder`` if it is a run directory (``is_run``); nothing else. Call it only while holding the folder's lock,
+    so no live write is removed."""
+    if not is_run(folder):
+        return []
+    stale = [p for p in Path(folder).iterdir() if TEMPORARY.fullmatch(p.name) and p.is_file()]
     for p in stale:
         p.unlink(missing_ok=True)
     return stale
@@ -115,13 +129,40 @@ def _float(value) -> float:
 
 
 def save_checkpoint(path, state: dict) -> None:
+    """Write ``state`` with its ``content_digest`` under ``DIGEST``, atomically."""
     with atomic_path(path) as tmp:
-        torch.save(state, tmp)
+        torch.save({**state, DIGEST: content_digest(state)}, tmp)
+
+
+def content_digest(obj) -> str:
+    """SHA-256 of ``obj`` (nested dicts, lists, tuples, tensors and scalars): each tensor's dtype, shape and bytes,
+    everything else by its ``repr``. torch does not verify a checkpoint archive's CRCs; this finds flipped bytes."""
+    sha = hashlib.sha256()
+
+    def feed(x):
+        if isinstance(x, torch.Tensor):
+            x = x.detach().cpu().contiguous()
+            sha.update(f"T{x.dtype}{tuple(x.shape)}".encode())
+            sha.update(x.reshape(-1).view(torch.uint8).numpy().tobytes())
+        elif isinstance(x, dict):
+            sha.update(f"D{len(x)}".encode())
+            for key in sorted(x, key=repr):
+                feed(key)
+                feed(x[key])
+        elif isinstance(x, (list, tuple)):
+            sha.update(f"{type(x).__name__[0]}{len(x)}".encode())
+            for item in x:
+                feed(item)
+        else:
+            sha.update(f"{type(x).__name__}:{x!r};".encode())
+    feed(obj)
+    return sha.hexdigest()
 
 
 def load_checkpoint(run_dir, device="cpu") -> dict:
-    """The training checkpoint of ``run_dir``, loaded without running code (``weights_only=True``) and checked to
-    hold every entry of ``CHECKPOINT_KEYS`` with its type."""
+    """The training checkpoint of ``run_dir``, loaded without running code (``weights_only=True``), its digest
+    verified (a checkpoint written before digests has none) and checked to hold every entry of ``CHECKPOINT_KEYS``
+    with its type and a value in range (``check_entries``); returned without ``DIGEST``."""
     path = Path(run_dir) / CHECKPOINT
     if not Path(run_dir).is_dir():
         raise InputError(f"{run_dir} is not a run directory")
@@ -140,11 +181,54 @@ def load_checkpoint(run_dir, device="cpu") -> dict:
         raise InputError(f"cannot read checkpoint {path}: corrupt or not a PyTorch file") from None
     except Exception as err:  # torch raises many types on a corrupt file
         raise InputError(f"cannot read checkpoint {path}: {_reason(err)}") from None
+    if isinstance(ckpt, dict) and DIGEST in ckpt:
+        ckpt = dict(ckpt)
+        saved = ckpt.pop(DIGEST)
+        try:
+            intact = saved == content_digest(ckpt)
+        except (RecursionError, RuntimeError, TypeError, ValueError):
+            intact = False
+        if not intact:
+            raise InputError(f"{path} is corrupt: its contents do not match their digest (damaged on disk or in "
+                             "transfer); restore it from a copy or train again")
+    check_entries(ckpt, path)
+    return ckpt
+
+
+def check_entries(ckpt, path) -> None:
+    """An ``InputError`` unless ``ckpt`` holds every entry of ``CHECKPOINT_KEYS`` with its type (a bool is not an
+    int) and a value in range: ``epoch`` >= 1 rows of ``history`` (dicts of numbers, row i for epoch i + 1),
+    ``step`` >= ``epoch``, ``elapsed`` finite and >= 0, random states of torch's CPU generator's size."""
     wrong = [k for k, kind in CHECKPOINT_KEYS.items()
-             if not isinstance(ckpt, dict) or not isinstance(ckpt.get(k), kind)]
+             if not isinstance(ckpt, dict) or not isinstance(ckpt.get(k), kind) or isinstance(ckpt.get(k), bool)]
     if wrong:
         raise InputError(f"{path} is not a discvae checkpoint (missing or malformed: {', '.join(wrong)})")
-    return ckpt
+    history, epoch = ckpt["history"], ckpt["epoch"]
+    problems = {
+        "epoch": epoch >= 1 and epoch == len(history),
+        "step": ckpt["step"] >= epoch,
+        "elapsed": 0 <= ckpt["elapsed"] < math.inf,
+        "history": all(_is_row(row, i + 1) for i, row in enumerate(history)),
+        **{name: _is_rng_state(ckpt[name]) and ckpt[name].shape == torch.get_rng_state().shape
+           for name in ("shuffle", "rng")},
+        "cuda_rng": all(_is_rng_state(t) and t.dim() == 1 for t in ckpt["cuda_rng"]),
+    }
+    bad = [name for name, ok in problems.items() if not ok]
+    if bad:
+        shown = {"epoch": f"epoch {epoch} with {len(history)} rows of history", "step": f"step {ckpt['step']}",
+                 "elapsed": f"elapsed {ckpt['elapsed']}"}
+        raise InputError(f"{path} is not a valid discvae checkpoint (out of range or malformed: "
+                         f"{', '.join(shown.get(name, name) for name in bad)})")
+
+
+def _is_row(row, epoch: int) -> bool:
+    """Whether ``row`` is the row of ``history`` (and ``metrics.csv``) of ``epoch``: numbers by name."""
+    return isinstance(row, dict) and all(isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(
+        v, bool) for k, v in row.items()) and row.get("epoch") == epoch
+
+
+def _is_rng_state(t) -> bool:
+    return isinstance(t, torch.Tensor) and t.layout == torch.strided and t.dtype == torch.uint8
 
 
 def run_digest(run_dir) -> str:
@@ -170,6 +254,8 @@ def read_config(run_dir) -> dict:
         saved = json.loads(path.read_bytes().decode("utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise InputError(f"cannot read {path}: {_reason(err)}") from None
+    except RecursionError:
+        raise InputError(f"cannot read {path}: nested too deeply") from None
     if not isinstance(saved, dict):
         raise InputError(f"{path} must hold a JSON object of settings, not {type(saved).__name__}")
     return saved
@@ -183,13 +269,16 @@ def _reason(err: BaseException) -> str:
 def check_output(path, kind: str = "directory") -> Path:
     """Fail now, before any work, if ``path`` cannot become (or be written into, for an existing directory) the
     output ``kind`` ("directory" or "file"): a file where a directory is needed or the reverse, a path under a
-    file, no write permission, a read-only file system. Creates nothing."""
+    file, no write permission, a read-only file system, one of a run's own files (``RUN_FILES``), a folder that a
+    training process holds. Creates nothing."""
     path = Path(path)
     if kind == "directory" and path.exists() and not path.is_dir():
         raise InputError(f"{path} exists and is not a directory")
     if kind == "file" and path.is_dir():
         raise InputError(f"{path} is a directory, not a file")
     folder = path if kind == "directory" else path.parent
+    if kind == "file" and path.name in RUN_FILES and is_run(folder):
+        raise InputError(f"refusing to write {path}: it is a file of the run in {folder}; choose another output")
     existing = folder
     while not existing.exists():
         existing = existing.parent
@@ -200,18 +289,42 @@ def check_output(path, kind: str = "directory") -> Path:
             pass
     except OSError as err:
         raise InputError(f"cannot write to {existing}: {_reason(err)}") from None
+    if existing == folder:
+        check_idle(folder)
     return path
+
+
+def check_idle(folder) -> None:
+    """An ``InputError`` naming the holder's pid if a process holds the lock of the run directory ``folder``."""
+    import fcntl  # POSIX
+
+    try:
+        fd = os.open(Path(folder) / LOCK, os.O_RDONLY)
+    except OSError:  # no lock file: nobody trains there
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        _refuse_busy(folder, fd)
+    finally:
+        os.close(fd)
+
+
+def _refuse_busy(folder, fd: int):
+    holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+    raise InputError(f"{folder} is in use by another discvae process (pid {holder})") from None
 
 
 @contextlib.contextmanager
 def run_lock(run_dir):
     """Hold an exclusive lock on ``run_dir`` (created if needed) for the ``with`` block; a second holder gets an
-    ``InputError`` naming the first one's pid. A directory this call created is removed again if the block fails
-    before writing anything into it."""
+    ``InputError`` naming the first one's pid. If the block fails, a lock file this call created is removed again,
+    and so is a directory it created if nothing else was written into it."""
     import fcntl  # POSIX
 
     run_dir = Path(run_dir)
     created = not run_dir.exists()
+    fresh = created or not (run_dir / LOCK).exists()
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         fd = os.open(run_dir / LOCK, os.O_RDWR | os.O_CREAT, 0o666)
@@ -221,15 +334,15 @@ def run_lock(run_dir):
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
-            raise InputError(f"{run_dir} is in use by another discvae process (pid {holder})") from None
+            _refuse_busy(run_dir, fd)
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         try:
             yield run_dir
         except BaseException:
-            if created and {p.name for p in run_dir.iterdir()} == {LOCK}:
-                (run_dir / LOCK).unlink()
+            if fresh:
+                (run_dir / LOCK).unlink(missing_ok=True)
+            if created and not any(run_dir.iterdir()):
                 run_dir.rmdir()
             raise
     finally:

@@ -31,12 +31,13 @@ from .flags import Flag, documented, setting
 from .gradients import gradient_variance
 from .latents import DEFAULT_SIZE, FAMILIES, PRIORS, LatentSpace
 from .likelihoods import BINARIZE, LIKELIHOODS, binarize
-from .memory import available_bytes, gib, step_bytes
+from .memory import check_fits, step_bytes
 from .models import ARCHS, INITS, VAE, Terms, build_model, check_width
 from .runs import (
     CHECKPOINT,
     CONFIG,
     LOCK,
+    TEMPORARY,
     check_output,
     load_checkpoint,
     read_config,
@@ -50,6 +51,7 @@ from .speed import PRECISIONS, DivergenceGuard, adam, autocast, check_precision,
 RESUMABLE = ("epochs", "lr", "device", "data_dir", "download", "out", "grad_var_every", "grad_var_repeats",
              "precision", "compile")
 MAX_SEED = 2**63 - 1
+SKLEARN_MAX_SEED = 2**32 - 1  # scikit-learn's random_state
 
 
 def capacity_flag(text: str) -> dict:
@@ -174,15 +176,11 @@ class Config:
         """Fail on any setting that cannot train, before anything is loaded or written."""
         for name, ok, need in [("epochs", self.epochs >= 1, "at least 1"), ("batch_size", self.batch_size >= 1,
                                "at least 1"), ("lr", 0 < self.lr < math.inf, "a positive finite number"),
-                               ("seed", 0 <= self.seed <= MAX_SEED, f"between 0 and 2^63 - 1 = {MAX_SEED}"),
                                ("capacity_gamma", 0 < self.capacity_gamma < math.inf, "a positive finite number")]:
             if not ok:
                 raise InputError(f"{name} must be {need}, got {getattr(self, name)}", name)
-        for name, value, choices in [("init", self.init, INITS), ("binarize", self.binarize, BINARIZE),
-                                     ("likelihood", self.likelihood, LIKELIHOODS), ("arch", self.arch, ARCHS)]:
-            if value not in choices:
-                raise InputError(f"unknown {name} {value!r}; choose one of {', '.join(choices)}")
-        check_width(self.arch, self.hidden)
+        check_seed(self.seed)
+        self.check_model()
         names = [block.name for block in self.space.blocks]
         for name, value in self.capacity.items():
             if name not in names:
@@ -221,6 +219,16 @@ class Config:
         check_precision(self.precision, resolve_device(self.device))
         return self
 
+    def check_model(self) -> "Config":
+        """Fail on a setting that cannot build the model (the part of ``check`` a trained run must pass too)."""
+        for name, value, choices in [("init", self.init, INITS), ("binarize", self.binarize, BINARIZE),
+                                     ("likelihood", self.likelihood, LIKELIHOODS), ("arch", self.arch, ARCHS)]:
+            if value not in choices:
+                raise InputError(f"unknown {name} {value!r}; choose one of {', '.join(choices)}")
+        check_width(self.arch, self.hidden)
+        self.space  # noqa: B018 - parsing the latent checks it
+        return self
+
     @property
     def space(self) -> LatentSpace:
         """The latent: ``LatentSpace.parse(latent, latent_dim, groups, prior)``."""
@@ -229,6 +237,13 @@ class Config:
     def capacities(self, step: int) -> dict[str, float]:
         """Block name -> its capacity C(t) = C_max min(1, t / steps) at training step ``step``."""
         return {name: c_max * min(1.0, step / steps) for name, (c_max, steps) in self.capacity.items()}
+
+
+def check_seed(seed: int, largest: int = MAX_SEED) -> None:
+    """An ``InputError`` unless ``seed`` is an integer in [0, ``largest``]: 2^63 - 1 for torch, 2^32 - 1 where
+    scikit-learn takes it too."""
+    if not 0 <= seed <= largest:
+        raise InputError(f"seed must be between 0 and 2^{largest.bit_length()} - 1 = {largest}, got {seed}", "seed")
 
 
 def _positive_finite(v) -> bool:
@@ -328,6 +343,17 @@ def check_estimator(model: VAE, x: torch.Tensor, estimator: Estimator) -> None:
         torch.set_rng_state(rng)
 
 
+def check_estimand(space: LatentSpace, estimator: Estimator) -> None:
+    """Refuse a registered estimator other than ``reparam`` where what it is given (``Family.estimand``) is
+    Gaussian: a latent without a discrete block, or the mixture prior (which sums its categorical out)."""
+    gaussian = space.prior == "mixture" or all(block.num_states is None for block in space.blocks)
+    if gaussian and estimator.function in ESTIMATORS.values() and estimator.name != "reparam":
+        given = "prior mixture sums its categorical out" if space.prior == "mixture" else \
+            f"the latent {space} has no discrete block"
+        raise InputError(f"estimator {estimator.name} is for discrete latents, and {given}: train the Gaussian "
+                         "with estimator reparam", "estimator", "prior")
+
+
 @dataclass
 class TrainState:
     """All per-process state of the loop: what a checkpoint holds and a resumed process restores."""
@@ -348,7 +374,9 @@ class TrainState:
                 "epoch": self.epoch, "step": self.step, "elapsed": self.elapsed, "history": self.history}
 
     def load_state_dict(self, ckpt: dict, rng: bool = True) -> None:
-        """Continue from ``ckpt``; with ``rng`` (rank 0 of several: only it) also torch's random state."""
+        """Continue from ``ckpt`` (checked first: ``check_state``); with ``rng`` (rank 0 of several: only it) also
+        torch's random state."""
+        check_state(ckpt, self.model)
         try:
             self.model.load_state_dict(ckpt["model"])
             self.optimizer.load_state_dict(ckpt["optimizer"])
@@ -361,6 +389,58 @@ class TrainState:
                 torch.cuda.set_rng_state_all(ckpt["cuda_rng"])
         self.epoch, self.step, self.elapsed = ckpt["epoch"], ckpt["step"], ckpt["elapsed"]
         self.history = ckpt["history"]
+
+
+def check_state(ckpt: dict, model: VAE, source: str = "the checkpoint") -> None:
+    """An ``InputError`` unless the weights and the optimizer state in ``ckpt`` fit ``model`` (which may be on the
+    meta device: only its names, shapes and dtypes are read): every tensor of the model's ``state_dict`` with its
+    shape and dtype (nothing cast), finite; Adam's one parameter group with discvae's settings, a positive finite
+    lr and every parameter; per parameter a ``step`` (a finite float32 count >= 0) and moments of its shape and
+    dtype, finite, the second >= 0. Tensors are loaded onto one device (``map_location``). Nothing else reads
+    them before this check, so a crafted file cannot drive a kernel out of bounds."""
+    def refuse(what: str):
+        raise InputError(f"{source} does not fit its model: {what}")
+
+    expected, weights = model.state_dict(), ckpt["model"]
+    missing, extra = set(expected) - set(weights), set(weights) - set(expected)
+    if missing or extra:
+        refuse(f"missing {', '.join(sorted(missing))}" if missing else
+               f"unexpected {', '.join(sorted(map(str, extra)))}")
+    for name, t in weights.items():
+        ref = expected[name]
+        if not isinstance(t, torch.Tensor) or t.layout != ref.layout or t.shape != ref.shape or t.dtype != ref.dtype:
+            got = f"{t.dtype} {list(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
+            refuse(f"{name} is {got}, the model's {ref.dtype} {list(ref.shape)}")
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise InputError(f"{source} holds non-finite weights ({name}): the run diverged or the file was altered")
+    params = [weights[name] for name, _ in model.named_parameters()]
+    optimizer = ckpt["optimizer"]
+    groups, state = optimizer.get("param_groups"), optimizer.get("state")
+    if set(optimizer) != {"state", "param_groups"} or not isinstance(state, dict) or not isinstance(groups, list) \
+            or len(groups) != 1 or not isinstance(groups[0], dict):
+        refuse("its optimizer state is not Adam's {state, param_groups} with one group")
+    settings = adam([torch.zeros(1, requires_grad=True)], 1.0).param_groups[0]
+    group = groups[0]
+    wrong = sorted(map(str, set(settings) ^ set(group))) + [k for k, v in group.items() if k in settings and k not in (
+        "params", "lr") and not (type(v) is type(settings[k]) and v == settings[k])]
+    indices = group.get("params")
+    if wrong or not (isinstance(indices, list) and all(type(i) is int for i in indices)
+                     and indices == list(range(len(params)))) or not _positive_finite(group.get("lr")):
+        refuse(f"its optimizer settings differ ({', '.join(map(str, wrong)) or 'params or lr'})")
+    for index, entry in state.items():
+        if not (type(index) is int and 0 <= index < len(params)) or not isinstance(entry, dict) \
+                or set(entry) != {"step", "exp_avg", "exp_avg_sq"}:
+            refuse(f"its optimizer state {index!r} is not Adam's step, exp_avg and exp_avg_sq of a parameter")
+        param, step = params[index], entry["step"]
+        if not (isinstance(step, torch.Tensor) and step.layout == torch.strided and step.dtype == torch.float32
+                and step.dim() == 0 and 0 <= step.item() < math.inf):
+            refuse(f"the step of parameter {index} is not a finite count")
+        for key in ("exp_avg", "exp_avg_sq"):
+            t = entry[key]
+            if not (isinstance(t, torch.Tensor) and t.layout == param.layout and t.shape == param.shape
+                    and t.dtype == param.dtype and t.device == param.device and bool(torch.isfinite(t).all())
+                    and (key == "exp_avg" or bool((t >= 0).all()))):
+                refuse(f"{key} of parameter {index} does not match it (shape, dtype, device, finite values)")
 
 
 def model_for(cfg: Config, data: Dataset) -> VAE:
@@ -393,8 +473,11 @@ def train(cfg: Config, resume: bool = False, progress: bool = True, data: Datase
     """
     cfg.check()
     estimator = estimator_for(cfg, estimator)
+    check_estimand(cfg.space, estimator)
     cfg = dataclasses.replace(cfg, estimator=estimator.name)
     out = check_output(cfg.out)
+    if not resume and out.is_dir():
+        check_new_run(out)  # decided before the lock file is made
     with flush_denormals(), process_group(resolve_device(cfg.device)) as ranks, \
             run_lock(out) if ranks.main else nullcontext():
         if cfg.batch_size < ranks.world:
@@ -490,23 +573,32 @@ def epoch_row(state: TrainState, cfg: Config, train_terms: dict, x_test: torch.T
 
 def open_run(cfg: Config, out: Path, resume: bool) -> dict | None:
     """Under the run's lock: the checkpoint to continue from (``resume``), or None after checking that ``out``
-    may hold a new run -- it is missing, empty, or holds only what a discvae run that stopped before its first
-    checkpoint left there. Leftovers of killed writes are removed."""
-    remove_stale_temporaries(out)
+    may hold a new run (``check_new_run``). Leftovers of killed writes are removed from a run directory."""
     if resume:
         ckpt = load_checkpoint(out)
         saved = Config.from_dict(ckpt["config"], f"the configuration in {out / CHECKPOINT}")
-        changed = [k for k in dataclasses.asdict(saved) if k not in RESUMABLE and getattr(cfg, k) != getattr(saved, k)]
+        changed = differing(cfg, saved)
         if changed:
             raise InputError(f"cannot resume {out} with a different {', '.join(changed)}")
         if cfg.epochs < ckpt["epoch"]:
             raise InputError(f"{out} has already trained {ckpt['epoch']} epochs; --epochs {cfg.epochs} would not "
                              "continue it")
-        return ckpt
+    else:
+        check_new_run(out)
+    remove_stale_temporaries(out)
+    return ckpt if resume else None
+
+
+def check_new_run(out: Path) -> None:
+    """An ``InputError`` unless ``out`` may hold a new run: it is empty, or holds only what a discvae run that
+    stopped before its first checkpoint left there (its lock, its valid ``config.json``, temporaries of killed
+    writes). Changes nothing."""
     if (out / CHECKPOINT).exists():
         raise InputError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
-    foreign = sorted(p.name for p in out.iterdir() if p.name not in (LOCK, CONFIG))
-    if not foreign and (out / CONFIG).exists():
+    names = [p.name for p in out.iterdir() if p.name != LOCK]
+    run = CONFIG in names
+    foreign = sorted(n for n in names if n != CONFIG and not (run and TEMPORARY.fullmatch(n)))
+    if not foreign and run:
         try:
             Config.from_dict(read_config(out))
         except InputError:
@@ -514,7 +606,12 @@ def open_run(cfg: Config, out: Path, resume: bool) -> dict | None:
     if foreign:
         raise InputError(f"{out} is not empty and not a discvae run (it holds {', '.join(foreign[:3])}"
                          f"{', ...' if len(foreign) > 3 else ''}); choose a new or empty --out")
-    return None
+
+
+def differing(cfg: Config, saved: Config) -> list[str]:
+    """The settings of ``cfg`` that differ from ``saved`` and may not change when a run is resumed
+    (``RESUMABLE``)."""
+    return [k for k in dataclasses.asdict(saved) if k not in RESUMABLE and getattr(cfg, k) != getattr(saved, k)]
 
 
 def check_memory(cfg: Config, data: Dataset, device: torch.device, estimator: Estimator) -> None:
@@ -522,15 +619,13 @@ def check_memory(cfg: Config, data: Dataset, device: torch.device, estimator: Es
     :mod:`discvae.memory`), with both figures."""
     need = step_bytes(lambda: model_for(cfg, data), data.x_train.shape[1:], min(cfg.batch_size, len(data.x_train)),
                       lambda model, x: model(x, estimator))
-    have = available_bytes(device)
-    if need is not None and have is not None and need > have:
-        raise InputError(f"a training step would need about {gib(need)} of memory, more than the {gib(have)} "
-                         f"free on {device}; lower batch_size, num_samples or latent_dim", "batch_size",
-                         "num_samples", "latent_dim")
+    check_fits(need, device, "a training step", "lower batch_size, num_samples or latent_dim", "batch_size",
+               "num_samples", "latent_dim")
 
 
 def load_run(run_dir, device: str = "cpu", ckpt: dict | None = None) -> tuple[Config, VAE, Dataset]:
-    """A finished or running run, as saved.
+    """A finished or running run, as saved, checked: its ``config.json`` agrees with its checkpoint's configuration
+    (``RESUMABLE`` settings aside) and the checkpoint fits the model (``check_state``).
 
     Args:
         run_dir: the run directory (``config.json`` and ``checkpoint.pt``).
@@ -543,12 +638,18 @@ def load_run(run_dir, device: str = "cpu", ckpt: dict | None = None) -> tuple[Co
     Raises:
         InputError: no run there, or a config or checkpoint that is unreadable or does not match.
     """
-    cfg = Config.from_dict(read_config(run_dir), f"{Path(run_dir) / CONFIG}")
+    source = f"{Path(run_dir) / CONFIG}"
+    cfg = Config.from_dict(read_config(run_dir), source).check_model()
     ckpt = ckpt or load_checkpoint(run_dir, device)
+    saved = Config.from_dict(ckpt["config"], f"the configuration in {Path(run_dir) / CHECKPOINT}")
+    changed = differing(cfg, saved)
+    if changed:
+        raise InputError(f"{source} and {Path(run_dir) / CHECKPOINT} disagree on {', '.join(changed)}: the "
+                         "configuration was edited or the files come from different runs")
     data = load_dataset(cfg.dataset, cfg.data_dir, False)
+    with torch.device("meta"):  # shapes only: nothing is allocated for a model the checkpoint does not fit
+        skeleton = model_for(cfg, data)
+    check_state(ckpt, skeleton, f"{Path(run_dir) / CHECKPOINT}")
     model = model_for(cfg, data)
-    try:
-        model.load_state_dict(ckpt["model"])
-    except (KeyError, RuntimeError) as err:
-        raise InputError(f"checkpoint in {run_dir} does not match its config: {str(err).splitlines()[0]}") from None
+    model.load_state_dict(ckpt["model"])
     return cfg, model.to(device).eval(), data

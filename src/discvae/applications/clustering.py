@@ -38,6 +38,7 @@ from ..distributions import Categorical, Gaussian
 from ..errors import InputError
 from ..evaluation import fixed_binarization
 from ..runs import write_json, write_text
+from ..training import SKLEARN_MAX_SEED, check_seed
 from .codes import code_block, framed_grid, labels_of, load_coded_run, load_coded_runs, one_dataset, split_images
 
 SEED_FREE = ("seed", "out", "data_dir", "download", "device", "grad_var_every", "grad_var_repeats")
@@ -133,6 +134,7 @@ def clustering(run_dirs: list, out, gaussian: str | None = None, seed: int = 0, 
     """
     if n_init < 1 or batch_size < 1:
         raise InputError("n_init and batch_size must be at least 1", "n_init", "batch_size")
+    check_seed(seed, SKLEARN_MAX_SEED)
     out = Path(out)
     runs = load_coded_runs(run_dirs, Categorical)
     classes = {name: code_block(model).size for name, (_, model, _) in runs.items()}

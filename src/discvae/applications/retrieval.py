@@ -39,6 +39,7 @@ from ..distributions import Bernoulli
 from ..errors import InputError
 from ..evaluation import fixed_binarization
 from ..runs import write_json, write_text
+from ..training import SKLEARN_MAX_SEED, check_seed
 from .codes import code_block, framed_grid, labels_of, load_coded_runs
 
 PER_CLASS, TOP_K, RADIUS = 100, (500, 1000), 2
@@ -210,6 +211,7 @@ def retrieval(run_dirs: list, out, seed: int = 0, per_class: int = PER_CLASS, ba
     """
     if per_class < 1 or batch_size < 1:
         raise InputError("per_class and batch_size must be at least 1", "per_class", "batch_size")
+    check_seed(seed, SKLEARN_MAX_SEED)
     out = Path(out)
     runs = load_coded_runs(run_dirs, Bernoulli, BASELINES)
     names, data = list(runs), next(iter(runs.values()))[2]
