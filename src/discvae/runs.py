@@ -151,6 +151,12 @@ def read_config(run_dir) -> dict:
     path = Path(run_dir) / CONFIG
     if not Path(run_dir).is_dir() or not path.exists():
         raise InputError(f"{run_dir} is not a run directory (no {CONFIG})")
+    return read_settings(path)
+
+
+def read_settings(path) -> dict:
+    """The JSON object in the file ``path`` (a ``config.json``, or a settings file for ``train --config``)."""
+    path = Path(path)
     try:
         saved = json.loads(path.read_bytes().decode("utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:

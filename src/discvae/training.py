@@ -136,6 +136,8 @@ class Config:
         Flag("t of --consistency: largest relative change of size", type=float, key="scale"),
         Flag("t of --consistency: largest horizontal shear (slant), a point h pixels above the centre moving up to "
              "SHEAR h pixels sideways", type=float, key="shear"),
+        Flag("t of --consistency: probability of a left-right mirror (for garments, not digits)", type=float,
+             key="flip"),
         factory=lambda: dict(AUGMENT))
     epochs: int = setting(300, Flag("epochs to train"))
     batch_size: int = setting(2048, Flag("images per step"))
@@ -203,8 +205,10 @@ class Config:
         for name, value in self.augment.items():
             if not (_positive_finite(value) or value == 0):
                 raise InputError(f"{name} must be a finite number >= 0, got {value!r}", name)
-        if self.augment.get("scale", 0) >= 1:
-            raise InputError(f"scale must be below 1 (sizes 1 +- scale), got {self.augment['scale']}", "scale")
+        for name, limit, need in (("scale", self.augment.get("scale", 0) < 1, "below 1 (sizes 1 +- scale)"),
+                                  ("flip", self.augment.get("flip", 0) <= 1, "a probability, at most 1")):
+            if not limit:
+                raise InputError(f"{name} must be {need}, got {self.augment[name]}", name)
         if self.grad_var_every < 0 or self.grad_var_repeats < 2:
             raise InputError("grad_var_every must be >= 0 (0: never) and grad_var_repeats >= 2", "grad_var_every",
                              "grad_var_repeats")
