@@ -26,6 +26,7 @@ import torch
 from .errors import InputError
 
 CONFIG, METRICS, CHECKPOINT, LOCK = "config.json", "metrics.csv", "checkpoint.pt", ".lock"
+BEST = "best"  # the run of the best epoch by --keep-best, inside the run directory
 # what a training checkpoint holds, with the type of each entry
 CHECKPOINT_KEYS = {"config": dict, "model": dict, "optimizer": dict, "shuffle": torch.Tensor, "rng": torch.Tensor,
                    "cuda_rng": list, "epoch": int, "step": int, "elapsed": float, "history": list}

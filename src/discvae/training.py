@@ -22,7 +22,8 @@ from pathlib import Path
 import torch
 
 from .augmentation import AUGMENT, random_affine
-from .callbacks import CallbackList, Checkpoint, MetricsCSV, ProgressBar
+from .callbacks import CallbackList, Checkpoint, KeepBest, MetricsCSV, ProgressBar
+from .criteria import CRITERIA
 from .data import DATASETS, Dataset, load_dataset
 from .distributed import process_group
 from .errors import InputError
@@ -139,6 +140,10 @@ class Config:
         Flag("t of --consistency: probability of a left-right mirror (for garments, not digits)", type=float,
              key="flip"),
         factory=lambda: dict(AUGMENT))
+    keep_best: str | None = setting(None, Flag(
+        "after every epoch score the codes by a criterion that uses no labels and keep the best epoch as the run "
+        "OUT/best: invariance (how much nearer the code of an image's random view t(x) is than another image's: "
+        "high when codes keep what a small shift or slant does not change)", choices=CRITERIA))
     epochs: int = setting(300, Flag("epochs to train"))
     batch_size: int = setting(2048, Flag("images per step"))
     lr: float = setting(1e-3, Flag("Adam learning rate"))
@@ -199,6 +204,12 @@ class Config:
                 raise InputError(f"{name} must be a finite number >= 0, got {getattr(self, name)}", name)
             if getattr(self, name) and not any(block.family.discrete for block in self.space.blocks):
                 raise InputError(f"{name} needs a latent with a discrete block, not {self.space}", name)
+        if self.keep_best is not None:
+            if self.keep_best not in CRITERIA:
+                raise InputError(f"unknown keep_best criterion {self.keep_best!r}; choose one of "
+                                 f"{', '.join(CRITERIA)}", "keep_best")
+            if not any(block.family.discrete for block in self.space.blocks):
+                raise InputError(f"keep_best scores discrete codes; the latent {self.space} has none", "keep_best")
         unknown = set(self.augment) - set(AUGMENT)
         if unknown:
             raise InputError(f"augment takes {', '.join(AUGMENT)} (those left out are 0), not {', '.join(unknown)}")
@@ -421,7 +432,8 @@ def train(cfg: Config, resume: bool = False, progress: bool = True, data: Datase
             random_affine(x_train[:1], **cfg.augment, generator=torch.Generator(device))
         if ranks.main:
             write_json(out / CONFIG, dataclasses.asdict(cfg))
-        hooks = CallbackList([Checkpoint(out), MetricsCSV(out), *([ProgressBar()] if progress else []),
+        best = [KeepBest(out, cfg.keep_best, x_train)] if cfg.keep_best else []
+        hooks = CallbackList([*best, Checkpoint(out), MetricsCSV(out), *([ProgressBar()] if progress else []),
                               *(callbacks or [])] if ranks.main else [])
 
         n, one = len(x_train), torch.ones((), device=device)  # one: counts the rows trained on in sums[-1]
