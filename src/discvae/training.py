@@ -142,8 +142,9 @@ class Config:
         factory=lambda: dict(AUGMENT))
     keep_best: str | None = setting(None, Flag(
         "after every epoch score the codes by a criterion that uses no labels and keep the best epoch as the run "
-        "OUT/best: invariance (how much nearer the code of an image's random view t(x) is than another image's: "
-        "high when codes keep what a small shift or slant does not change)", choices=CRITERIA))
+        "OUT/best: neighbours (the retrieval mAP of training images with each image's nearest tenth of the "
+        "training set in pixel space as its relevant items) or invariance (how much nearer the code of an image's "
+        "random view t(x) is than another image's)", choices=CRITERIA))
     epochs: int = setting(300, Flag("epochs to train"))
     batch_size: int = setting(2048, Flag("images per step"))
     lr: float = setting(1e-3, Flag("Adam learning rate"))
