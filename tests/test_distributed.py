@@ -1,6 +1,7 @@
 """Training on 2 processes with torchrun (gloo, one thread each, a free port from ``--standalone``, a timeout so a
 hang fails): the parameters equal those of one process with the same global batch, rank 0 alone writes the run, the
-2-rank run resumes in 1 process, and resumed on 2 ranks it continues bit for bit.
+2-rank run resumes in 1 process, and resumed on 2 ranks it continues bit for bit. ``encode`` and ``index`` on 2 ranks
+write what one process writes.
 
 Tolerance: with the deterministic ``exact`` estimator on grey data the two runs differ only in how the batch's
 gradient is summed (two halves averaged by an all-reduce against one pass), i.e. by rounding (~1e-7 relative).
@@ -15,10 +16,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import faiss
+import numpy as np
 import torch
 
 import discvae
-from helpers import run_cli
+from discvae import load_dataset
+from discvae.applications.search import HashIndex
+from helpers import run_cli, train_digits
 
 TIMEOUT = 240  # seconds; two digits epochs take ~15 s on this machine
 LR = 1e-3
@@ -97,3 +102,31 @@ def test_a_rank_ends_without_interpreter_shutdown_yet_keeps_its_exit_status_and_
     assert result.returncode == 2
     assert result.stderr.startswith("discvae evaluate: error:") and len(result.stderr.splitlines()) == 1
     assert "shutdown ran" not in result.stdout  # no interpreter shutdown: atexit handlers do not run
+
+
+def test_two_ranks_encode_and_index_as_one_process(tmp_path, capsys):
+    """Each rank encodes its contiguous share (the index's from a streamed .npz, rank 1 seeking into it); rank 0
+    assembles and writes what one process writes."""
+    run = train_digits(tmp_path / "run", "--latent-dim", "12")
+    data = load_dataset("digits")
+    np.savez_compressed(tmp_path / "digits.npz", x=np.concatenate([data.x_train.numpy(), data.x_test.numpy()]))
+    two = torchrun("encode", run, "--out", tmp_path / "two.npz", "--batch-size", "100")
+    assert two.stdout.splitlines() == [f"{tmp_path / 'two.npz'}: 1797 codes"]
+    two = torchrun("index", run, "--data", tmp_path / "digits.npz", "--out", tmp_path / "two", "--batch-size", "100")
+    assert two.stdout.splitlines() == [f"{tmp_path / 'two'}: 1797 codes of 12 bits"]
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each rank
+    try:
+        assert run_cli(capsys, "encode", run, "--out", tmp_path / "one.npz")[0] == 0
+        assert run_cli(capsys, "index", run, "--data", "digits:all", "--out", tmp_path / "one")[0] == 0
+    finally:
+        torch.set_num_threads(threads)
+    with np.load(tmp_path / "one.npz") as one, np.load(tmp_path / "two.npz") as two:
+        assert set(one.files) == set(two.files)
+        for key in one.files:
+            assert np.allclose(one[key], two[key], rtol=0, atol=1e-6) if key == "probs" else \
+                np.array_equal(one[key], two[key]), key
+    one, two = (HashIndex.load(tmp_path / name, run) for name in ("one", "two"))
+    assert np.array_equal(faiss.vector_to_array(one.index_.xb), faiss.vector_to_array(two.index_.xb))
+    assert np.array_equal(one.ids_, two.ids_) and two.data_ == str(tmp_path / "digits.npz")

@@ -92,6 +92,7 @@ def commands_reading(run, tmp_path):
             "reproduce": ["reproduce", "--out", reproduce_out, "--only", "fc_bvae_mnist", "--dataset", "digits",
                           "--epochs", "1", "--k", "2", "--quiet"],
             "encode": ["encode", run, "--out", tmp_path / "codes.npz"],
+            "index": ["index", run, "--data", "digits:test", "--out", tmp_path / "index"],
             "retrieval": ["retrieval", run, "--out", tmp_path / "retrieval"],
             "clustering": ["clustering", run, "--out", tmp_path / "clustering"]}
 

@@ -2,7 +2,8 @@
 
 The names below are imported from their modules on first use, so ``import discvae`` itself is instant and does
 nothing else (it imports neither torch nor matplotlib). The core is the top-level modules; ``discvae.experiments``
-(``compare``, ``reproduce``) and ``discvae.applications`` (``codes``, ``retrieval``, ``clustering``) are built on it.
+(``compare``, ``reproduce``) and ``discvae.applications`` (``codes``, ``retrieval``, ``search``, ``clustering``) are
+built on it.
 """
 import importlib
 from typing import TYPE_CHECKING

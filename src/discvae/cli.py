@@ -1,4 +1,5 @@
-"""The ``discvae`` command: ``train``, ``reconstruct``, ``evaluate``, ``plot``, ``reproduce``, ``compare``.
+"""The ``discvae`` command: ``train``, ``reconstruct``, ``evaluate``, ``plot``, ``reproduce``, ``compare``, ``encode``,
+``index``, ``search``, ``retrieval``, ``clustering``.
 
 Bad input (and a file-system error) ends with one line on stderr and exit status 2; Ctrl-C with exit status 130.
 Library errors name parameters as Python spells them (``num_samples``); :func:`main` shows them as flags
@@ -20,7 +21,7 @@ from .callbacks import TensorBoard
 from .errors import InputError
 from .flags import add_flags, build, changed, flag, given
 from .presets import PRESETS, preset
-from .runs import CONFIG, check_output, read_config, read_settings
+from .runs import CONFIG, check_output, read_config, read_settings, write_text
 from .speed import PRECISIONS
 from .training import RESUMABLE, Config, load_run, train
 
@@ -213,7 +214,8 @@ def _add_encode(sub):
                        description="Encode the images of a split with a trained run and write an .npz: codes (bits "
                        "[q(z_i=1|x) > 1/2], a categorical's most probable class per group, or Gaussian means; one row "
                        "per image), probs (posterior probabilities or means), labels, packed (np.packbits of the "
-                       "bits, Bernoulli runs) and latent, latent_dim, groups, split.")
+                       "bits, Bernoulli runs) and latent, latent_dim, groups, split. Under torchrun the ranks share "
+                       "the images and rank 0 writes.")
     p.add_argument("run_dir", metavar="RUN_DIR", help="a trained run directory")
     p.add_argument("--out", required=True, help=".npz file to write (atomically)")
     p.add_argument("--split", choices=SPLITS, default="all", help="images to encode: train, test or all (train "
@@ -227,7 +229,65 @@ def cmd_encode(args) -> None:
 
     out = check_output(args.out, "file")
     arrays = encode_run(args.run_dir, out, args.split, args.batch_size)
-    print(f"{out}: {len(arrays['codes'])} codes")
+    if distributed.rank() == 0:  # under torchrun, once
+        print(f"{out}: {len(arrays['codes'])} codes")
+
+
+def _add_index(sub):
+    p = sub.add_parser("index", help="a Bernoulli run's codes of a collection of images -> a faiss binary index",
+                       description="Encode a collection of images with a trained Bernoulli run, batch by batch, into "
+                       "the folder INDEX: codes.faiss (a faiss IndexBinaryFlat), ids.npy (the row of each code) and "
+                       "index.json (a digest of the run, so that search can check the index is the run's). Under "
+                       "torchrun the ranks share the rows and rank 0 writes.")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a trained run with a Bernoulli latent")
+    p.add_argument("--data", required=True, help="the collection: NAME:SPLIT (mnist, fashion-mnist or digits; "
+                   "train, test or all), FILE.npy (memory-mapped) or FILE.npz[:KEY] (streamed), items of the run's "
+                   "image shape or as many values")
+    p.add_argument("--out", required=True, metavar="INDEX", help="folder to write the index into")
+    _add_encoding_flags(p)
+    p.set_defaults(func=cmd_index)
+
+
+def _add_encoding_flags(p) -> None:
+    p.add_argument("--data-dir", help="folder holding mnist/ and fashion-mnist/ (default: the run's)")
+    p.add_argument("--batch-size", type=int, default=1024, help="images per encoder call (default 1024)")
+
+
+def cmd_index(args) -> None:
+    from .applications.search import build_index
+
+    out = check_output(args.out)
+    index = build_index(args.run_dir, args.data, out, args.batch_size, args.data_dir)
+    if distributed.rank() == 0:  # under torchrun, once
+        print(f"{out}: {index.index_.ntotal} codes of {index.bits_} bits")
+
+
+def _add_search(sub):
+    p = sub.add_parser("search", help="the k nearest items of query images in an index, by Hamming distance",
+                       description="Encode query images with RUN_DIR and find the k nearest codes of INDEX (built by "
+                       "discvae index with the same run, as it is now): one record (json) or k rows (csv) per query "
+                       "with the ids of the items and their Hamming distances, nearest first.")
+    p.add_argument("index", metavar="INDEX", help="an index folder written by discvae index")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="the run the index was built with")
+    p.add_argument("--query", required=True, help="the query images, given as index's --data")
+    p.add_argument("-k", "--k", type=int, default=10, help="neighbours per query (default 10)")
+    p.add_argument("--format", default="json", help="json (default) or csv")
+    p.add_argument("--out", help="file to write (atomically; default stdout)")
+    _add_encoding_flags(p)
+    p.set_defaults(func=cmd_search)
+
+
+def cmd_search(args) -> None:
+    from .applications.search import HashIndex, check_format, format_results
+
+    check_format(args.format)
+    out = args.out and check_output(args.out, "file")
+    index = HashIndex.load(args.index, args.run_dir, args.batch_size, args.data_dir)
+    text = format_results(*index.search(args.query, args.k), args.format)
+    if out:
+        print(write_text(out, text))
+    else:
+        sys.stdout.write(text)
 
 
 def _add_retrieval(sub):
@@ -281,7 +341,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"discvae {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     for add in (_add_train, _add_reconstruct, _add_evaluate, _add_plot, _add_reproduce, _add_compare,
-                _add_encode, _add_retrieval, _add_clustering):
+                _add_encode, _add_index, _add_search, _add_retrieval, _add_clustering):
         add(sub)
     return parser
 

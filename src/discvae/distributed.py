@@ -5,8 +5,9 @@ torchrun starts one process per rank and tells each its ``RANK``, ``LOCAL_RANK``
 training loop asks: which rows of each global batch are this rank's (``share``), sums over ranks, the model wrapped
 in DDP (which averages the gradients over ranks in the backward pass). Every rank draws the same permutation of the
 data from the same seeded generator and takes its contiguous share of each batch, so ``--batch-size`` is the global
-batch; rank 0 alone holds the run's lock, writes config, metrics and checkpoints, and evaluates. Without torchrun
-(``WORLD_SIZE`` unset or 1) this is one rank and nothing changes.
+batch; rank 0 alone holds the run's lock, writes config, metrics and checkpoints, and evaluates. ``encode`` and
+``index`` split their images the same way (:func:`split_rows`): each rank encodes its contiguous share, rank 0
+writes. Without torchrun (``WORLD_SIZE`` unset or 1) this is one rank and nothing changes.
 """
 from __future__ import annotations
 
@@ -17,6 +18,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.distributed as dist
+
+from .errors import InputError
 
 
 def launched() -> bool:
@@ -42,13 +45,28 @@ class Ranks:
         return self.rank == 0
 
     def share(self, rows: torch.Tensor) -> tuple[torch.Tensor, float]:
-        """This rank's contiguous share of a global batch ``rows`` (``tensor_split``: sizes differ by at most one),
+        """This rank's contiguous share of a global batch ``rows`` (``span``: sizes differ by at most one),
         and the factor its mean loss is scaled by so that DDP's average of the ranks' gradients is the gradient of
         the global batch's mean (1 for one rank)."""
         if self.world == 1:
             return rows, 1.0
-        mine = rows.tensor_split(self.world)[self.rank]
-        return mine, len(mine) * self.world / len(rows)
+        start, stop = self.span(len(rows))
+        return rows[start:stop], (stop - start) * self.world / len(rows)
+
+    def span(self, n: int) -> tuple[int, int]:
+        """This rank's contiguous share ``[start, stop)`` of ``n`` rows, as ``tensor_split`` cuts them (the first
+        ``n % world`` ranks one row more)."""
+        size, extra = divmod(n, self.world)
+        start = self.rank * size + min(self.rank, extra)
+        return start, start + size + (self.rank < extra)
+
+    def gather(self, obj) -> list:
+        """Every rank's ``obj`` (picklable), in rank order, on every rank (every rank must call it)."""
+        if self.world == 1:
+            return [obj]
+        out = [None] * self.world
+        dist.all_gather_object(out, obj)
+        return out
 
     def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
         """``model`` in DistributedDataParallel (its parameters broadcast from rank 0), or itself for one rank."""
@@ -99,3 +117,20 @@ def process_group(device: torch.device):
     finally:
         if joined:
             dist.destroy_process_group()
+
+
+def split_rows(n: int, fn) -> list:
+    """``fn(start, stop)`` on this process's contiguous share of ``n`` rows (``Ranks.span``; all of them without
+    torchrun), and the results of every rank in rank order, on every rank. An ``InputError`` or ``OSError`` on any
+    rank is raised on all of them, as an ``InputError`` (after the gather, so that no rank waits for one that
+    failed)."""
+    with process_group(torch.device("cpu")) as ranks:
+        try:
+            mine = (fn(*ranks.span(n)), None)
+        except (InputError, OSError) as err:
+            mine = (None, str(err))
+        parts = ranks.gather(mine)
+    errors = [error for _, error in parts if error]
+    if errors:
+        raise InputError(errors[0])
+    return [result for result, _ in parts]

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import hashlib
 import json
 import os
 import pickle
@@ -145,6 +146,20 @@ def load_checkpoint(run_dir, device="cpu") -> dict:
     if wrong:
         raise InputError(f"{path} is not a discvae checkpoint (missing or malformed: {', '.join(wrong)})")
     return ckpt
+
+
+def run_digest(run_dir) -> str:
+    """SHA-256 of ``run_dir``'s ``config.json`` and ``checkpoint.pt``: names the trained model (training it further
+    changes it)."""
+    digest = hashlib.sha256()
+    for name in (CONFIG, CHECKPOINT):
+        try:
+            with open(Path(run_dir) / name, "rb") as fh:
+                while chunk := fh.read(1 << 20):
+                    digest.update(chunk)
+        except OSError as err:
+            raise InputError(f"cannot read {Path(run_dir) / name}: {_reason(err)}") from None
+    return digest.hexdigest()
 
 
 def read_config(run_dir) -> dict:

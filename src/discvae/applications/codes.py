@@ -11,7 +11,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .. import distributed
 from ..data import Dataset
+from ..distributed import split_rows
 from ..errors import InputError
 from ..evaluation import fixed_binarization
 from ..latents import Block
@@ -78,7 +80,8 @@ def load_coded_runs(run_dirs, family: type, reserved=()) -> dict:
 
 
 def encode_run(run_dir, out, split: str = "all", batch_size: int = 1024) -> dict[str, np.ndarray]:
-    """Encode the images of a split with a trained run and write them as an ``.npz`` (atomically).
+    """Encode the images of a split with a trained run and write them as an ``.npz`` (atomically). Under torchrun
+    each rank encodes its contiguous share of the images and rank 0 writes the file.
 
     Args:
         run_dir: a trained run directory.
@@ -96,15 +99,18 @@ def encode_run(run_dir, out, split: str = "all", batch_size: int = 1024) -> dict
         raise InputError("batch_size must be at least 1", "batch_size")
     cfg, model, data = load_run(run_dir)
     x, labels = split_images(data, split)
-    inputs = fixed_binarization(x, cfg.binarize)
-    codes, probs = model.codes(inputs, batch_size).numpy(), model.encode(inputs, batch_size).numpy()
+    inputs = fixed_binarization(x, cfg.binarize)  # all of it on every rank: the same binarisation as one process
+    parts = split_rows(len(inputs), lambda start, stop: (model.codes(inputs[start:stop], batch_size).numpy(),
+                                                          model.encode(inputs[start:stop], batch_size).numpy()))
+    codes, probs = (np.concatenate(arrays) for arrays in zip(*parts, strict=True))
     block = code_block(model)
     arrays = {"codes": codes, "probs": probs, "latent": np.array(str(model.space)), "latent_dim": np.array(block.size),
               "groups": np.array(block.groups), "split": np.array(split),
               **({} if labels is None else {"labels": labels}),
               **({"packed": np.packbits(codes, axis=-1)} if block.family.binary else {})}
-    with atomic_path(out) as tmp, open(tmp, "wb") as fh:
-        np.savez(fh, **arrays)
+    if distributed.rank() == 0:
+        with atomic_path(out) as tmp, open(tmp, "wb") as fh:
+            np.savez(fh, **arrays)
     return arrays
 
 

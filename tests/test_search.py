@@ -1,0 +1,159 @@
+"""``discvae index`` / ``discvae search`` and ``HashIndex``: results against a brute-force Hamming computation,
+every way of giving a collection, and one line and exit status 2 for each kind of bad input."""
+import csv
+import io
+import json
+import shutil
+
+import faiss
+import numpy as np
+import pytest
+
+from discvae import load_dataset, load_run
+from discvae.applications.search import HashIndex
+from helpers import assert_one_line_error, run_cli, train_digits
+
+N_DIGITS = 1797
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("search")
+    return {"bits": train_digits(root / "bits", "--latent-dim", "16", "--epochs", "2"),
+            "other": train_digits(root / "other", "--latent-dim", "72", "--seed", "1"),
+            "cat": train_digits(root / "cat", "--latent", "categorical", "--latent-dim", "10"),
+            "gauss": train_digits(root / "gauss", "--latent", "gaussian", "--estimator", "reparam")}
+
+
+@pytest.fixture(scope="module")
+def images():
+    """The digits, train then test: float32 [1797, 1, 8, 8] in [0, 1]."""
+    data = load_dataset("digits")
+    return np.concatenate([data.x_train.numpy(), data.x_test.numpy()])
+
+
+def brute_force(run, queries, collection) -> np.ndarray:
+    """Hamming distances ``[Q, N]`` between the run's bits of the query and collection images."""
+    model = load_run(run)[1]
+    q, db = (model.codes(torch_of(x)).numpy() for x in (queries, collection))
+    return (q[:, None, :] != db[None]).sum(-1)
+
+
+def torch_of(x):
+    import torch
+
+    return torch.from_numpy(np.ascontiguousarray(x))
+
+
+def assert_nearest(distances, ids, direct, k):
+    """``(distances, ids)`` are an exact k-NN answer for the distance matrix ``direct`` (any order among ties)."""
+    assert distances.shape == ids.shape == (len(direct), k)
+    assert np.array_equal(distances, np.sort(direct, 1)[:, :k])
+    assert np.array_equal(np.take_along_axis(direct, ids, 1), distances)
+    assert all(len(set(row)) == k for row in ids.tolist())
+
+
+def test_index_and_search_from_the_cli_match_brute_force(runs, images, tmp_path, capsys):
+    index, queries = tmp_path / "index", tmp_path / "queries.npy"
+    np.save(queries, images[-20:, 0])  # [20, 8, 8]: one channel implied
+    code, stdout, _ = run_cli(capsys, "index", runs["bits"], "--data", "digits:all", "--out", index,
+                              "--batch-size", "500")
+    assert code == 0 and stdout.strip() == f"{index}: {N_DIGITS} codes of 16 bits"
+    assert {p.name for p in index.iterdir()} == {"codes.faiss", "ids.npy", "index.json"}
+    meta = json.loads((index / "index.json").read_text())
+    assert (meta["bits"], meta["count"], meta["latent"], meta["data"]) == (16, N_DIGITS, "bernoulli:16", "digits:all")
+
+    code, stdout, _ = run_cli(capsys, "search", index, runs["bits"], "--query", queries, "-k", "10")
+    assert code == 0
+    records = json.loads(stdout)
+    assert [r["query"] for r in records] == list(range(20))
+    direct = brute_force(runs["bits"], images[-20:], images)
+    assert_nearest(np.array([r["distances"] for r in records]), np.array([r["ids"] for r in records]), direct, 10)
+
+    out = tmp_path / "hits.csv"
+    code, stdout, _ = run_cli(capsys, "search", index, runs["bits"], "--query", "digits:test", "--k", "3",
+                              "--format", "csv", "--out", out)
+    assert code == 0 and stdout.strip() == str(out)
+    rows = list(csv.DictReader(io.StringIO(out.read_text())))
+    assert len(rows) == 297 * 3 and list(rows[0]) == ["query", "rank", "id", "distance"]
+    ids = np.array([int(r["id"]) for r in rows]).reshape(297, 3)
+    distances = np.array([int(r["distance"]) for r in rows]).reshape(297, 3)
+    assert_nearest(distances, ids, brute_force(runs["bits"], images[-297:], images), 3)
+    assert not list(tmp_path.glob(".*.tmp")) and not list(index.glob(".*.tmp"))
+
+
+def test_python_api_fits_searches_saves_and_loads(runs, images, tmp_path):
+    collection, queries = images[:1000], images[1500:1540]
+    fitted = HashIndex(runs["bits"], batch_size=128).fit(collection)
+    distances, ids = fitted.search(torch_of(queries), k=7)
+    assert distances.dtype == np.int32 and ids.dtype == np.int64
+    assert_nearest(distances, ids, brute_force(runs["bits"], queries, collection), 7)
+    assert fitted.search(queries, k=5000)[0].shape == (40, 1000)  # k clipped to the collection
+
+    loaded = HashIndex.load(fitted.save(tmp_path / "index"), runs["bits"])
+    assert loaded.data_ == "array of shape (1000, 1, 8, 8)"
+    for a, b in zip(loaded.search(queries, 7), (distances, ids), strict=True):
+        assert np.array_equal(a, b)
+
+
+def codes_of(index: HashIndex) -> np.ndarray:
+    return faiss.vector_to_array(index.index_.xb)
+
+
+def test_npy_and_npz_collections_in_any_layout_give_the_same_codes(runs, images, tmp_path):
+    as_uint8 = np.round(images * 255).astype(np.uint8)
+    np.save(tmp_path / "flat.npy", as_uint8.reshape(N_DIGITS, 64))  # as many values per item: reshaped
+    np.savez(tmp_path / "one.npz", x=as_uint8[:, 0])
+    np.savez_compressed(tmp_path / "two.npz", x_train=as_uint8, labels=np.zeros(N_DIGITS, np.int64))
+    specs = [tmp_path / "flat.npy", f"{tmp_path / 'one.npz'}", f"{tmp_path / 'two.npz'}:x_train"]
+    reference = codes_of(HashIndex(runs["bits"]).fit(as_uint8))
+    for spec in specs:  # batches of 100 rows: 18 reads, the last one short
+        assert np.array_equal(codes_of(HashIndex(runs["bits"], batch_size=100).fit(spec)), reference), spec
+
+
+def test_a_run_trained_on_dynamic_binarisation_indexes_thresholded_images(images, tmp_path):
+    run = train_digits(tmp_path / "dynamic", "--binarize", "dynamic")
+    fitted = HashIndex(run).fit(images)
+    direct = brute_force(run, (images[:30] > 0.5).astype(np.float32), (images > 0.5).astype(np.float32))
+    assert_nearest(*fitted.search(images[:30], 5), direct, 5)
+
+
+def test_bad_input_gets_one_line_and_exit_status_2(runs, images, tmp_path, capsys):
+    index, other = tmp_path / "index", tmp_path / "other"
+    for run, folder in ((runs["bits"], index), (runs["other"], other)):
+        assert run_cli(capsys, "index", run, "--data", "digits:test", "--out", folder)[0] == 0
+    np.save(tmp_path / "q.npy", images[:5])
+    np.save(tmp_path / "small.npy", images[:5, :, :7, :7])
+    np.save(tmp_path / "flat60.npy", images[:5].reshape(5, 64)[:, :60])
+    np.save(tmp_path / "grey.npy", images[:5] * 2)
+    np.savez(tmp_path / "pair.npz", a=images[:5], b=images[:5])
+    mixed = tmp_path / "mixed"  # another run's codes under this index's metadata
+    shutil.copytree(index, mixed)
+    shutil.copy(other / "codes.faiss", mixed / "codes.faiss")
+    q = tmp_path / "q.npy"
+    cases = [
+        (["index", runs["cat"], "--data", "digits:all", "--out", tmp_path / "x"], "this needs one bernoulli block"),
+        (["index", runs["gauss"], "--data", "digits:all", "--out", tmp_path / "x"], "this needs one bernoulli block"),
+        (["index", tmp_path / "norun", "--data", "digits:all", "--out", tmp_path / "x"], "not a run directory"),
+        (["index", runs["bits"], "--data", tmp_path / "missing.npy", "--out", tmp_path / "x"], "no such file"),
+        (["index", runs["bits"], "--data", "cifar:train", "--out", tmp_path / "x"], "unknown collection"),
+        (["index", runs["bits"], "--data", "digits:val", "--out", tmp_path / "x"], "unknown split"),
+        (["index", runs["bits"], "--data", tmp_path / "pair.npz", "--out", tmp_path / "x"], "name one as"),
+        (["index", runs["bits"], "--data", f"{tmp_path / 'pair.npz'}:c", "--out", tmp_path / "x"], "no array 'c'"),
+        (["index", runs["bits"], "--data", tmp_path / "grey.npy", "--out", tmp_path / "x"], "must lie in [0, 1]"),
+        (["index", runs["bits"], "--data", "digits:all", "--out", tmp_path / "x", "--batch-size", "0"],
+         "--batch-size"),
+        (["search", index, runs["other"], "--query", q], "was built with another run"),
+        (["search", mixed, runs["bits"], "--query", q], "codes 128 bits wide"),
+        (["search", index, runs["bits"], "--query", tmp_path / "small.npy"], "items of shape (1, 7, 7) (49 values)"),
+        (["search", index, runs["bits"], "--query", tmp_path / "flat60.npy"], "items of shape (60,)"),
+        (["search", index, runs["bits"], "--query", tmp_path / "missing.npy"], "no such file"),
+        (["search", tmp_path / "nothing", runs["bits"], "--query", q], "not a discvae index"),
+        (["search", index, runs["cat"], "--query", q], "this needs one bernoulli block"),
+        (["search", index, runs["bits"], "--query", q, "-k", "0"], "--k must be at least 1"),
+        (["search", index, runs["bits"], "--query", q, "--format", "xml"], "unknown format 'xml'"),
+    ]
+    for argv, match in cases:
+        code, _, err = run_cli(capsys, *argv)
+        assert_one_line_error(code, err, match)
+    assert not (tmp_path / "x").exists()
