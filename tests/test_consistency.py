@@ -93,6 +93,15 @@ def test_random_affine_rotates_and_shifts_within_its_ranges():
     slanted = impulse_centres(random_affine(dot, shear=0.4, generator=torch.Generator().manual_seed(2))) - before
     assert torch.all(slanted[:, 1].abs() < 1e-3)  # a shear moves the blob sideways only, by up to 0.4 x 4 px
     assert slanted[:, 0].abs().max() <= 1.6 + 1e-3 and slanted[:, 0].max() > 1.4 and slanted[:, 0].min() < -1.4
+    mirrored = random_affine(x, flip=1.0, generator=torch.Generator().manual_seed(3))
+    assert torch.allclose(mirrored, x.flip(-1), atol=1e-5)  # a mirror and nothing else, for every image
+    halves = impulse_centres(random_affine(dot, flip=0.5,
+                                           generator=torch.Generator().manual_seed(4)))[:, 0] / before[:, 0]
+    assert torch.allclose(halves.abs(), torch.ones(400), atol=1e-3) and 150 < (halves < 0).sum() < 250
+    # flip 0 draws nothing more: the stream, and so the transformations, are those of before the flip existed
+    assert torch.equal(random_affine(x, **{**AUGMENT, "flip": 0.0}, generator=torch.Generator().manual_seed(5)),
+                       random_affine(x, rotation=15.0, shift=2.0, scale=0.1, shear=0.4,
+                                     generator=torch.Generator().manual_seed(5)))
     same = [random_affine(x, **AUGMENT, generator=torch.Generator().manual_seed(7)) for _ in range(2)]
     assert torch.equal(*same) and not torch.allclose(same[0], x)
     with pytest.raises(InputError, match=r"need images \[B, C, H, W\]"):
@@ -132,7 +141,8 @@ def test_the_settings_are_checked():
                             ({"balance": 1.0, "latent": "gaussian"}, "balance needs a latent with a discrete block"),
                             ({"augment": {"rotation": 10.0, "skew": 2.0}}, "augment takes .* not skew"),
                             ({"augment": {**AUGMENT, "shift": -1.0}}, "shift must be a finite number >= 0, got -1.0"),
-                            ({"augment": {**AUGMENT, "scale": 1.0}}, "scale must be below 1")):
+                            ({"augment": {**AUGMENT, "scale": 1.0}}, "scale must be below 1"),
+                            ({"augment": {**AUGMENT, "flip": 1.5}}, "flip must be a probability, at most 1")):
         with pytest.raises(InputError, match=match):
             Config(**settings).check()
     Config(latent="bernoulli:8+gaussian:2", consistency=1.0, augment={"rotation": 10.0}).check()  # the rest 0

@@ -11,13 +11,16 @@ checkpoint holds the generator state and a resumed run continues bit for bit onl
 """
 from __future__ import annotations
 
+import dataclasses
+import math
 import typing
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from .criteria import criterion
 from .errors import InputError
-from .runs import CHECKPOINT, METRICS, check_output, save_checkpoint, write_csv
+from .runs import BEST, CHECKPOINT, CONFIG, METRICS, check_output, save_checkpoint, write_csv, write_json
 
 if typing.TYPE_CHECKING:
     from .models import Terms
@@ -85,6 +88,31 @@ class Checkpoint(Callback):
 
     def on_epoch_end(self, state, row):
         save_checkpoint(self.path, state.state_dict(self.cfg))
+
+
+class KeepBest(Callback):
+    """Scores the model after every epoch by the label-free criterion ``name`` (:mod:`discvae.criteria`), adds the
+    score to the epoch's row (column ``keep_best_NAME``) and, when it beats every earlier epoch's, writes that epoch
+    as the run ``RUN_DIR/best`` (``config.json``, ``checkpoint.pt``, ``metrics.csv``), which every command that reads a
+    run reads (``discvae retrieval RUN_DIR/best``). ``train`` runs it before :class:`Checkpoint`, so the scores are
+    in the history a resumed run continues from."""
+
+    def __init__(self, run_dir, name: str, x_train):
+        self.dir, self.column, self.criterion = Path(run_dir) / BEST, f"keep_best_{name}", criterion(name)
+        self.x_train = x_train
+
+    def on_train_start(self, state, cfg):
+        self.cfg = dataclasses.replace(cfg, out=str(self.dir))
+        self.score = self.criterion(self.x_train, cfg.augment, cfg.binarize, cfg.seed)
+        self.best = max((row[self.column] for row in state.history), default=-math.inf)
+
+    def on_epoch_end(self, state, row):
+        row[self.column] = self.score(state.model)
+        if row[self.column] > self.best:
+            self.best = row[self.column]
+            write_json(self.dir / CONFIG, dataclasses.asdict(self.cfg))
+            save_checkpoint(self.dir / CHECKPOINT, state.state_dict(self.cfg))
+            write_csv(self.dir / METRICS, state.history)
 
 
 class MetricsCSV(Callback):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import shlex
 import sys
 from pathlib import Path
@@ -19,7 +20,8 @@ from . import distributed
 from .callbacks import TensorBoard
 from .errors import InputError
 from .flags import add_flags, build, changed, flag, given
-from .runs import CONFIG, check_output, read_config, write_text
+from .presets import PRESETS, preset
+from .runs import CONFIG, check_output, read_config, read_settings, write_text
 from .speed import PRECISIONS
 from .training import RESUMABLE, Config, check_seed, load_run, train
 
@@ -33,6 +35,14 @@ def _add_train(sub):
     p = sub.add_parser("train", help="train a VAE", description="Train a VAE; defaults are the paper's MNIST "
                        "settings (Adam, lr 1e-3, batch 2048, 300 epochs).")
     add_flags(p, Config)
+    recipe = p.add_mutually_exclusive_group()
+    recipe.add_argument("--preset", choices=PRESETS, help="start from a named recipe shipped with discvae "
+                        "(hashing: 16-bit codes for search; clustering: 10 clusters beside a Gaussian); the flags "
+                        "given override its settings")
+    recipe.add_argument("--config", metavar="FILE", help="start from the settings in FILE (JSON, the format of a "
+                        "run's config.json; those left out keep their defaults); the flags given override them")
+    p.add_argument("--print-config", action="store_true", help="print the whole configuration as JSON and exit "
+                   "without training")
     p.add_argument("--resume", action="store_true", help="continue the run in --out where it stopped")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--tensorboard", metavar="DIR", help="also log every metric of each epoch for TensorBoard into "
@@ -46,20 +56,34 @@ def cmd_train(args) -> None:
     if args.resume:
         if "out" not in settings:
             raise InputError("--resume needs --out RUN_DIR")
+        if args.preset or args.config:
+            raise InputError("--resume continues the run's own configuration; drop --preset and --config")
         saved = Config.from_dict(read_config(settings["out"]), f"{Path(settings['out']) / CONFIG}")
         fixed = changed(args, saved, skip=RESUMABLE)
         if fixed:
             raise InputError(f"--resume continues the saved configuration; cannot change {', '.join(fixed)}")
         cfg = dataclasses.replace(saved, **{k: v for k, v in settings.items() if k in RESUMABLE})
     else:
-        cfg = build(Config, settings)
-        if "out" not in settings:
+        cfg = build(Config, starting_point(args, settings))
+        if "out" not in settings and not args.config:
             name = Path(cfg.dataset).stem if cfg.dataset.endswith((".npy", ".npz")) else cfg.dataset
             latent = str(cfg.space).replace(":", "").replace("+", "-")
             cfg.out = f"runs/{name}-{cfg.arch}-{latent}-{cfg.estimator}-s{cfg.seed}"
+    if args.print_config:
+        print(json.dumps(dataclasses.asdict(cfg.check()), indent=2))
+        return
     train(cfg, resume=args.resume, progress=not args.quiet, callbacks=callbacks)
     if distributed.rank() == 0:  # under torchrun, once
         print(cfg.out)
+
+
+def starting_point(args, settings: dict) -> dict:
+    """The settings of ``--preset`` or ``--config`` (if either was given) with the flags given, ``settings``, over
+    them; a dict setting (``estimator_options``, ``augment``) takes the flags' keys over the file's."""
+    base = preset(args.preset) if args.preset else read_settings(args.config) if args.config else {}
+    base = dataclasses.asdict(Config.from_dict(base, args.config or f"preset {args.preset}")) if base else {}
+    return {**base, **{name: {**base[name], **value} if isinstance(value, dict) and name in base else value
+                       for name, value in settings.items()}}
 
 
 def _add_reconstruct(sub):

@@ -31,6 +31,7 @@ from .errors import InputError
 
 CONFIG, METRICS, CHECKPOINT, LOCK = "config.json", "metrics.csv", "checkpoint.pt", ".lock"
 RUN_FILES = (CONFIG, METRICS, CHECKPOINT, LOCK)  # what no command but train writes in a run directory
+BEST = "best"  # the run of the best epoch by --keep-best, inside the run directory
 # what a training checkpoint holds, with the type of each entry
 CHECKPOINT_KEYS = {"config": dict, "model": dict, "optimizer": dict, "shuffle": torch.Tensor, "rng": torch.Tensor,
                    "cuda_rng": list, "epoch": int, "step": int, "elapsed": float, "history": list}
@@ -250,6 +251,12 @@ def read_config(run_dir) -> dict:
     path = Path(run_dir) / CONFIG
     if not Path(run_dir).is_dir() or not path.exists():
         raise InputError(f"{run_dir} is not a run directory (no {CONFIG})")
+    return read_settings(path)
+
+
+def read_settings(path) -> dict:
+    """The JSON object in the file ``path`` (a ``config.json``, or a settings file for ``train --config``)."""
+    path = Path(path)
     try:
         saved = json.loads(path.read_bytes().decode("utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:

@@ -22,7 +22,8 @@ from pathlib import Path
 import torch
 
 from .augmentation import AUGMENT, random_affine
-from .callbacks import CallbackList, Checkpoint, MetricsCSV, ProgressBar
+from .callbacks import CallbackList, Checkpoint, KeepBest, MetricsCSV, ProgressBar
+from .criteria import CRITERIA
 from .data import DATASETS, Dataset, load_dataset
 from .distributed import process_group
 from .errors import InputError
@@ -138,7 +139,14 @@ class Config:
         Flag("t of --consistency: largest relative change of size", type=float, key="scale"),
         Flag("t of --consistency: largest horizontal shear (slant), a point h pixels above the centre moving up to "
              "SHEAR h pixels sideways", type=float, key="shear"),
+        Flag("t of --consistency: probability of a left-right mirror (for garments, not digits)", type=float,
+             key="flip"),
         factory=lambda: dict(AUGMENT))
+    keep_best: str | None = setting(None, Flag(
+        "after every epoch score the codes by a criterion that uses no labels and keep the best epoch as the run "
+        "OUT/best: neighbours (the retrieval mAP of training images with each image's nearest tenth of the "
+        "training set in pixel space as its relevant items) or invariance (how much nearer the code of an image's "
+        "random view t(x) is than another image's)", choices=CRITERIA))
     epochs: int = setting(300, Flag("epochs to train"))
     batch_size: int = setting(2048, Flag("images per step"))
     lr: float = setting(1e-3, Flag("Adam learning rate"))
@@ -195,14 +203,22 @@ class Config:
                 raise InputError(f"{name} must be a finite number >= 0, got {getattr(self, name)}", name)
             if getattr(self, name) and not any(block.family.discrete for block in self.space.blocks):
                 raise InputError(f"{name} needs a latent with a discrete block, not {self.space}", name)
+        if self.keep_best is not None:
+            if self.keep_best not in CRITERIA:
+                raise InputError(f"unknown keep_best criterion {self.keep_best!r}; choose one of "
+                                 f"{', '.join(CRITERIA)}", "keep_best")
+            if not any(block.family.discrete for block in self.space.blocks):
+                raise InputError(f"keep_best scores discrete codes; the latent {self.space} has none", "keep_best")
         unknown = set(self.augment) - set(AUGMENT)
         if unknown:
             raise InputError(f"augment takes {', '.join(AUGMENT)} (those left out are 0), not {', '.join(unknown)}")
         for name, value in self.augment.items():
             if not (_positive_finite(value) or value == 0):
                 raise InputError(f"{name} must be a finite number >= 0, got {value!r}", name)
-        if self.augment.get("scale", 0) >= 1:
-            raise InputError(f"scale must be below 1 (sizes 1 +- scale), got {self.augment['scale']}", "scale")
+        for name, limit, need in (("scale", self.augment.get("scale", 0) < 1, "below 1 (sizes 1 +- scale)"),
+                                  ("flip", self.augment.get("flip", 0) <= 1, "a probability, at most 1")):
+            if not limit:
+                raise InputError(f"{name} must be {need}, got {self.augment[name]}", name)
         if self.grad_var_every < 0 or self.grad_var_repeats < 2:
             raise InputError("grad_var_every must be >= 0 (0: never) and grad_var_repeats >= 2", "grad_var_every",
                              "grad_var_repeats")
@@ -500,7 +516,8 @@ def train(cfg: Config, resume: bool = False, progress: bool = True, data: Datase
             random_affine(x_train[:1], **cfg.augment, generator=torch.Generator(device))
         if ranks.main:
             write_json(out / CONFIG, dataclasses.asdict(cfg))
-        hooks = CallbackList([Checkpoint(out), MetricsCSV(out), *([ProgressBar()] if progress else []),
+        best = [KeepBest(out, cfg.keep_best, x_train)] if cfg.keep_best else []
+        hooks = CallbackList([*best, Checkpoint(out), MetricsCSV(out), *([ProgressBar()] if progress else []),
                               *(callbacks or [])] if ranks.main else [])
 
         n, one = len(x_train), torch.ones((), device=device)  # one: counts the rows trained on in sums[-1]
