@@ -44,6 +44,7 @@ def commands(run, out) -> dict:
             "plot": ["plot", run, "--out", out / "plot", "--n", "2", "--rows", "1"],
             "resume": ["train", "--resume", "--out", run, "--epochs", "2", "--quiet"],
             "encode": ["encode", run, "--out", out / "codes.npz"],
+            "index": ["index", run, "--data", "digits:test", "--out", out / "index"],
             "retrieval": ["retrieval", run, "--out", out / "retrieval", "--per-class", "1"],
             "clustering": ["clustering", run, "--out", out / "clustering"]}
 
