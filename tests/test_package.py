@@ -47,9 +47,10 @@ def test_drawing_sets_no_matplotlib_backend_and_leaves_pyplot_alone(tmp_path):
     assert (tmp_path / "f.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_all_lists_the_names_of_the_readme_python_api_and_each_resolves():
-    readme = (ROOT / "README.md").read_text()
-    used = {name.strip() for names in re.findall(r"^from discvae import (.+)$", readme, re.M)
+def test_all_lists_the_names_the_readme_docs_and_examples_import_and_each_resolves():
+    texts = [(ROOT / "README.md").read_text(), *(p.read_text() for p in (ROOT / "docs").rglob("*.md")),
+             *(p.read_text() for p in (ROOT / "examples").glob("*.py"))]
+    used = {name.strip() for text in texts for names in re.findall(r"^from discvae import (.+)$", text, re.M)
             for name in names.split(",")}
     assert used and used <= set(discvae.__all__)
     for name in discvae.__all__:

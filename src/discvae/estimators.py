@@ -306,6 +306,8 @@ def exact(q, f, num_samples: int = 1) -> torch.Tensor:
 ESTIMATORS = {"importance": importance, "reparam": reparam, "rloo": rloo, "vimco": vimco, "disarm": disarm,
               "double-cv": double_cv, "rodeo": rodeo, "gumbel": gumbel, "st-gumbel": st_gumbel,
               "straight-through": straight_through, "exact": exact}
+"""The registered estimators by name (``--estimator NAME``, ``make_estimator("NAME")``), each a function
+``estimator(q, f, **options)``."""
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,7 @@ hardware has no fast bf16: emulated, it would be slower than fp32.
 """
 from __future__ import annotations
 
+import os
 import sys
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
@@ -21,6 +22,62 @@ from .errors import Diverged, InputError
 
 PRECISIONS = ("fp32", "bf16")
 CHECK_EVERY = 100  # steps between two looks of the divergence guard at its device-side record
+# forward FLOPs of a training step below which one CPU thread runs it fastest: its matrix products are too small to
+# share between threads (benchmarks/bench_threads.py; the quick start's step is 5e7, the paper's FC_BVAE's 5.8e9)
+SMALL_STEP_FLOPS = 5e8
+
+
+def usable_cores() -> int:
+    """The CPU cores this process may run on (its affinity mask, ``os.sched_getaffinity``), shared out between the
+    processes that torchrun started on this machine (``LOCAL_WORLD_SIZE``); at least 1."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    return max(1, cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)))
+
+
+def step_flops(build_model: Callable, input_shape, batch_size: int, loss: Callable) -> int | None:
+    """Floating-point operations of the forward pass of one training step, counted on PyTorch's ``meta`` device
+    (no data, no arithmetic): ``build_model()`` called there, ``loss(model, x)`` on a batch of ``[batch_size,
+    *input_shape]``. None when some operation has no meta implementation."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    try:
+        with torch.device("meta"):
+            model = build_model()
+        x = torch.empty(batch_size, *input_shape, device="meta")
+        with FlopCounterMode(display=False) as counter:
+            loss(model, x)
+    except (NotImplementedError, RuntimeError):
+        return None
+    return counter.get_total_flops()
+
+
+def choose_threads(requested: int | None, flops: int | None) -> int:
+    """The intra-op threads for a CPU training step of ``flops`` forward FLOPs (``step_flops``): ``requested`` if
+    given, else 1 for a step below ``SMALL_STEP_FLOPS`` and torch's own choice (``OMP_NUM_THREADS``, else the
+    physical cores) for a larger one; never more than ``usable_cores()``."""
+    if requested is not None:
+        wanted = requested
+    elif flops is not None and flops < SMALL_STEP_FLOPS:
+        wanted = 1
+    else:
+        wanted = torch.get_num_threads()
+    return max(1, min(wanted, usable_cores()))
+
+
+@contextmanager
+def intra_op_threads(n: int):
+    """torch's intra-op threads set to ``n`` while the block runs, then as before it."""
+    kept = torch.get_num_threads()
+    if n != kept:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != kept:
+            torch.set_num_threads(kept)
 
 
 def cpu_flags() -> set[str]:

@@ -15,7 +15,7 @@ import math
 import os
 import time
 import typing
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
 from dataclasses import MISSING, dataclass, field
 from pathlib import Path
 
@@ -46,11 +46,23 @@ from .runs import (
     run_lock,
     write_json,
 )
-from .speed import PRECISIONS, DivergenceGuard, adam, autocast, check_precision, compiled, flush_denormals, train_step
+from .speed import (
+    PRECISIONS,
+    DivergenceGuard,
+    adam,
+    autocast,
+    check_precision,
+    choose_threads,
+    compiled,
+    flush_denormals,
+    intra_op_threads,
+    step_flops,
+    train_step,
+)
 
 # what may change when a run is resumed (a smaller lr continues a run that diverged)
 RESUMABLE = ("epochs", "lr", "device", "data_dir", "download", "out", "grad_var_every", "grad_var_repeats",
-             "precision", "compile")
+             "precision", "compile", "threads")
 MAX_SEED = 2**63 - 1
 SKLEARN_MAX_SEED = 2**32 - 1  # scikit-learn's random_state
 
@@ -159,6 +171,10 @@ class Config:
                                           "CPU with AVX512-BF16 or AMX", choices=PRECISIONS))
     compile: bool = setting(False, Flag("torch.compile the training step (falls back to eager, with one line, "
                                         "where no compiler works)"))
+    threads: int | None = setting(None, Flag(
+        "CPU threads for the networks' matrix products (default: chosen for the model's size -- one for a step too "
+        "small to share, else torch's choice; never more than the cores this process may use); a runtime setting, "
+        "free to change on resume"))
     out: str = setting("runs/mnist", Flag("run directory (default runs/DATASET-ARCH-LATENT-ESTIMATOR-sSEED)"))
 
     def __post_init__(self):
@@ -232,6 +248,8 @@ class Config:
                     and value[0] > 0):
                 raise InputError(f"the schedule of {name} must be [start > 0, end >= 0, rate >= 0], finite, "
                                  f"got {value!r}")
+        if self.threads is not None and self.threads < 1:
+            raise InputError(f"threads must be at least 1, got {self.threads}", "threads")
         check_precision(self.precision, resolve_device(self.device))
         return self
 
@@ -495,7 +513,7 @@ def train(cfg: Config, resume: bool = False, progress: bool = True, data: Datase
     if not resume and out.is_dir():
         check_new_run(out)  # decided before the lock file is made
     with flush_denormals(), process_group(resolve_device(cfg.device)) as ranks, \
-            run_lock(out) if ranks.main else nullcontext():
+            run_lock(out) if ranks.main else nullcontext(), ExitStack() as stack:
         if cfg.batch_size < ranks.world:
             raise InputError(f"batch_size {cfg.batch_size} is smaller than the {ranks.world} processes sharing each "
                              "batch", "batch_size")
@@ -504,6 +522,7 @@ def train(cfg: Config, resume: bool = False, progress: bool = True, data: Datase
         torch.manual_seed(cfg.seed)
         data = data or load_dataset(cfg.dataset, cfg.data_dir, cfg.download)
         check_memory(cfg, data, device, estimator)
+        stack.enter_context(intra_op_threads(threads_for(cfg, data, device, estimator)))
         x_train, x_test = data.x_train.to(device), data.x_test.to(device)
         model = model_for(cfg, data).to(device)
         state = TrainState(model, adam(model.parameters(), cfg.lr), torch.Generator().manual_seed(cfg.seed))
@@ -638,6 +657,18 @@ def check_memory(cfg: Config, data: Dataset, device: torch.device, estimator: Es
                       lambda model, x: model(x, estimator))
     check_fits(need, device, "a training step", "lower batch_size, num_samples or latent_dim", "batch_size",
                "num_samples", "latent_dim")
+
+
+def threads_for(cfg: Config, data: Dataset, device: torch.device, estimator: Estimator) -> int:
+    """The intra-op threads to train with (``speed.choose_threads``): ``cfg.threads`` if set, else one for a step
+    whose forward pass needs fewer than ``speed.SMALL_STEP_FLOPS`` (counted on the ``meta`` device), else torch's
+    choice; never more than the cores this process may use. On a GPU, torch's setting as it is."""
+    if device.type != "cpu" and cfg.threads is None:
+        return torch.get_num_threads()
+    flops = None if cfg.threads is not None else step_flops(
+        lambda: model_for(cfg, data), data.x_train.shape[1:], min(cfg.batch_size, len(data.x_train)),
+        lambda model, x: model(x, estimator))
+    return choose_threads(cfg.threads, flops)
 
 
 def load_run(run_dir, device: str = "cpu", ckpt: dict | None = None) -> tuple[Config, VAE, Dataset]:

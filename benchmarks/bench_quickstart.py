@@ -1,0 +1,67 @@
+"""The README's quick-start training, end to end, on an idle machine and beside a busy loop on one core.
+
+Runs ``discvae train --dataset digits --latent-dim 16 --num-samples 4 --baseline loo --epochs 150 --batch-size 64``
+(the quick start; ``--epochs`` and extra flags such as ``--threads 2`` may be given) in a fresh process into a
+temporary run directory, timing the whole command (start-up, data, training, per-epoch evaluation, the
+gradient-variance diagnostic, checkpoints), median of ``--rounds``; then the same while another process spins on
+one core (``while True: pass`` pinned to the last usable core). Prints both. "Idle" means no process of this
+benchmark's making: on a shared machine, say what else ran.
+
+    python benchmarks/bench_quickstart.py [--rounds 3] [--epochs 150] [--only idle|busy] [-- EXTRA FLAGS]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+COMMAND = ["train", "--dataset", "digits", "--latent-dim", "16", "--num-samples", "4", "--baseline", "loo",
+           "--batch-size", "64", "--quiet"]
+BUSY = "import os, sys\nos.sched_setaffinity(0, {int(sys.argv[1])})\nwhile True:\n    pass\n"
+
+
+def run_once(epochs: int, extra: list[str]) -> float:
+    with tempfile.TemporaryDirectory() as tmp:
+        argv = [sys.executable, "-m", "discvae", *COMMAND, "--epochs", str(epochs), "--out", str(Path(tmp) / "qs"),
+                *extra]
+        start = time.perf_counter()
+        subprocess.run(argv, check=True, stdout=subprocess.DEVNULL)
+        return time.perf_counter() - start
+
+
+def timed(rounds: int, epochs: int, extra: list[str]) -> list[float]:
+    return [run_once(epochs, extra) for _ in range(rounds)]
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--epochs", type=int, default=150)
+    parser.add_argument("--only", choices=("idle", "busy"))
+    parser.add_argument("extra", nargs="*", help="more flags of discvae train (after --)")
+    args = parser.parse_args()
+    load = os.getloadavg()[0]
+    print(f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, load average {load:.1f}, "
+          f"{len(os.sched_getaffinity(0))} usable cores, {args.epochs} epochs, extra flags {args.extra or 'none'}")
+    if args.only != "busy":
+        times = timed(args.rounds, args.epochs, args.extra)
+        print(f"idle: median {statistics.median(times):.1f} s  ({', '.join(f'{t:.1f}' for t in times)})")
+    if args.only != "idle":
+        core = max(os.sched_getaffinity(0))
+        busy = subprocess.Popen([sys.executable, "-c", BUSY, str(core)])
+        try:
+            times = timed(args.rounds, args.epochs, args.extra)
+        finally:
+            busy.kill()
+            busy.wait()
+        print(f"busy loop on core {core}: median {statistics.median(times):.1f} s  "
+              f"({', '.join(f'{t:.1f}' for t in times)})")
+
+
+if __name__ == "__main__":
+    main()
