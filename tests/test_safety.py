@@ -473,7 +473,7 @@ def test_work_that_cannot_fit_in_memory_is_refused_with_the_estimate(run, capsys
 @pytest.mark.parametrize("damage,match", [
     (lambda c: json.dumps(c)[:-1] + ', "x": ' + "[" * 100000 + "]" * 100000 + "}", "nested too deeply"),
     (lambda c: json.dumps({**c, "latent_dim": 10**30}), "too large"),
-    (lambda c: json.dumps({**c, "hidden": 10**30}), "hidden must be between"),
+    (lambda c: json.dumps({**c, "hidden": 10**30}), "--hidden must be at least 1 and at most"),
 ], ids=["deeply nested", "huge latent_dim", "huge hidden"])
 def test_config_values_that_overflow(run, tmp_path, capsys, damage, match):
     (run / runs.CONFIG).write_text(damage(json.loads((run / runs.CONFIG).read_text())))

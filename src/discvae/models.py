@@ -283,7 +283,7 @@ def check_width(arch: str, hidden: int | None) -> None:
     if "hidden" not in inspect.signature(ARCHITECTURES[arch]).parameters:
         raise InputError(f"the {arch} architecture has no hidden width to set (fc and nonlinear have)", "hidden")
     if not 1 <= hidden <= MAX_WIDTH:
-        raise InputError(f"hidden must be between 1 and {MAX_WIDTH}, got {hidden}", "hidden")
+        raise InputError(f"hidden must be at least 1 and at most {MAX_WIDTH}, got {hidden}", "hidden")
 
 
 ARCHITECTURES = {"fc": fc, "cnn": cnn, "linear": linear, "nonlinear": nonlinear}  # --arch name -> its builder
