@@ -1,7 +1,7 @@
 """Mutation testing of discvae with mutmut 3 (not in CI: hours of CPU).
 
     pip install mutmut==3.8.1
-    nice -n 10 python tools/mutation.py estimators distributions --out /tmp/discvae-mutation
+    nice -n 10 python tools/mutation.py estimators --out /tmp/discvae-mutation
 
 copies src/, tests/ and pyproject.toml into ``--out`` (the checkout is never touched), writes the [mutmut] section
 of a setup.cfg there (the modules to mutate, the test files that exercise them, a fork server because torch is not
@@ -18,7 +18,8 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-ESTIMATOR_TESTS = ["test_unbiasedness.py", "test_estimators.py", "test_estimators_strong.py", "test_estimator_values.py"]
+ESTIMATOR_TESTS = ["test_unbiasedness.py", "test_estimators.py", "test_estimators_strong.py",
+                   "test_estimator_values.py"]
 TESTS = {  # module (under src/discvae) -> the test files that exercise it
     "estimators": ESTIMATOR_TESTS,
     "distributions": ["test_distributions.py", *ESTIMATOR_TESTS, "test_hybrid.py", "test_mixture.py",
@@ -32,7 +33,7 @@ TESTS = {  # module (under src/discvae) -> the test files that exercise it
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("modules", nargs="*", default=["estimators", "distributions"], choices=sorted(TESTS))
+    parser.add_argument("modules", nargs="+", choices=sorted(TESTS))
     parser.add_argument("--out", type=Path, default=Path("/tmp/discvae-mutation"))
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
