@@ -68,6 +68,8 @@ def test_make_estimator_binds_checked_options():
     est = make_estimator("rloo", num_samples=4)
     assert isinstance(est, Estimator) and est == make_estimator(rloo, num_samples=4)
     assert repr(est) == "rloo(num_samples=4)"
+    two = make_estimator("importance", num_samples=2, baseline="loo")
+    assert repr(two) == "importance(num_samples=2, baseline='loo')"
     assert make_estimator(st_gumbel).name == "st-gumbel"
     assert make_estimator(score_function).name == f"{__name__}.score_function"
     assert make_estimator(est, num_samples=6).options == {"num_samples": 6}  # an Estimator is rebound
