@@ -2,6 +2,7 @@
 import pytest
 import torch
 
+from discvae.errors import InputError
 from discvae.estimators import importance
 from helpers import Z_MAX, exact_expected_ll, tiny_data, tiny_model
 
@@ -51,14 +52,17 @@ def test_reparam_is_unbiased_for_gaussian():
     from discvae.estimators import reparam
 
     model.zero_grad()
-    reparam(q, lambda z: (z * a).sum(-1)).sum().backward()
+    shapes = []
+    reparam(q, lambda z: shapes.append(z.shape) or (z * a).sum(-1)).sum().backward()
     w = model.encoder.weight.grad[:2]
     assert torch.allclose(w, a[:, None] * x.sum(0)[None, :])
+    assert shapes == [(1, 3, 2)]  # one sample per data point by default
+    with pytest.raises(InputError) as err:
+        reparam(tiny_model("bernoulli", 2).posterior(x), lambda z: z.sum(-1))
+    assert str(err.value) == "the reparam estimator needs a reparameterisable (gaussian) latent"
 
 
 def test_unknown_proposal_is_a_clear_error():
-    from discvae.errors import InputError
-
     model, x = tiny_model("bernoulli", 3), tiny_data()
     with pytest.raises(InputError, match="unknown proposal"):
         importance(model.posterior(x), lambda z: model.log_likelihood(x, z), proposal="bogus")
