@@ -143,3 +143,24 @@ def test_exact_refuses_more_than_4096_states():
             exact(q, lambda z: z.sum(-1))
     for q, mean in ((Bernoulli(torch.zeros(2, 12)), 6.0), (Categorical(torch.zeros(2, 36), groups=3), 3.0)):
         assert torch.allclose(exact(q, lambda z: z.sum(-1).expand(-1, 2)), torch.full((2,), mean, dtype=torch.float32))
+
+
+@pytest.mark.parametrize("estimator,options,latent,message", [
+    ("disarm", {}, ("categorical", 3), "disarm needs a bernoulli latent (use rloo or exact for categoricals)"),
+    ("disarm", {"num_samples": 3}, ("bernoulli", 3), "disarm needs an even num_samples (2 per antithetic pair), got 3"),
+    ("exact", {}, ("gaussian", 2), "exact needs a bernoulli or categorical latent"),
+    ("exact", {}, ("bernoulli", 13), "exact would sum over 8.19e+03 latent states; the limit is 4096 (e.g. one "
+                                     "categorical of up to 4096 classes, or at most 12 bits)"),
+])
+def test_input_errors_say_what_is_wrong_in_full(estimator, options, latent, message):
+    model, x = tiny_model(*latent), tiny_data()
+    with pytest.raises(InputError) as err:
+        ESTIMATORS[estimator](model.posterior(x), lambda z: model.log_likelihood(x, z), **options)
+    assert str(err.value) == message
+
+
+def test_disarm_draws_one_antithetic_pair_by_default():
+    model, x = tiny_model("bernoulli", 3), tiny_data()
+    shapes = []
+    ESTIMATORS["disarm"](model.posterior(x), lambda z: shapes.append(z.shape) or model.log_likelihood(x, z))
+    assert shapes == [(2, 3, 3)]
