@@ -164,3 +164,42 @@ def test_disarm_draws_one_antithetic_pair_by_default():
     shapes = []
     ESTIMATORS["disarm"](model.posterior(x), lambda z: shapes.append(z.shape) or model.log_likelihood(x, z))
     assert shapes == [(2, 3, 3)]
+
+
+@pytest.mark.parametrize("name,reference,options,latent,m", [
+    ("importance", "importance", {"num_samples": 1, "proposal": None, "baseline": "none"}, BERNOULLI, 1),
+    ("rloo", "importance", {"num_samples": 2, "baseline": "loo"}, BERNOULLI, 2),  # rloo is importance's loo
+    ("disarm", "disarm", {"num_samples": 2}, BERNOULLI, 2),
+    ("vimco", "vimco", {"num_samples": 2}, BERNOULLI, 2),
+    ("gumbel", "gumbel", {"num_samples": 1, "tau": 1.0}, BERNOULLI, 1),
+    ("st-gumbel", "st-gumbel", {"num_samples": 1, "tau": 1.0}, BERNOULLI, 1),
+    ("straight-through", "straight-through", {"num_samples": 1}, BERNOULLI, 1),
+    ("reparam", "reparam", {"num_samples": 1}, ("gaussian", 2, 1), 1),
+])
+def test_defaults_are_the_documented_ones(name, reference, options, latent, m):
+    """Called with no options, each estimator decodes its documented number of samples M and gives the value and
+    gradient of its documented defaults (the same random draws)."""
+    model, x = tiny_model(*latent), tiny_data()
+
+    def run(estimator, **kwargs):
+        model.zero_grad()
+        torch.manual_seed(3)
+        seen = []
+        f = lambda z: seen.append(z.shape[0]) or model.log_likelihood(x, z)  # noqa: E731
+        value = ESTIMATORS[estimator](model.posterior(x), f, **kwargs)
+        value.sum().backward()
+        return value.detach(), flat_grad(model), seen
+
+    default, documented = run(name), run(reference, **options)
+    assert torch.equal(default[0], documented[0]) and torch.equal(default[1], documented[1])
+    assert default[2] == [m]
+
+
+@pytest.mark.parametrize("m", [2, 6])
+def test_disarm_value_is_the_mean_over_its_pairs(m):
+    """The surrogate's value is (f(b) + f(b')) / 2 averaged over the pairs (its score term has value 0)."""
+    model, x = tiny_model("bernoulli", 3), tiny_data()
+    seen = []
+    value = ESTIMATORS["disarm"](model.posterior(x), lambda z: seen.append(model.log_likelihood(x, z)) or seen[-1],
+                                 num_samples=m)
+    assert seen[0].shape == (m, 3) and torch.allclose(value, seen[0].mean(0), rtol=1e-14, atol=0)
