@@ -149,6 +149,7 @@ def test_exact_refuses_more_than_4096_states():
     ("disarm", {}, ("categorical", 3), "disarm needs a bernoulli latent (use rloo or exact for categoricals)"),
     ("disarm", {"num_samples": 3}, ("bernoulli", 3), "disarm needs an even num_samples (2 per antithetic pair), got 3"),
     ("exact", {}, ("gaussian", 2), "exact needs a bernoulli or categorical latent"),
+    ("straight-through", {}, ("gaussian", 2), "straight-through needs a bernoulli or categorical latent"),
     ("exact", {}, ("bernoulli", 13), "exact would sum over 8.19e+03 latent states; the limit is 4096 (e.g. one "
                                      "categorical of up to 4096 classes, or at most 12 bits)"),
 ])
@@ -203,3 +204,21 @@ def test_disarm_value_is_the_mean_over_its_pairs(m):
     value = ESTIMATORS["disarm"](model.posterior(x), lambda z: seen.append(model.log_likelihood(x, z)) or seen[-1],
                                  num_samples=m)
     assert seen[0].shape == (m, 3) and torch.allclose(value, seen[0].mean(0), rtol=1e-14, atol=0)
+
+
+@pytest.mark.parametrize("estimator", ["st-gumbel", "straight-through"])
+def test_straight_through_forward_passes_decode_exact_samples(estimator):
+    """The forward pass decodes exact samples z ~ q (0/1 bits): the value is the mean of f over them, one per data
+    point; with f linear, straight-through's gradient w.r.t. eta is exactly a * dE_q[z]/d eta."""
+    eta = torch.tensor([[0.3, -1.2, 2.0], [1.0, 0.0, -0.5]], dtype=torch.float64, requires_grad=True)
+    a = torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64)
+    seen = []
+    value = ESTIMATORS[estimator](Bernoulli(eta), lambda z: seen.append(z.detach()) or (z * a).sum(-1),
+                                  num_samples=4)
+    z = seen[0]
+    assert value.shape == (2,) and torch.allclose(z, z.round(), atol=1e-12) and z.shape == (4, 2, 3)
+    assert torch.allclose(value, (z * a).sum(-1).mean(0))
+    if estimator == "straight-through":
+        value.sum().backward()
+        p = torch.sigmoid(eta.detach())
+        assert torch.allclose(eta.grad, a * p * (1 - p))
