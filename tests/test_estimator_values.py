@@ -238,3 +238,15 @@ def test_sample_shape_as_in_torch_and_an_int_means_one_axis(q, method):
         assert all(t.shape == (*shape, *event) for t in draws(q, method, shape))
     if method != "relaxed_sample":
         assert getattr(q, method)().shape == event
+
+
+def test_a_callable_object_is_named_by_its_class_and_loo_errors_name_num_samples():
+    class Scaled:
+        def __call__(self, q, f, num_samples: int = 1):
+            return rloo(q, f, 2)
+
+    assert make_estimator(Scaled()).name == f"{__name__}.{Scaled.__qualname__}"
+    model, x = tiny_model("bernoulli", 3), tiny_data()
+    with pytest.raises(InputError) as err:
+        importance(model.posterior(x), lambda z: model.log_likelihood(x, z), baseline="loo")
+    assert err.value.params == ("num_samples",)
