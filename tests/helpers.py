@@ -1,8 +1,11 @@
 """Tiny enumerable models and the statistics shared by the estimator tests."""
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
+from torch.func import functional_call, vmap
 
 from discvae.latents import LatentSpace
 from discvae.models import VAE
@@ -11,6 +14,9 @@ from discvae.models import VAE
 # approximation, R >= 1000 so the estimated standard error is accurate); with < 100 coordinates a correct
 # estimator fails with probability < 1e-4.
 Z_MAX = 5.0
+# A scaled gradient (1 + d) g is flagged with probability >= 95 % once |d g_i| / se_i >= Z_MAX + Z_POWER on its best
+# coordinate i (one-sided normal quantile 1.645).
+Z_POWER = 1.645
 
 
 def tiny_model(latent: str, classes: int | None = None, groups: int = 1, x_dim: int = 6, seed: int = 0,
@@ -59,6 +65,82 @@ def estimated_grads(model, x, estimator, repeats: int, **options) -> torch.Tenso
         ESTIMATORS[estimator](q, lambda z: model.log_likelihood(x, z), **options).sum().backward()
         out.append(flat_grad(model))
     return torch.stack(out)
+
+
+def replica_grads(model, x, estimator, replicas: int, **options) -> torch.Tensor:
+    """``replicas`` independent gradient estimates of sum_b E_q[ln p(x_b|z) - c_b], shape [replicas, P], in one
+    vectorised pass: every replica has its own copy of the parameters (``torch.func``), so one backward gives all.
+
+    f is centred by c_b = E_q[ln p(x_b|z)] (detached): the expected gradient is unchanged (sum_z grad q(z|x) = 0 and c
+    is a constant) and the variance falls. The replicas form one batch of ``replicas * B`` rows, so a batch-wide
+    baseline (importance's ``mean``) also averages over other replicas, which leaves it unbiased."""
+    from discvae.estimators import ESTIMATORS
+
+    n, c = len(x), exact_expected_ll(model, x).detach()
+    params = {k: p.detach().expand(replicas, *p.shape).clone().requires_grad_() for k, p in model.named_parameters()}
+    enc, dec = (_sub(params, "encoder."), _sub(params, "decoder."))
+    eta = vmap(lambda p: functional_call(model.encoder, p, (x,)))(enc)
+    q = model.space.posterior(eta.reshape(replicas * n, -1))
+
+    def f(z):  # z [M, replicas * B or 1, dim] -> [M, replicas * B]
+        m = z.shape[0]
+        zr = z.expand(m, replicas * n, z.shape[-1]).reshape(m, replicas, n, -1)
+        decode = vmap(lambda p, zz: functional_call(model.decoder, p, (zz,)), in_dims=(0, 1))
+        out = model.likelihood.log_prob(x, decode(dec, zr))  # [R, M, B]
+        return (out - c).transpose(0, 1).reshape(m, replicas * n)
+
+    ESTIMATORS[estimator](q, f, **options).sum().backward()
+    return torch.cat([p.grad.reshape(replicas, -1) for p in params.values()], 1)
+
+
+def _sub(params: dict, prefix: str) -> dict:
+    return {k.removeprefix(prefix): p for k, p in params.items() if k.startswith(prefix)}
+
+
+def detectable_bias(samples: torch.Tensor, truth: torch.Tensor) -> float:
+    """The smallest relative bias d such that estimates with mean (1 + d) ``truth`` fail the check ``|z| < Z_MAX``
+    with probability >= 95 %: (Z_MAX + Z_POWER) / max_i |truth_i| / se_i, over the coordinates given."""
+    se = samples.std(0) / samples.shape[0] ** 0.5
+    return ((Z_MAX + Z_POWER) / (truth.abs() / se).max()).item()
+
+
+def assert_unbiased_with_power(samples: torch.Tensor, truth: torch.Tensor, encoder: int, max_bias: float = 0.10,
+                               seed: int = 0) -> tuple[float, float]:
+    """Estimates ``samples`` [R, P] pass ``|z| < Z_MAX`` against ``truth``, and the check has power: it detects a
+    relative bias of ``max_bias`` in the first ``encoder`` coordinates and in the rest (``detectable_bias``), and it
+    fails realistic defects of the encoder gradient (x0.9, x1.1, noise of the same variance) while passing a correct
+    but different estimator (the truth plus that noise). Returns the detectable biases (encoder, decoder)."""
+    enc = slice(0, encoder)
+    assert z_scores(samples, truth).abs().max() < Z_MAX, z_scores(samples, truth)
+    power = detectable_bias(samples[:, enc], truth[enc]), detectable_bias(samples[:, encoder:], truth[encoder:])
+    assert max(power) <= max_bias, power
+    noise = torch.randn(samples[:, enc].shape, generator=torch.Generator().manual_seed(seed), dtype=samples.dtype)
+    noise = noise * samples[:, enc].std(0)
+    for defect, must_pass in ((0.9 * samples[:, enc], False), (1.1 * samples[:, enc], False), (noise, False),
+                              (truth[enc] + noise, True)):
+        passes = bool(z_scores(torch.cat([defect, samples[:, encoder:]], 1), truth).abs().max() < Z_MAX)
+        assert passes == must_pass
+    return power
+
+
+def iwae_grad(model, x, m: int = 2) -> torch.Tensor:
+    """The gradient of sum_b E over all M-tuples of states of ln (1/M) sum_m w_m, plus KL (vimco's estimand)."""
+    model.zero_grad()
+    exact_iwae(model, x, m).sum().backward()
+    return flat_grad(model)
+
+
+def exact_iwae(model, x, m: int = 2) -> torch.Tensor:
+    """E over all M-tuples of states of ln (1/M) sum_m w_m, plus KL (what vimco's surrogate estimates), shape [B]."""
+    q = model.posterior(x)
+    states = q.enumerate()[:, None, :]
+    log_q = q.log_prob(states)  # [S, B]
+    log_w = model.log_likelihood(x, states) + q.prior_log_prob(states) - log_q
+    total = 0.0
+    for idx in torch.cartesian_prod(*[torch.arange(len(states))] * m):
+        tuple_log_q = log_q[idx].sum(0)
+        total = total + tuple_log_q.exp() * (torch.logsumexp(log_w[idx], 0) - math.log(m))
+    return total + q.kl_to_prior()
 
 
 def z_scores(samples: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:

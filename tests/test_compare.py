@@ -1,16 +1,19 @@
 """``discvae compare`` on the embedded digits, ``discvae train`` with every estimator, and the option schedule."""
 import dataclasses
+import itertools
 import json
 import math
 
 import matplotlib.image as mpimg
 import pytest
+import torch
 
-from discvae import Config, Dataset, load_dataset
+from discvae import Config, Dataset, load_dataset, make_estimator
 from discvae.cli import main
 from discvae.estimators import ESTIMATORS
-from discvae.experiments.compare import Comparison, compare, parse_spec
+from discvae.experiments.compare import Comparison, Spec, bias_variance, compare, parse_spec
 from discvae.training import estimator_options
+from helpers import tiny_data, tiny_model
 
 SPECS = ["importance:num_samples=1", "rloo", "disarm", "vimco", "gumbel:tau=0.5", "st-gumbel", "straight-through",
          "exact"]
@@ -143,3 +146,41 @@ def test_compare_over_seeds_reports_mean_and_std(tmp_path, capsys):
     assert code == 2 and len(err.strip().splitlines()) == 1 and "--seed or --seeds" in err
     code, _, err = run_cli(capsys, "compare", "rloo", "--seeds", "1", "1", "--out", tmp_path / "d")
     assert code == 2 and "--seeds must differ" in err
+
+
+def scaled_exact(q, f, num_samples: int = 1):
+    """exact with its whole gradient multiplied by 1.1 (its value unchanged): a 10 % bias without noise."""
+    surrogate = ESTIMATORS["exact"](q, f)
+    return surrogate + 0.1 * (surrogate - surrogate.detach())
+
+
+def enumerated_terms(model, x):
+    """The batch means of KL(q || p) and E_q[ln p(x|z)] by sums over the 2^c bit vectors written out here: q(z|x)
+    from sigmoid(eta), the uniform prior 2^-c (no library code but the encoder, decoder and likelihood)."""
+    eta = model.encoder(x)
+    states = torch.tensor(list(itertools.product([0.0, 1.0], repeat=eta.shape[1])), dtype=x.dtype)  # [S, c]
+    p = torch.sigmoid(eta)[None]  # [1, B, c]
+    log_q = (states[:, None] * torch.log(p) + (1 - states[:, None]) * torch.log1p(-p)).sum(-1)  # [S, B]
+    q = log_q.exp()
+    kl = (q * (log_q + eta.shape[1] * math.log(2.0))).sum(0).mean()
+    return kl, (q * model.log_likelihood(x, states[:, None].expand(-1, len(x), -1))).sum(0).mean()
+
+
+def test_compare_reports_bias_against_an_independent_truth():
+    """compare's encoder bias column: a x1.1 estimator's is 10 % of the norm of grad E_q[f] (it has no noise),
+    gumbel's (tau = 1) is above its floor, rloo's (unbiased) within it; the truth is the gradient of
+    ``enumerated_terms``, not compare's own ``exact``."""
+    model, x = tiny_model("bernoulli", 3), tiny_data(16)
+    kl, expected_ll = enumerated_terms(model, x)
+    encoder = list(model.encoder.parameters())
+    truth, ll_grad = (torch.cat([g.reshape(-1) for g in torch.autograd.grad(v, encoder, retain_graph=True)]).norm()
+                      .item() for v in (kl - expected_ll, expected_ll))
+    specs = [parse_spec("rloo", 2), parse_spec("gumbel:tau=1", 2),
+             Spec("x1.1", make_estimator(scaled_exact, num_samples=2))]
+    torch.manual_seed(13)
+    rows = {r["label"]: r for r in bias_variance(model, x, specs, 400)}
+    assert all(r["truth_encoder_norm"] == pytest.approx(truth, rel=1e-10) for r in rows.values())
+    scaled, gumbel, rloo = rows["x1.1"], rows["gumbel:tau=1"], rows["rloo"]
+    assert scaled["encoder_bias"] == pytest.approx(0.1 * ll_grad, rel=1e-9) and scaled["encoder_noise_floor"] < 1e-12
+    assert gumbel["encoder_bias"] > 5 * gumbel["encoder_noise_floor"], gumbel
+    assert rloo["encoder_bias"] < 2 * rloo["encoder_noise_floor"], rloo

@@ -9,7 +9,7 @@ import torch.distributions as td
 from discvae import Config, Dataset, InputError, load_dataset, train
 from discvae.cli import flag
 from discvae.distributions import Bernoulli, Categorical, Gaussian, as_family
-from discvae.estimators import ESTIMATORS, Estimator, importance, make_estimator, rloo, st_gumbel
+from discvae.estimators import ESTIMATORS, Estimator, _baseline, importance, make_estimator, rloo, st_gumbel
 from helpers import run_cli, tiny_data, tiny_model
 
 
@@ -68,6 +68,8 @@ def test_make_estimator_binds_checked_options():
     est = make_estimator("rloo", num_samples=4)
     assert isinstance(est, Estimator) and est == make_estimator(rloo, num_samples=4)
     assert repr(est) == "rloo(num_samples=4)"
+    two = make_estimator("importance", num_samples=2, baseline="loo")
+    assert repr(two) == "importance(num_samples=2, baseline='loo')"
     assert make_estimator(st_gumbel).name == "st-gumbel"
     assert make_estimator(score_function).name == f"{__name__}.score_function"
     assert make_estimator(est, num_samples=6).options == {"num_samples": 6}  # an Estimator is rebound
@@ -83,6 +85,8 @@ def test_make_estimator_binds_checked_options():
     ("reinforce", {}, "unknown estimator 'reinforce'; choose one of " + ", ".join(ESTIMATORS)),
     ("rloo", {"baseline": "loo"}, "estimator rloo takes no option 'baseline' (it takes num_samples)"),
     ("exact", {"tau": 0.5}, "estimator exact takes no option 'tau' (it takes num_samples)"),
+    ("gumbel", {"beta": 1}, "estimator gumbel takes no option 'beta' (it takes num_samples, tau)"),
+    (lambda q, f: f(q.sample(1)).mean(0), {"beta": 1}, "takes no option 'beta' (it takes none)"),
     (lambda q, f, *, beta: f(q.sample(1)).mean(0), {}, "missing a required argument: 'beta'"),
     (3, {}, "an estimator is a registered name or a function"),
 ])
@@ -236,3 +240,22 @@ def test_sample_shape_as_in_torch_and_an_int_means_one_axis(q, method):
         assert all(t.shape == (*shape, *event) for t in draws(q, method, shape))
     if method != "relaxed_sample":
         assert getattr(q, method)().shape == event
+
+
+def test_a_callable_object_is_named_by_its_class_and_loo_errors_name_num_samples():
+    class Scaled:
+        def __call__(self, q, f, num_samples: int = 1):
+            return rloo(q, f, 2)
+
+    assert make_estimator(Scaled()).name == f"{__name__}.{Scaled.__qualname__}"
+    model, x = tiny_model("bernoulli", 3), tiny_data()
+    with pytest.raises(InputError) as err:
+        importance(model.posterior(x), lambda z: model.log_likelihood(x, z), baseline="loo")
+    assert err.value.params == ("num_samples",)
+
+
+def test_the_baselines_are_the_means_of_the_other_samples():
+    fz = torch.tensor([[1.0, 0.0], [2.0, 3.0], [6.0, 3.0]])  # [M = 3, B = 2]
+    assert torch.equal(_baseline(fz, "loo"), torch.tensor([[4.0, 3.0], [3.5, 1.5], [1.5, 1.5]]))
+    assert torch.equal(_baseline(fz, "mean"), (fz.sum() - fz) / 5)
+    assert _baseline(fz, "none") == 0.0 and _baseline(fz[:1, :1], "mean") == 0.0

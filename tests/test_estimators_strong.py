@@ -1,14 +1,23 @@
-"""The estimators beyond the paper's (rloo, vimco, disarm, exact, the relaxations) against exact gradients obtained by
-enumerating every latent state (and, for vimco, every pair of states) of a tiny model."""
-import math
-
+"""The estimators beyond the paper's (vimco's value, exact, the relaxations) against exact values and gradients
+obtained by enumerating every latent state (and, for vimco, every pair of states) of a tiny model; the unbiased
+estimators' gradients, with power, are in test_unbiasedness."""
 import pytest
 import torch
 
 from discvae.distributions import Bernoulli, Categorical
 from discvae.errors import InputError
 from discvae.estimators import ESTIMATORS, exact
-from helpers import Z_MAX, estimated_grads, exact_expected_ll, exact_grad, flat_grad, tiny_data, tiny_model, z_scores
+from helpers import (
+    Z_MAX,
+    estimated_grads,
+    exact_expected_ll,
+    exact_grad,
+    exact_iwae,
+    flat_grad,
+    tiny_data,
+    tiny_model,
+    z_scores,
+)
 
 R = 2000  # independent gradient estimates per check (the helper's Z_MAX assumes R >= 1000)
 BERNOULLI, CATEGORICAL = ("bernoulli", 3, 1), ("categorical", 3, 2)
@@ -16,24 +25,6 @@ BERNOULLI, CATEGORICAL = ("bernoulli", 3, 1), ("categorical", 3, 2)
 
 def encoder_size(model) -> int:
     return sum(p.numel() for p in model.encoder.parameters())
-
-
-@pytest.mark.parametrize("estimator,options,latent", [
-    ("importance", {"num_samples": 2, "baseline": "none"}, BERNOULLI),
-    ("importance", {"num_samples": 2, "baseline": "mean"}, BERNOULLI),
-    ("importance", {"num_samples": 2, "baseline": "mean"}, CATEGORICAL),
-    ("importance", {"num_samples": 3, "baseline": "loo"}, CATEGORICAL),
-    ("rloo", {"num_samples": 2}, BERNOULLI),
-    ("rloo", {"num_samples": 2}, CATEGORICAL),
-    ("disarm", {"num_samples": 2}, BERNOULLI),
-    ("disarm", {"num_samples": 4}, BERNOULLI),
-])
-def test_unbiased_estimators_match_the_exact_gradient(estimator, options, latent):
-    model, x = tiny_model(*latent), tiny_data()
-    torch.manual_seed(4)
-    grads = estimated_grads(model, x, estimator, R, **options)
-    z = z_scores(grads, exact_grad(model, x))
-    assert z.abs().max() < Z_MAX, z
 
 
 @pytest.mark.parametrize("latent", [BERNOULLI, CATEGORICAL, ("categorical", 5, 1)])
@@ -52,34 +43,6 @@ def test_exact_decodes_each_state_once_for_the_whole_batch():
     shapes = []
     exact(q, lambda z: shapes.append(z.shape) or torch.zeros(z.shape[0], 64))
     assert shapes == [(10, 1, 10)]
-
-
-def exact_iwae(model, x, m: int = 2) -> torch.Tensor:
-    """E over all M-tuples of states of ln (1/M) sum_m w_m, plus KL (what vimco's surrogate estimates), shape [B]."""
-    q = model.posterior(x)
-    states = q.enumerate()[:, None, :]
-    log_q = q.log_prob(states)  # [S, B]
-    log_w = model.log_likelihood(x, states) + q.prior_log_prob(states) - log_q
-    total = 0.0
-    for idx in torch.cartesian_prod(*[torch.arange(len(states))] * m):
-        tuple_log_q = log_q[idx].sum(0)
-        total = total + tuple_log_q.exp() * (torch.logsumexp(log_w[idx], 0) - math.log(m))
-    return total + q.kl_to_prior()
-
-
-@pytest.mark.parametrize("latent", [("bernoulli", 2, 1), ("categorical", 3, 1)])
-def test_vimco_is_unbiased_for_the_iwae_bound_and_not_for_the_elbo(latent):
-    model, x = tiny_model(*latent), tiny_data()
-    model.zero_grad()
-    exact_iwae(model, x).sum().backward()
-    truth = flat_grad(model)
-    torch.manual_seed(5)
-    grads = estimated_grads(model, x, "vimco", R, num_samples=2)
-    assert z_scores(grads, truth).abs().max() < Z_MAX
-    # negative control: the same estimates are far from the ELBO's gradient (a different objective)
-    model.zero_grad()
-    (exact_expected_ll(model, x) + model.posterior(x).kl_to_prior()).sum().backward()  # vimco's surrogate has + KL
-    assert z_scores(grads, flat_grad(model)).abs().max() > Z_MAX
 
 
 def test_vimco_value_is_the_iwae_bound_plus_kl():
@@ -180,3 +143,82 @@ def test_exact_refuses_more_than_4096_states():
             exact(q, lambda z: z.sum(-1))
     for q, mean in ((Bernoulli(torch.zeros(2, 12)), 6.0), (Categorical(torch.zeros(2, 36), groups=3), 3.0)):
         assert torch.allclose(exact(q, lambda z: z.sum(-1).expand(-1, 2)), torch.full((2,), mean, dtype=torch.float32))
+
+
+@pytest.mark.parametrize("estimator,options,latent,message", [
+    ("disarm", {}, ("categorical", 3), "disarm needs a bernoulli latent (use rloo or exact for categoricals)"),
+    ("disarm", {"num_samples": 3}, ("bernoulli", 3), "disarm needs an even num_samples (2 per antithetic pair), got 3"),
+    ("exact", {}, ("gaussian", 2), "exact needs a bernoulli or categorical latent"),
+    ("straight-through", {}, ("gaussian", 2), "straight-through needs a bernoulli or categorical latent"),
+    ("exact", {}, ("bernoulli", 13), "exact would sum over 8.19e+03 latent states; the limit is 4096 (e.g. one "
+                                     "categorical of up to 4096 classes, or at most 12 bits)"),
+])
+def test_input_errors_say_what_is_wrong_in_full(estimator, options, latent, message):
+    model, x = tiny_model(*latent), tiny_data()
+    with pytest.raises(InputError) as err:
+        ESTIMATORS[estimator](model.posterior(x), lambda z: model.log_likelihood(x, z), **options)
+    assert str(err.value) == message
+
+
+def test_disarm_draws_one_antithetic_pair_by_default():
+    model, x = tiny_model("bernoulli", 3), tiny_data()
+    shapes = []
+    ESTIMATORS["disarm"](model.posterior(x), lambda z: shapes.append(z.shape) or model.log_likelihood(x, z))
+    assert shapes == [(2, 3, 3)]
+
+
+@pytest.mark.parametrize("name,reference,options,latent,m", [
+    ("importance", "importance", {"num_samples": 1, "proposal": None, "baseline": "none"}, BERNOULLI, 1),
+    ("rloo", "importance", {"num_samples": 2, "baseline": "loo"}, BERNOULLI, 2),  # rloo is importance's loo
+    ("disarm", "disarm", {"num_samples": 2}, BERNOULLI, 2),
+    ("vimco", "vimco", {"num_samples": 2}, BERNOULLI, 2),
+    ("gumbel", "gumbel", {"num_samples": 1, "tau": 1.0}, BERNOULLI, 1),
+    ("st-gumbel", "st-gumbel", {"num_samples": 1, "tau": 1.0}, BERNOULLI, 1),
+    ("straight-through", "straight-through", {"num_samples": 1}, BERNOULLI, 1),
+    ("reparam", "reparam", {"num_samples": 1}, ("gaussian", 2, 1), 1),
+])
+def test_defaults_are_the_documented_ones(name, reference, options, latent, m):
+    """Called with no options, each estimator decodes its documented number of samples M and gives the value and
+    gradient of its documented defaults (the same random draws)."""
+    model, x = tiny_model(*latent), tiny_data()
+
+    def run(estimator, **kwargs):
+        model.zero_grad()
+        torch.manual_seed(3)
+        seen = []
+        f = lambda z: seen.append(z.shape[0]) or model.log_likelihood(x, z)  # noqa: E731
+        value = ESTIMATORS[estimator](model.posterior(x), f, **kwargs)
+        value.sum().backward()
+        return value.detach(), flat_grad(model), seen
+
+    default, documented = run(name), run(reference, **options)
+    assert torch.equal(default[0], documented[0]) and torch.equal(default[1], documented[1])
+    assert default[2] == [m]
+
+
+@pytest.mark.parametrize("m", [2, 6])
+def test_disarm_value_is_the_mean_over_its_pairs(m):
+    """The surrogate's value is (f(b) + f(b')) / 2 averaged over the pairs (its score term has value 0)."""
+    model, x = tiny_model("bernoulli", 3), tiny_data()
+    seen = []
+    value = ESTIMATORS["disarm"](model.posterior(x), lambda z: seen.append(model.log_likelihood(x, z)) or seen[-1],
+                                 num_samples=m)
+    assert seen[0].shape == (m, 3) and torch.allclose(value, seen[0].mean(0), rtol=1e-14, atol=0)
+
+
+@pytest.mark.parametrize("estimator", ["st-gumbel", "straight-through"])
+def test_straight_through_forward_passes_decode_exact_samples(estimator):
+    """The forward pass decodes exact samples z ~ q (0/1 bits): the value is the mean of f over them, one per data
+    point; with f linear, straight-through's gradient w.r.t. eta is exactly a * dE_q[z]/d eta."""
+    eta = torch.tensor([[0.3, -1.2, 2.0], [1.0, 0.0, -0.5]], dtype=torch.float64, requires_grad=True)
+    a = torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64)
+    seen = []
+    value = ESTIMATORS[estimator](Bernoulli(eta), lambda z: seen.append(z.detach()) or (z * a).sum(-1),
+                                  num_samples=4)
+    z = seen[0]
+    assert value.shape == (2,) and torch.allclose(z, z.round(), atol=1e-12) and z.shape == (4, 2, 3)
+    assert torch.allclose(value, (z * a).sum(-1).mean(0))
+    if estimator == "straight-through":
+        value.sum().backward()
+        p = torch.sigmoid(eta.detach())
+        assert torch.allclose(eta.grad, a * p * (1 - p))

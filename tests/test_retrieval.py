@@ -140,3 +140,54 @@ def test_retrieval_rejects_bad_input(runs, tmp_path, capsys):
         code, _, err = run_cli(capsys, "retrieval", *argv, "--out", tmp_path / "out")
         assert_one_line_error(code, err, match)
     assert not (tmp_path / "out" / "retrieval.json").exists()
+
+
+def hashed_classes(n: int, rng, prototypes: np.ndarray, weights, flips) -> tuple[np.ndarray, np.ndarray]:
+    """``n`` codes: a class drawn with probabilities ``weights``, its prototype with each bit flipped with a
+    probability drawn per code from ``flips`` (so the codes range from clean to nearly random)."""
+    labels = rng.choice(len(prototypes), n, p=weights)
+    noise = rng.random((n, prototypes.shape[1])) < rng.uniform(*flips, (n, 1))
+    return (prototypes[labels] ^ noise).astype(np.uint8), labels
+
+
+def test_metrics_over_many_queries_in_many_blocks_match_a_direct_computation(monkeypatch):
+    """evaluate_codes with blocks of 7 queries (18 blocks, the last partial, as MNIST's 60000-item database takes
+    15) against a per-query computation written here: AP over the distinct distances as thresholds, P@r<=2 and the
+    precision-recall curve from counts within each radius, and P@k between the fewest and most relevant items any
+    order of the items tied at the k-th distance can give."""
+    from discvae.applications import retrieval
+
+    rng = np.random.default_rng(5)
+    prototypes = rng.integers(0, 2, (5, 16), dtype=np.uint8)
+    weights = [0.4, 0.25, 0.2, 0.1, 0.05]  # from 5 % to 40 % of the database relevant
+    db, db_labels = hashed_classes(600, rng, prototypes, weights, (0.0, 0.45))
+    queries, q_labels = hashed_classes(120, rng, prototypes, weights, (0.0, 0.45))
+    monkeypatch.setattr(retrieval, "BLOCK_ITEMS", 7 * len(db))
+    top_k = (1, 10, 50, 200)
+    m = evaluate_codes(queries, q_labels, db, db_labels, top_k=top_k)
+
+    dist = (queries[:, None, :] != db[None]).sum(-1)  # [Q, N]
+    relevant = q_labels[:, None] == db_labels[None]
+    aps, low, high = [], {k: 0 for k in top_k}, {k: 0 for k in top_k}
+    found = np.stack([(dist <= r).sum(1) for r in range(17)], 1)  # [Q, 17]
+    hits = np.stack([((dist <= r) & relevant).sum(1) for r in range(17)], 1)
+    for d, rel, f, h in zip(dist, relevant, found, hits, strict=True):
+        ap, previous = 0.0, 0
+        for r in np.unique(d):
+            ap += (h[r] - previous) / h[-1] * h[r] / f[r]
+            previous = h[r]
+        aps.append(ap)
+        for k in top_k:
+            kth = np.sort(d)[k - 1]
+            sure, tied = rel[d < kth].sum(), rel[d == kth]
+            slots = k - (d < kth).sum()
+            low[k] += sure + max(0, slots - (~tied).sum())
+            high[k] += sure + min(slots, tied.sum())
+    precision = np.where(found > 0, hits / np.maximum(found, 1), 0).mean(0)
+    assert len(set(np.round(aps, 3))) > 80 and min(aps) < 0.1 and max(aps) > 0.9  # many different APs
+    assert m["mAP"] == pytest.approx(np.mean(aps), abs=1e-12)
+    assert m["P@r<=2"] == pytest.approx(precision[2], abs=1e-12)
+    assert m["pr"]["precision"] == pytest.approx(precision.tolist(), abs=1e-12)
+    assert m["pr"]["recall"] == pytest.approx((hits / hits[:, -1:]).mean(0).tolist(), abs=1e-12)
+    for k in top_k:
+        assert low[k] / (k * len(queries)) - 1e-12 <= m[f"P@{k}"] <= high[k] / (k * len(queries)) + 1e-12, k

@@ -9,12 +9,26 @@ These run on every CPU: autocast computes in bf16 whether or not the hardware ha
 it), so correctness never depends on the machine; the refusal of slow bf16 is tested with the CPU's flags simulated.
 """
 import json
+from contextlib import contextmanager
 
 import pytest
 import torch
 from test_train import params, read_metrics, small_digits
+from torch import nn
+from torch.nn.modules.module import register_module_forward_hook
 
-from discvae import Config, Diverged, build_model, make_estimator, speed, train
+from discvae import (
+    Config,
+    Diverged,
+    build_model,
+    distributions,
+    likelihoods,
+    make_estimator,
+    models,
+    speed,
+    train,
+    training,
+)
 from discvae.estimators import importance
 from discvae.training import elbo_terms
 from helpers import Z_MAX, assert_one_line_error, estimated_grads, exact_grad, run_cli, tiny_data, tiny_model, z_scores
@@ -72,15 +86,66 @@ def test_bf16_is_refused_on_a_cpu_without_fast_bf16(tmp_path, capsys, monkeypatc
     assert "AVX512-BF16" in err and not (tmp_path / "run").exists()
 
 
-def test_a_bf16_run_trains_resumes_and_evaluates(tmp_path, capsys, monkeypatch):
+@contextmanager
+def dtype_probe(monkeypatch):
+    """Records the output dtypes of the networks' matrix products (``nn.Linear`` and convolutions but the fp32
+    ``Head``), keyed by whether autograd was on (a training step) or off (metrics, evaluation), and of the log-space
+    sums (the likelihood's sum over pixels, the latent's log-probabilities). The pre-flight checks before training
+    (the memory estimate on the meta device, ``check_estimator``'s 2-row forward pass) are not the run's arithmetic."""
+    seen = {"step": set(), "no_grad": set(), "head": set(), "log_space": set()}
+    preflight = []
+    check_estimator = training.check_estimator
+
+    def checked(*args):
+        preflight.append(1)
+        try:
+            return check_estimator(*args)
+        finally:
+            preflight.pop()
+
+    def hook(module, inputs, output):
+        if preflight or not isinstance(module, (nn.Linear, nn.Conv2d, nn.ConvTranspose2d)) or output.is_meta:
+            return
+        if isinstance(module, models.Head):
+            seen["head"].add(output.dtype)
+        else:
+            seen["step" if torch.is_grad_enabled() else "no_grad"].add(output.dtype)
+
+    def logged(function):
+        def call(*args, **kwargs):
+            out = function(*args, **kwargs)
+            seen["log_space"].add(out.dtype)
+            return out
+        return call
+
+    monkeypatch.setattr(likelihoods.BernoulliLikelihood, "log_prob",
+                        staticmethod(logged(likelihoods.BernoulliLikelihood.log_prob)))
+    monkeypatch.setattr(distributions.Bernoulli, "log_prob", logged(distributions.Bernoulli.log_prob))
+    monkeypatch.setattr(training, "check_estimator", checked)
+    handle = register_module_forward_hook(hook)
+    try:
+        yield seen
+    finally:
+        handle.remove()
+
+
+def test_a_bf16_run_trains_resumes_and_evaluates_in_bf16(tmp_path, capsys, monkeypatch):
+    """What the run says (config.json, eval.json) and what runs: every matrix product of the training steps, the
+    epoch metrics and ``evaluate`` in bf16, the encoder's head and every log-space sum in fp32."""
     from helpers import train_digits
 
     monkeypatch.setattr(speed, "cpu_flags", lambda: {"avx512f", "avx512_bf16"})  # accepted on any CPU
-    run = train_digits(tmp_path / "run", "--precision", "bf16", "--binarize", "dynamic")
+    with dtype_probe(monkeypatch) as trained:
+        run = train_digits(tmp_path / "run", "--precision", "bf16", "--binarize", "dynamic")
     assert json.loads((run / "config.json").read_text())["precision"] == "bf16"
+    assert trained == {"step": {torch.bfloat16}, "no_grad": {torch.bfloat16}, "head": {torch.float32},
+                       "log_space": {torch.float32}}
     assert run_cli(capsys, "train", "--resume", "--out", run, "--epochs", "2", "--quiet")[0] == 0
-    code, out, _ = run_cli(capsys, "evaluate", run, "--k", "10", "--precision", "bf16")
+    with dtype_probe(monkeypatch) as evaluated:
+        code, out, _ = run_cli(capsys, "evaluate", run, "--k", "10", "--precision", "bf16")
     assert code == 0 and json.loads((run / "eval.json").read_text())["precision"] == "bf16"
+    assert evaluated["step"] | evaluated["no_grad"] == {torch.bfloat16}
+    assert evaluated["head"] == evaluated["log_space"] == {torch.float32}
 
 
 def test_compile_falls_back_with_one_line_where_no_compiler_works(tmp_path, capsys, monkeypatch):

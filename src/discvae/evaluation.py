@@ -157,7 +157,7 @@ def evaluate(model, x: torch.Tensor, k: int = 1000, chunk: int = 100, batch_size
     """
     start = time.perf_counter()
     with autocast(precision, x.device):
-        out = elbo_terms(model, x, batch_size)
+        out = elbo_terms(model, x, batch_size, precision=precision)
         out["iwae"] = iwae_bound(model, x, k, chunk, batch_size).mean().item()
         states = model.space.num_states
         if states is not None and states <= EXACT_MAX_STATES:
