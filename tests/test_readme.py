@@ -2,7 +2,8 @@
 blocks use the runs of earlier ones), with these substitutions so that the whole README takes seconds:
 
 * ``--dataset mnist --data-dir DATA`` (or ``--data-dir DATA`` alone) -> ``--dataset digits`` (the embedded 8x8
-  digits; the commands are otherwise the same);
+  digits; the commands are otherwise the same); the collections ``mnist:SPLIT`` of ``index --data`` and ``search
+  --query`` -> ``digits:SPLIT``;
 * ``discvae train``: ``--epochs N`` -> ``--epochs 1`` (``--epochs 2`` with ``--resume``, which must continue), and
   a new run without ``--epochs`` gets ``--epochs 1``; a new run without ``--batch-size`` gets ``--batch-size 256``;
   every train gets ``--grad-var-every 0 --quiet``;
@@ -46,6 +47,7 @@ def substituted(argv: list[str]) -> list[str]:
     text = " ".join(argv).replace("--dataset mnist --data-dir DATA", "--dataset digits")
     text = text.replace("reproduce --out runs/repro --data-dir DATA", "reproduce --out runs/repro --dataset digits "
                         "--only fc_bvae_mnist")
+    text = re.sub(r"(--data|--query) mnist:(\w+)( --data-dir DATA)?", r"\1 digits:\2", text)
     text = text.replace("--data-dir DATA", "--dataset digits")
     argv = text.split()
     command = argv[0]

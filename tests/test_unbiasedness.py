@@ -36,6 +36,8 @@ UNBIASED = [
     ("rloo", {"num_samples": 3}, GROUPS),
     ("disarm", {"num_samples": 2}, BITS),
     ("disarm", {"num_samples": 4}, BITS),
+    ("double-cv", {"num_samples": 2}, BITS),
+    ("rodeo", {"num_samples": 2}, BITS),
     ("vimco", {"num_samples": 2}, ("bernoulli", 2, 1)),
     ("vimco", {"num_samples": 2}, ("categorical", 3, 1)),
 ]
