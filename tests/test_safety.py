@@ -309,8 +309,11 @@ def test_written_files_get_the_mode_of_a_plain_open_without_touching_the_umask(t
 
 
 def test_ctrl_c_during_start_up_exits_130_without_a_traceback(tmp_path):
+    # as a terminal would: a suite started in the background (nohup, `&`) passes SIGINT on ignored, and Python
+    # keeps ignoring it, so the child gets the default disposition back
     proc = subprocess.Popen([sys.executable, "-m", "discvae", *TRAIN, "--out", str(tmp_path / "run")],
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     maps = Path(f"/proc/{proc.pid}/maps")
     deadline = time.monotonic() + 30
     # send Ctrl-C once torch's libraries are mapped: the import of torch is under way, the interpreter (and its
