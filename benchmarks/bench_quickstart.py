@@ -1,13 +1,14 @@
 """The README's quick-start training, end to end, on an idle machine and beside a busy loop on one core.
 
-Runs ``discvae train --dataset digits --latent-dim 16 --num-samples 4 --baseline loo --epochs 150 --batch-size 64``
+Runs ``discvae train --dataset digits --latent-dim 16 --num-samples 4 --baseline loo --hidden 256 --epochs 50 --batch-size 64
+--grad-var-every 0``
 (the quick start; ``--epochs`` and extra flags such as ``--threads 2`` may be given) in a fresh process into a
 temporary run directory, timing the whole command (start-up, data, training, per-epoch evaluation, the
 gradient-variance diagnostic, checkpoints), median of ``--rounds``; then the same while another process spins on
 one core (``while True: pass`` pinned to the last usable core). Prints both. "Idle" means no process of this
 benchmark's making: on a shared machine, say what else ran.
 
-    python benchmarks/bench_quickstart.py [--rounds 3] [--epochs 150] [--only idle|busy] [-- EXTRA FLAGS]
+    python benchmarks/bench_quickstart.py [--rounds 3] [--epochs 50] [--only idle|busy] [-- EXTRA FLAGS]
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ import time
 from pathlib import Path
 
 COMMAND = ["train", "--dataset", "digits", "--latent-dim", "16", "--num-samples", "4", "--baseline", "loo",
-           "--batch-size", "64", "--quiet"]
+           "--hidden", "256", "--batch-size", "64", "--grad-var-every", "0", "--quiet"]
 BUSY = "import os, sys\nos.sched_setaffinity(0, {int(sys.argv[1])})\nwhile True:\n    pass\n"
 
 
@@ -41,7 +42,7 @@ def timed(rounds: int, epochs: int, extra: list[str]) -> list[float]:
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--epochs", type=int, default=150)
+    parser.add_argument("--epochs", type=int, default=50)
     parser.add_argument("--only", choices=("idle", "busy"))
     parser.add_argument("extra", nargs="*", help="more flags of discvae train (after --)")
     args = parser.parse_args()
