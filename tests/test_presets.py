@@ -42,6 +42,12 @@ def test_a_printed_configuration_passed_back_trains_the_same_run(tmp_path, capsy
     assert json.loads((tmp_path / "a" / "config.json").read_text()) == json.loads(out)
     code, again, _ = run_cli(capsys, "train", "--config", tmp_path / "a" / "config.json", "--print-config")
     assert code == 0 and json.loads(again) == json.loads(out)  # a run's config.json is a settings file
+    (tmp_path / "partial.json").write_text('{"latent_dim": 12, "estimator_options": {"baseline": "loo"}}')
+    code, partial, _ = run_cli(capsys, "train", "--config", tmp_path / "partial.json", "--num-samples", "3",
+                               "--print-config")
+    partial = json.loads(partial)  # left out: the defaults, and the run's name made as without a file
+    assert code == 0 and partial["out"] == "runs/mnist-fc-bernoulli12-importance-s0"
+    assert partial["estimator_options"] == {"num_samples": 3, "baseline": "loo"} and partial["epochs"] == 300
 
 
 @pytest.mark.parametrize("argv, match", [

@@ -64,8 +64,9 @@ def cmd_train(args) -> None:
             raise InputError(f"--resume continues the saved configuration; cannot change {', '.join(fixed)}")
         cfg = dataclasses.replace(saved, **{k: v for k, v in settings.items() if k in RESUMABLE})
     else:
-        cfg = build(Config, starting_point(args, settings))
-        if "out" not in settings and not args.config:
+        values = starting_point(args, settings)
+        cfg = build(Config, values)
+        if "out" not in values:
             name = Path(cfg.dataset).stem if cfg.dataset.endswith((".npy", ".npz")) else cfg.dataset
             latent = str(cfg.space).replace(":", "").replace("+", "-")
             cfg.out = f"runs/{name}-{cfg.arch}-{latent}-{cfg.estimator}-s{cfg.seed}"
@@ -81,9 +82,10 @@ def starting_point(args, settings: dict) -> dict:
     """The settings of ``--preset`` or ``--config`` (if either was given) with the flags given, ``settings``, over
     them; a dict setting (``estimator_options``, ``augment``) takes the flags' keys over the file's."""
     base = preset(args.preset) if args.preset else read_settings(args.config) if args.config else {}
-    base = dataclasses.asdict(Config.from_dict(base, args.config or f"preset {args.preset}")) if base else {}
-    return {**base, **{name: {**base[name], **value} if isinstance(value, dict) and name in base else value
-                       for name, value in settings.items()}}
+    if base:
+        Config.from_dict(base, args.config or f"preset {args.preset}")  # its names and types, checked
+    return {**base, **{name: {**base[name], **value} if isinstance(value, dict) and isinstance(base.get(name), dict)
+                       else value for name, value in settings.items()}}
 
 
 def _add_reconstruct(sub):
