@@ -39,14 +39,14 @@ def main():
     for name, arch, shape, latent, dim, hidden, batch, est, options in MODELS:
         space = LatentSpace.parse(latent, dim, 1, "standard")
         estimator = make_estimator(est, **options)
-        flops = step_flops(lambda: build_model(arch, shape, space, hidden=hidden), shape, batch,
-                           lambda model, x: model(x, estimator))
+        flops = step_flops(lambda arch=arch, shape=shape, space=space, hidden=hidden: build_model(
+            arch, shape, space, hidden=hidden), shape, batch, lambda model, x, estimator=estimator: model(x, estimator))
         model = build_model(arch, shape, space, hidden=hidden)
         optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
         x = torch.rand(batch, *shape).bernoulli()
         step = adam_step(model, optimizer, x, estimator)
 
-        def with_threads(n):
+        def with_threads(n, step=step):
             def run():
                 torch.set_num_threads(n)
                 step()

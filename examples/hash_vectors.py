@@ -33,5 +33,5 @@ model = train(cfg, data=data, progress=False).model.eval()
 database = pack(model.codes(data.x_train).numpy())  # [N, 4] uint8: 32 bits per vector
 queries = pack(model.codes(data.x_test[:5]).numpy())
 dist, idx = hamming_knn(queries, database, k=3)
-for q, (d, i) in enumerate(zip(dist, idx)):
+for q, (d, i) in enumerate(zip(dist, idx, strict=True)):
     print(f"query {q}: nearest {i.tolist()} at Hamming distances {d.tolist()}")

@@ -34,7 +34,7 @@ def test_average_precision_equals_sklearn_with_ties_as_one_threshold():
     relevant = torch.rand(40, 500, generator=generator) < torch.linspace(0.02, 0.6, 40)[:, None]
     relevant[0, :] = False
     relevant[0, 7] = True  # one relevant item; the other rows hold from ~10 to ~300
-    expected = [average_precision_score(r.numpy(), -d.numpy()) for r, d in zip(relevant, distances)]
+    expected = [average_precision_score(r.numpy(), -d.numpy()) for r, d in zip(relevant, distances, strict=True)]
     assert np.allclose(average_precision(distances, relevant).numpy(), expected, atol=1e-12)
     codes = torch.randint(0, 3, (30, 5), generator=generator)
     assert torch.equal(code_distances(codes, codes[:7]), (codes[:, None] != codes[:7][None]).sum(-1))

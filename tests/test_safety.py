@@ -1,6 +1,6 @@
-"""Safety and failure behaviour (docs/guide/safety.md): checkpoints never run code, run directories are not clobbered and have one
-writer, writes are atomic and durable, training stops at the first non-finite step, and every bad input ends with
-one line on stderr and exit status 2 -- never a traceback."""
+"""Safety and failure behaviour (docs/guide/safety.md): checkpoints never run code, run directories are not
+clobbered and have one writer, writes are atomic and durable, training stops at the first non-finite step, and every
+bad input ends with one line on stderr and exit status 2 -- never a traceback."""
 import json
 import os
 import shutil

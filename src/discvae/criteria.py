@@ -8,6 +8,7 @@ epoch it picks is chosen as a user without labels would choose it. d is the numb
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from .augmentation import random_affine
@@ -31,16 +32,25 @@ def code_distances(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.cat([(a[i:i + rows, None, :] != b[None]).sum(-1) for i in range(0, len(a), rows)])
 
 
+def radius_counts(dist: np.ndarray, relevant: np.ndarray, n_bits: int) -> tuple[np.ndarray, np.ndarray]:
+    """For each query (row) and radius r = 0..n_bits: the number of database items with d <= r and of relevant
+    ones, each ``[Q, n_bits + 1]``."""
+    cells = (np.arange(len(dist))[:, None] * (n_bits + 1) + dist).ravel()
+    size, shape = dist.shape[0] * (n_bits + 1), (len(dist), n_bits + 1)
+    found = np.bincount(cells, minlength=size).reshape(shape).cumsum(1)
+    hits = np.bincount(cells[relevant.ravel()], minlength=size).reshape(shape).cumsum(1)
+    return found, hits
+
+
 def average_precision(distances: torch.Tensor, relevant: torch.Tensor) -> torch.Tensor:
     """Per row, the average precision of ranking the items by ``distances`` (int, ``[Q, N]``) against ``relevant``
     (bool ``[Q, N]``), items at equal distance forming one threshold (as ``sklearn.metrics.average_precision_score``
-    of minus the distance): AP = sum_r (R_r - R_{r-1}) / R P_r, R_r and P_r the recall and precision within d <= r."""
-    q, width = len(distances), int(distances.max()) + 1
-    cells = (torch.arange(q)[:, None] * width + distances).flatten()
-    found = torch.bincount(cells, minlength=q * width).view(q, width).cumsum(1)
-    hits = torch.bincount(cells[relevant.flatten()], minlength=q * width).view(q, width).cumsum(1).double()
-    gained = torch.diff(hits, dim=1, prepend=torch.zeros(q, 1, dtype=hits.dtype))
-    return (gained * hits / found.clamp_min(1)).sum(1) / hits[:, -1].clamp_min(1)
+    of minus the distance): AP = sum_r (R_r - R_{r-1}) / R P_r, R_r and P_r the recall and precision within d <= r
+    (``radius_counts``)."""
+    found, hits = radius_counts(distances.numpy(), relevant.numpy(), int(distances.max()))
+    gained = np.diff(hits, axis=1, prepend=0)
+    ap = (gained * hits / np.maximum(found, 1)).sum(1) / np.maximum(hits[:, -1], 1)
+    return torch.from_numpy(ap)
 
 
 class Invariance:

@@ -35,6 +35,7 @@ from sklearn.base import BaseEstimator, TransformerMixin
 from sklearn.decomposition import PCA
 from sklearn.metrics import average_precision_score
 
+from ..criteria import radius_counts
 from ..distributions import Bernoulli
 from ..errors import InputError
 from ..evaluation import fixed_binarization
@@ -75,16 +76,6 @@ def hamming_knn(packed_q: np.ndarray, packed_db: np.ndarray, k: int) -> tuple[np
     index = faiss.IndexBinaryFlat(packed_db.shape[1] * 8)
     index.add(packed_db)
     return index.search(packed_q, k)
-
-
-def radius_counts(dist: np.ndarray, relevant: np.ndarray, n_bits: int) -> tuple[np.ndarray, np.ndarray]:
-    """For each query (row) and radius r = 0..n_bits: the number of database items with d <= r and of relevant
-    ones, each ``[Q, n_bits + 1]``."""
-    cells = (np.arange(len(dist))[:, None] * (n_bits + 1) + dist).ravel()
-    size, shape = dist.shape[0] * (n_bits + 1), (len(dist), n_bits + 1)
-    found = np.bincount(cells, minlength=size).reshape(shape).cumsum(1)
-    hits = np.bincount(cells[relevant.ravel()], minlength=size).reshape(shape).cumsum(1)
-    return found, hits
 
 
 def _ratio(a: np.ndarray, b: np.ndarray) -> np.ndarray:
