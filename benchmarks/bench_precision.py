@@ -1,7 +1,7 @@
 """One training step of the paper's FC_BVAE (c = 50 bits, batch 2048, M = 1) in bf16 against fp32; ``--arch cnn``
 the same for its CNN_BVAE.
 
-The step is the library's own (``training.forward_fn`` and ``speed.train_step``: the networks under autocast with
+The step is the library's own (``step.forward_fn`` and ``step.train_step``: the networks under autocast with
 ``precision="bf16"``, weights, gradients, Adam's state and the log-space sums in fp32), on random grey images,
 rounds alternating between the two precisions, medians reported. Also the bf16 / fp32 speed of torch's matmul at the
 FC step's largest shape (for either ``--arch``), and the loss of both precisions on the same batch.
@@ -17,8 +17,8 @@ import torch
 from timing import interleaved_medians, paper_model, parse_args
 
 from discvae import Config, make_estimator
-from discvae.speed import adam, fast_bf16, train_step
-from discvae.training import forward_fn
+from discvae.speed import adam, fast_bf16
+from discvae.step import forward_fn, train_step
 
 B, C = 2048, 50
 

@@ -3,8 +3,11 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import json
 import shutil
 import struct
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -296,3 +299,15 @@ def test_user_file_bad_shapes(tmp_path):
 def test_unknown_dataset():
     with pytest.raises(InputError, match="unknown dataset 'cifar': choose one of mnist, fashion-mnist, digits"):
         load_dataset("cifar")
+
+
+def test_digits_are_scikit_learns_read_without_importing_it():
+    code = ("import json, sys\nfrom discvae.data import digits_arrays\nx, y = digits_arrays()\n"
+            "print(json.dumps([x.tolist(), y.tolist(), 'sklearn' in sys.modules]))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    images, labels, imported = json.loads(proc.stdout)
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    assert not imported
+    assert np.array_equal(np.array(images), digits.images) and np.array_equal(np.array(labels), digits.target)

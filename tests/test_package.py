@@ -67,3 +67,50 @@ def test_the_package_is_marked_typed_and_ships_the_marker():
     assert (PACKAGE / "py.typed").is_file()
     config = tomllib.loads((ROOT / "pyproject.toml").read_text())
     assert "py.typed" in config["tool"]["setuptools"]["package-data"]["discvae"]
+
+
+def module_imports(path: Path) -> set[str]:
+    """The discvae modules that the module at ``path`` imports when it runs (``if TYPE_CHECKING:`` blocks left
+    out), as dotted names."""
+    name = ".".join(path.relative_to(PACKAGE.parent).with_suffix("").parts).removesuffix(".__init__")
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found = set()
+
+    def visit(node):
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            return
+        if isinstance(node, ast.ImportFrom):
+            base = package
+            for _ in range(node.level - 1):
+                base = base.rpartition(".")[0]
+            target = f"{base}.{node.module}" if node.level and node.module else base if node.level else node.module
+            for alias in node.names:  # `from . import x` imports the module x
+                full = f"{target}.{alias.name}"
+                found.add(full if (PACKAGE.parent / Path(*full.split("."))).with_suffix(".py").exists() else target)
+        elif isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        for child in ast.iter_child_nodes(node):
+            visit(child)
+    visit(ast.parse(path.read_text()))
+    return {m for m in found if m.startswith("discvae")}
+
+
+def test_the_modules_import_each_other_without_a_cycle():
+    graph = {".".join(p.relative_to(PACKAGE.parent).with_suffix("").parts).removesuffix(".__init__"):
+             module_imports(p) for p in PACKAGE.rglob("*.py")}
+    assert "discvae.config" in graph["discvae.training"] and "discvae.training" not in graph["discvae.callbacks"]
+    done, path = set(), []
+
+    def walk(module):
+        if module in path:
+            raise AssertionError(f"import cycle: {' -> '.join(path[path.index(module):] + [module])}")
+        if module in done:
+            return
+        path.append(module)
+        for imported in sorted(graph.get(module, ())):
+            if imported != "discvae":  # the package's face imports nothing at run time (__getattr__)
+                walk(imported)
+        path.pop()
+        done.add(module)
+    for module in sorted(graph):
+        walk(module)

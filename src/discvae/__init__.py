@@ -15,15 +15,16 @@ __all__ = ["Bernoulli", "Callback", "Categorical", "Config", "Dataset", "Diverge
 
 if TYPE_CHECKING:  # what type checkers see; at run time __getattr__ imports each name on first use
     from .callbacks import Callback
+    from .config import Config
     from .data import Dataset, load_dataset
     from .distributions import Bernoulli, Categorical, Gaussian
     from .errors import Diverged, InputError
     from .estimators import ESTIMATORS, Estimator, make_estimator
     from .models import VAE, build_model
-    from .training import Config, load_run, train
+    from .training import load_run, train
 
 _EXPORTS = {"Bernoulli": "distributions", "Categorical": "distributions", "Gaussian": "distributions",
-            "Config": "training", "train": "training", "load_run": "training", "Dataset": "data",
+            "Config": "config", "train": "training", "load_run": "training", "Dataset": "data",
             "load_dataset": "data", "InputError": "errors", "Diverged": "errors", "ESTIMATORS": "estimators",
             "Estimator": "estimators", "make_estimator": "estimators", "VAE": "models", "build_model": "models",
             "Callback": "callbacks"}

@@ -1,7 +1,7 @@
 """Hooks into the training loop: ``train(cfg, callbacks=[...])``.
 
 A callback subclasses :class:`Callback` and overrides the methods it needs; each is called with the loop's
-:class:`~discvae.training.TrainState`. ``train`` always runs :class:`Checkpoint`, then :class:`MetricsCSV`, then
+:class:`~discvae.state.TrainState`. ``train`` always runs :class:`Checkpoint`, then :class:`MetricsCSV`, then
 (with ``progress``) :class:`ProgressBar`, and then the caller's callbacks in the order given, so by the time a
 callback sees an epoch's row, ``checkpoint.pt`` and ``metrics.csv`` hold that epoch. :class:`TensorBoard` (the
 ``--tensorboard DIR`` option) logs the metrics for TensorBoard.
@@ -23,8 +23,9 @@ from .errors import InputError
 from .runs import BEST, CHECKPOINT, CONFIG, METRICS, check_output, save_checkpoint, write_csv, write_json
 
 if typing.TYPE_CHECKING:
+    from .config import Config
     from .models import Terms
-    from .training import Config, TrainState
+    from .state import TrainState
 
 
 class Callback:

@@ -18,12 +18,13 @@ import torch
 
 from . import distributed
 from .callbacks import TensorBoard
+from .config import RESUMABLE, Config, check_seed
 from .errors import InputError
 from .flags import add_flags, build, changed, flag, given
 from .presets import PRESETS, preset
 from .runs import CONFIG, check_output, read_config, read_settings, write_text
 from .speed import PRECISIONS
-from .training import RESUMABLE, Config, check_seed, load_run, train
+from .training import load_run, train
 
 
 class _Parser(argparse.ArgumentParser):

@@ -15,6 +15,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import http.client
+import importlib.util
 import math
 import os
 import tempfile
@@ -157,13 +158,27 @@ def _load_idx_dataset(name: str, folder: Path) -> Dataset:
     return Dataset(name, **tensors)
 
 
-def _load_digits() -> Dataset:
-    from sklearn.datasets import load_digits  # imported here: scikit-learn takes a second to import
+def digits_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's 8x8 digits as ``(images [1797, 8, 8] in 0..16, labels)``, what ``load_digits()`` returns, read
+    from the file it reads (``sklearn/datasets/data/digits.csv.gz``, found without importing scikit-learn, whose
+    import takes seconds); ``load_digits`` itself where the file is not there."""
+    spec = importlib.util.find_spec("sklearn")
+    path = Path(spec.origin).parent / "datasets" / "data" / "digits.csv.gz" if spec and spec.origin else None
+    if path is None or not path.is_file():
+        from sklearn.datasets import load_digits
 
-    digits = load_digits()
-    order = np.random.default_rng(0).permutation(len(digits.target))
-    x = torch.from_numpy((digits.images[order] / 16).astype(np.float32)[:, None])
-    y = torch.from_numpy(digits.target[order].astype(np.int64))
+        digits = load_digits()
+        return digits.images, digits.target
+    with gzip.open(path, "rt") as f:
+        table = np.loadtxt(f, delimiter=",")
+    return table[:, :-1].reshape(-1, 8, 8), table[:, -1].astype(int)
+
+
+def _load_digits() -> Dataset:
+    images, labels = digits_arrays()
+    order = np.random.default_rng(0).permutation(len(labels))
+    x = torch.from_numpy((images[order] / 16).astype(np.float32)[:, None])
+    y = torch.from_numpy(labels[order].astype(np.int64))
     return Dataset("digits", x[:-DIGITS_TEST], y[:-DIGITS_TEST], x[-DIGITS_TEST:], y[-DIGITS_TEST:])
 
 

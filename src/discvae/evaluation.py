@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from .config import check_seed
 from .distributions import USED_FRACTION
 from .errors import InputError
 from .estimators import EXACT_MAX_STATES
@@ -25,7 +26,7 @@ from .likelihoods import binarize
 from .memory import check_fits, step_bytes
 from .runs import check_output, load_checkpoint, read_config, write_json
 from .speed import autocast, check_precision, flush_denormals
-from .training import check_seed, elbo_terms, load_run, model_for
+from .training import elbo_terms, load_run, model_for
 
 EVAL = "eval.json"
 ACTIVE_THRESHOLD = 0.01  # Burda et al. (2016): unit i is active if Var_x E_q[z_i | x] > 0.01

@@ -17,11 +17,12 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from PIL import Image
 
+from .config import check_seed
 from .errors import InputError
 from .evaluation import INFORMATIVE_BITS, fixed_binarization, unit_entropies
 from .memory import check_fits
 from .runs import atomic_path, check_output, load_checkpoint, read_config
-from .training import check_seed, load_run
+from .training import load_run
 
 MAX_TEMPLATES = 200  # decode every discrete state when there are at most this many (the paper's c = 100, not 8 bits)
 MAX_HYBRID_ROWS = 20  # rows of the figures of a hybrid latent

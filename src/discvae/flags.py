@@ -1,6 +1,6 @@
 """Command-line flags generated from settings dataclasses.
 
-A settings dataclass (:class:`~discvae.training.Config`, :class:`~discvae.experiments.compare.Comparison`,
+A settings dataclass (:class:`~discvae.config.Config`, :class:`~discvae.experiments.compare.Comparison`,
 :class:`~discvae.experiments.reproduce.Reproduction`) declares each field's flag in its metadata with
 :func:`setting`, and the command line is built from that alone: adding a field with a :class:`Flag` is all it takes
 to get a flag with its help, in every subcommand that takes the dataclass.
@@ -53,10 +53,11 @@ class Flag:
     name: str | None = None
 
 
-def setting(default=MISSING, *flags: Flag, factory=MISSING):
+def setting(default=MISSING, *flags: Flag, factory=MISSING, section: str | None = None):
     """A dataclass field with ``default`` (or ``factory`` making it) that the command line sets through ``flags``
-    (one for a scalar field, one per key for a dict field; none: not on the command line)."""
-    return dataclasses.field(default=default, default_factory=factory, metadata={"flags": flags})
+    (one for a scalar field, one per key for a dict field; none: not on the command line), listed in ``--help``
+    under the heading ``section`` (none: with the command's other options)."""
+    return dataclasses.field(default=default, default_factory=factory, metadata={"flags": flags, "section": section})
 
 
 def documented(cls):
@@ -116,7 +117,8 @@ def _kind(hint):
 
 
 def add_flags(parser: argparse.ArgumentParser, cls, skip=(), defaults=None) -> None:
-    """Add to ``parser`` the flags of the fields of the dataclass ``cls``.
+    """Add to ``parser`` the flags of the fields of the dataclass ``cls``, each field's under its ``section`` (an
+    argument group of that title).
 
     Args:
         parser: the parser (or subcommand parser) to add them to.
@@ -127,6 +129,7 @@ def add_flags(parser: argparse.ArgumentParser, cls, skip=(), defaults=None) -> N
     """
     defaults = defaults or {}
     hints = typing.get_type_hints(cls)
+    sections = {None: parser}
     for f, spec, name in _flags(cls):
         if f.name in skip or name in skip:
             continue
@@ -142,7 +145,10 @@ def add_flags(parser: argparse.ArgumentParser, cls, skip=(), defaults=None) -> N
                 options["action"] = "append"
             options.update(type=spec.type or (str if spec.key else kind), nargs=spec.nargs or nargs,
                            choices=spec.choices, metavar=spec.metavar or (None if spec.choices else name.upper()))
-        parser.add_argument(flag(name), **options)
+        section = f.metadata.get("section")
+        if section not in sections:
+            sections[section] = parser.add_argument_group(section)
+        sections[section].add_argument(flag(name), **options)
 
 
 def _given(args: argparse.Namespace, cls):

@@ -6,7 +6,7 @@ Guarantees (README, "Safety and failure behaviour"):
   target, then the directory ``fsync``'d -- a reader sees the old file or the new one, never a mix;
 * a checkpoint is read with ``torch.load(weights_only=True)``: tensors and plain data only, so opening a checkpoint
   from someone else never runs code; anything else is refused; it carries a digest of its contents, verified on
-  load, and every entry is checked for its type and range (``training.check_state`` checks the weights and the
+  load, and every entry is checked for its type and range (``state.check_state`` checks the weights and the
   optimizer state against the model);
 * one process at a time trains in a run directory (an exclusive ``flock`` on ``RUN_DIR/.lock``, which names the
   holder's pid); no output is written over a run's own files or into a run that is training (``check_output``).

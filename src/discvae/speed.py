@@ -1,5 +1,5 @@
 """What makes a training step fast: bf16 autocast (``precision``), ``torch.compile`` with a fallback (``compile``),
-the optimizer, denormals flushed to 0, and a divergence guard that does not wait for the device at every step.
+the fused optimizer, denormals flushed to 0, and intra-op threads fitted to the step's size (``threads``).
 
 ``precision="bf16"`` runs the networks under ``torch.autocast`` in bfloat16 (but the encoder's last layer, which
 computes eta, in float32: ``models.Head``) while the weights, their gradients and Adam's state stay float32; the
@@ -18,10 +18,9 @@ from typing import Callable
 
 import torch
 
-from .errors import Diverged, InputError
+from .errors import InputError
 
 PRECISIONS = ("fp32", "bf16")
-CHECK_EVERY = 100  # steps between two looks of the divergence guard at its device-side record
 # forward FLOPs of a training step below which one CPU thread runs it fastest: its matrix products are too small to
 # share between threads (benchmarks/bench_threads.py; the quick start's step is 5e7, the paper's FC_BVAE's 5.8e9)
 SMALL_STEP_FLOPS = 5e8
@@ -176,51 +175,3 @@ def compiled(fn: Callable, what: str = "--compile") -> Callable:
             fast = fall_back(err)
             return fn(*args, **kwargs)
     return call
-
-
-def train_step(model, optimizer: torch.optim.Optimizer, forward: Callable, x: torch.Tensor, options: dict,
-               loss_of: Callable = lambda terms: terms.loss, view: torch.Tensor | None = None):
-    """One optimisation step on the batch ``x`` (and its ``view``, if any): ``terms = forward(x, options, view)``
-    (the model's ``Terms``), the gradient of ``loss_of(terms)``, the optimizer's step. Returns ``terms`` and a device
-    scalar that is finite iff the loss and every gradient are (the loss plus the sum of every gradient's entries: half
-    the cost of their norm, and no squares to overflow); nothing waits for the device."""
-    terms = forward(x, options, view)
-    loss = loss_of(terms)
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    health = torch.stack([loss.detach(), *(p.grad.sum() for p in model.parameters() if p.grad is not None)]).sum()
-    optimizer.step()
-    return terms, health
-
-
-class DivergenceGuard:
-    """Records every step's health (``train_step``'s: loss plus gradient sums) on the device and looks at the record
-    every ``every`` steps and at the end of each epoch (one host synchronisation per look): :meth:`check` raises
-    :class:`Diverged` naming the first step whose loss or gradient was not finite. ``agree`` (e.g. an all-reduce of
-    the record across processes) makes every process see the same record."""
-
-    def __init__(self, device: torch.device, lr: float, out: str, every: int = CHECK_EVERY,
-                 agree: Callable = lambda t: t):
-        self.record_ = torch.zeros(every, device=device)
-        self.count, self.lr, self.out, self.agree = 0, lr, out, agree
-
-    def record(self, health: torch.Tensor) -> bool:
-        """Store one step's ``health`` (``train_step``'s); True when it is time to check."""
-        self.record_[self.count] = health
-        self.count += 1
-        return self.count == len(self.record_)
-
-    def check(self, epoch: int, step: int, last_epoch: int) -> None:
-        """Raise :class:`Diverged` if a recorded step was not finite, naming it (``step`` is the number of the last
-        step recorded, ``last_epoch`` the epoch of the last checkpoint, 0 if none); else clear the record."""
-        bad = self.agree((~torch.isfinite(self.record_[:self.count])).float())
-        first = int(bad.argmax()) if self.count and bool(bad.any()) else None
-        if first is None:
-            self.count = 0
-            return
-        lr, out = self.lr, self.out
-        where = f"non-finite loss or gradient at epoch {epoch}, step {step - self.count + first + 1} (lr {lr:g})"
-        if last_epoch:
-            raise Diverged(f"{where}; the last good checkpoint (epoch {last_epoch}) is in {out}: continue it with a "
-                           f"smaller lr, discvae train --resume --out {out} --lr {lr / 10:g}")
-        raise Diverged(f"{where}, before the first checkpoint; start again with a smaller --lr")

@@ -34,11 +34,11 @@ from sklearn.decomposition import PCA
 from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 from sklearn.metrics.cluster import contingency_matrix
 
+from ..config import SKLEARN_MAX_SEED, check_seed
 from ..distributions import Categorical, Gaussian
 from ..errors import InputError
 from ..evaluation import fixed_binarization
 from ..runs import write_json, write_text
-from ..training import SKLEARN_MAX_SEED, check_seed
 from .codes import code_block, framed_grid, labels_of, load_coded_run, load_coded_runs, one_dataset, split_images
 
 SEED_FREE = ("seed", "out", "data_dir", "download", "device", "grad_var_every", "grad_var_repeats")

@@ -35,12 +35,12 @@ from sklearn.base import BaseEstimator, TransformerMixin
 from sklearn.decomposition import PCA
 from sklearn.metrics import average_precision_score
 
+from ..config import SKLEARN_MAX_SEED, check_seed
 from ..criteria import radius_counts
 from ..distributions import Bernoulli
 from ..errors import InputError
 from ..evaluation import fixed_binarization
 from ..runs import write_json, write_text
-from ..training import SKLEARN_MAX_SEED, check_seed
 from .codes import code_block, framed_grid, labels_of, load_coded_runs
 
 PER_CLASS, TOP_K, RADIUS = 100, (500, 1000), 2

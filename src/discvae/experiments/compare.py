@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..config import Config
 from ..data import Dataset, load_dataset
 from ..errors import InputError
 from ..estimators import EXACT_MAX_STATES, Estimator, exact, make_estimator
@@ -40,7 +41,7 @@ from ..evaluation import fixed_binarization, iwae_bound
 from ..flags import Flag, documented, setting
 from ..gradients import gradient_samples
 from ..runs import CHECKPOINT, check_output, load_checkpoint, read_csv, write_csv, write_json, write_text
-from ..training import Config, model_for, train
+from ..training import model_for, train
 
 IWAE_CSV = "iwae.csv"
 # the command line's defaults for the base configuration: a quick comparison on the digits at M = 2

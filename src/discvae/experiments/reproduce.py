@@ -17,11 +17,12 @@ import math
 from dataclasses import MISSING
 from pathlib import Path
 
+from ..config import Config
 from ..errors import InputError
 from ..evaluation import EVAL, evaluate_run
 from ..flags import Flag, documented, setting
 from ..runs import CHECKPOINT, check_output, load_checkpoint, write_text
-from ..training import Config, train
+from ..training import train
 
 # the initialisation, which the paper does not state: PyTorch's default for the FC models; He for the CNNs, which
 # collapse at PyTorch's default (and at Keras' Glorot) and train with He (docs/RESULTS.md, last section)

@@ -1,6 +1,6 @@
 """Named recipes for ``discvae train --preset NAME``: plain settings files shipped with the package.
 
-Each preset is a JSON object of :class:`~discvae.training.Config` settings in the format of a run's ``config.json``
+Each preset is a JSON object of :class:`~discvae.config.Config` settings in the format of a run's ``config.json``
 (only the settings it fixes; the rest keep their defaults). ``discvae train --preset hashing --print-config`` prints
 the whole configuration it makes, which can be copied, edited and passed back with ``--config FILE``; any flag given
 beside a preset or a file overrides its value.
