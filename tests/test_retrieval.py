@@ -1,6 +1,7 @@
 """Hashing evaluation: the metrics on hand-computed cases, Hamming distances three ways, the baselines and
 ``discvae retrieval`` end to end."""
 import json
+import shutil
 
 import matplotlib.image as mpimg
 import numpy as np
@@ -128,6 +129,16 @@ def test_retrieval_end_to_end(runs, tmp_path, capsys):
     assert mpimg.imread(out / "pr_curves.png").shape[1] > mpimg.imread(out / "pr_curves.png").shape[0]  # 2 panels
     assert mpimg.imread(out / "query_grid.png").ndim == 3
     assert not list(out.glob(".*.tmp"))
+
+
+def test_the_best_epochs_of_several_runs_are_labelled_by_their_runs(runs, tmp_path, capsys):
+    for name in ("seed0", "seed1"):  # as --keep-best keeps them: RUN/best, a run inside the run
+        shutil.copytree(runs["bits"], tmp_path / name / "best")
+    code, _, _ = run_cli(capsys, "retrieval", tmp_path / "seed0" / "best", tmp_path / "seed1" / "best", "--out",
+                         tmp_path / "out", "--per-class", "5")
+    result = json.loads((tmp_path / "out" / "retrieval.json").read_text())
+    assert code == 0 and result["runs"] == ["seed0/best", "seed1/best"]
+    assert result["results"]["seed0/best"]["8"]["mAP"] == result["results"]["seed1/best"]["8"]["mAP"]  # same weights
 
 
 def test_retrieval_rejects_bad_input(runs, tmp_path, capsys):

@@ -6,8 +6,6 @@ a run trained on binarised data sees them binarised once (``evaluation.fixed_bin
 """
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import torch
 
@@ -17,7 +15,7 @@ from ..distributed import split_rows
 from ..errors import InputError
 from ..evaluation import fixed_binarization
 from ..latents import Block
-from ..runs import atomic_path
+from ..runs import atomic_path, run_label
 from ..training import load_run
 
 SPLITS = ("train", "test", "all")
@@ -67,10 +65,10 @@ def one_dataset(configs) -> None:
 
 
 def load_coded_runs(run_dirs, family: type, reserved=()) -> dict:
-    """Directory name -> (config, model, data) of each of ``run_dirs``: runs coded by a ``family`` block on one
-    dataset,
-    whose directory names are distinct and none of ``reserved``."""
-    names = [Path(r).resolve().name for r in run_dirs]
+    """Label (``runs.run_label``: the directory's name, ``PARENT/best`` for a kept best epoch) -> (config, model,
+    data) of each of ``run_dirs``: runs coded by a ``family`` block on one dataset, whose labels are distinct and
+    none of ``reserved``."""
+    names = [run_label(r) for r in run_dirs]
     if len(set(names)) < len(names) or set(names) & set(reserved):
         taboo = f", other than {', '.join(reserved)}," if reserved else ""
         raise InputError(f"run directories need distinct names{taboo} to label them: {', '.join(names)}")
