@@ -168,3 +168,12 @@ def test_categorical_and_single_sample_are_refused_in_one_line(tmp_path, capsys,
     code, _, err = run_cli(capsys, *common, "--num-samples", "1")
     assert_one_line_error(code, err, "at least 2")
     assert not (tmp_path / "run" / "metrics.csv").exists()
+
+
+@pytest.mark.parametrize("estimator", FRONTIER)
+def test_two_evaluations_of_f_by_default(estimator):
+    """Without ``num_samples`` each data point gets M = 2 evaluations of f, the least these estimators take."""
+    seen = []
+    eta = torch.zeros(4, 3, dtype=torch.float64, requires_grad=True)
+    ESTIMATORS[estimator](Bernoulli(eta), lambda z: seen.append(z.shape) or z.sum(-1))
+    assert seen == [(2, 4, 3)]
