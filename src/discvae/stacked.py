@@ -56,6 +56,7 @@ from .training import (
 # settings a stack's runs may differ in
 PER_RUN = ("seed", "out")
 # random fills and what a factory draw of the same name fills with
+MOMENTS = ("exp_avg", "exp_avg_sq")  # Adam's state per parameter, beside its step
 FILLS = {"rand": "uniform_", "rand_like": "uniform_", "randn": "normal_", "randn_like": "normal_"}
 
 
@@ -103,8 +104,16 @@ class Stacked(nn.Module):
         if buffers:
             raise InputError("stacked runs need models without buffers")
         self.names = list(params)
-        self.weights = nn.ParameterList(params.values())
+        # matrices kept as [R, in, out], so that the batched products and their gradients need no transposing copy
+        self.transposed = [p.dim() == 3 for p in params.values()]
+        self.weights = nn.ParameterList(p.transpose(1, 2).contiguous() if t else p
+                                        for p, t in zip(params.values(), self.transposed, strict=True))
         self.base = copy.deepcopy(models[0]).to("meta")
+
+    def _run_layout(self, t: torch.Tensor, k: int) -> torch.Tensor:
+        """Stacked weight ``k`` (or a tensor of its shape, e.g. Adam's moments) in the layout of the model's
+        parameter: the matrices transposed back (a view)."""
+        return t.transpose(-1, -2) if self.transposed[k] else t
 
     def forward(self, x: torch.Tensor, estimator, view: torch.Tensor | None = None, **options) -> Terms:
         if view is not None:
@@ -113,19 +122,21 @@ class Stacked(nn.Module):
         def one(weights, xr):
             terms = functional_call(self.base, dict(zip(self.names, weights, strict=True)), (xr, estimator), options)
             return tuple(terms[:5])  # loss, neg_elbo, expected_ll, kl, kl_blocks: tensors only
-        return Terms(*vmap(one, randomness="different")(list(self.weights), x))
+        weights = [self._run_layout(w, k) for k, w in enumerate(self.weights)]
+        return Terms(*vmap(one, randomness="different")(weights, x))
 
     def unstack(self, models: list[VAE], optimizer: torch.optim.Optimizer, optimizers: list) -> None:
         """Copy run r's slice of the weights and of Adam's state (``optimizer``'s) into ``models[r]`` and
         ``optimizers[r]``: what a checkpoint of run r saves."""
         with torch.no_grad():
             for r, (model, opt) in enumerate(zip(models, optimizers, strict=True)):
-                for stacked, p in zip(self.weights, model.parameters(), strict=True):
-                    p.copy_(stacked[r])
+                for k, (stacked, p) in enumerate(zip(self.weights, model.parameters(), strict=True)):
+                    p.copy_(self._run_layout(stacked, k)[r])
                     state = optimizer.state.get(stacked)
                     if state:
-                        opt.state[p] = {"step": state["step"].clone(), "exp_avg": state["exp_avg"][r].clone(),
-                                        "exp_avg_sq": state["exp_avg_sq"][r].clone()}
+                        opt.state[p] = {"step": state["step"].clone(), **{
+                            key: self._run_layout(state[key], k)[r].clone(memory_format=torch.contiguous_format)
+                            for key in MOMENTS}}
 
     def stack_state(self, optimizer: torch.optim.Optimizer, optimizers: list) -> None:
         """Adam's state of the runs' ``optimizers`` (e.g. loaded from their checkpoints) stacked into ``optimizer``'s;
@@ -137,9 +148,8 @@ class Stacked(nn.Module):
             steps = {float(s["step"]) if s else None for s in states}
             if len(steps) > 1:
                 raise InputError("the stacked runs' optimizers took different numbers of steps")
-            optimizer.state[stacked] = {"step": states[0]["step"].clone(),
-                                        **{key: torch.stack([s[key] for s in states]) for key in
-                                           ("exp_avg", "exp_avg_sq")}}
+            optimizer.state[stacked] = {"step": states[0]["step"].clone(), **{
+                key: self._run_layout(torch.stack([s[key] for s in states]), k).contiguous() for key in MOMENTS}}
 
 
 def check_stack(cfgs: list[Config]) -> None:
@@ -206,9 +216,9 @@ def train_stacked(cfgs: list[Config], resume: bool = False, progress: bool = Fal
         optimizer = adam(model.parameters(), cfg.lr)
         model.stack_state(optimizer, [s.optimizer for s in states])
         x_fixed = [binarize(x_train[:c.batch_size], c.binarize, torch.Generator().manual_seed(c.seed)) for c in cfgs]
-        run_streams = RunStreams(streams)
+        run_streams, plain = RunStreams(streams), forward_fn(model, estimator, cfg)
 
-        def forward(x, options, view=None, plain=forward_fn(model, estimator, cfg)):
+        def forward(x, options, view=None):
             with run_streams:
                 return plain(x, options, view)
 
