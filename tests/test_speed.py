@@ -281,3 +281,5 @@ def test_the_lean_adam_step_is_torch_adams_bit_for_bit_and_shares_its_state_dict
         assert all(torch.equal(mine["state"][index][key], value) for key, value in state.items())
         assert mine["state"][index]["step"].dtype == torch.float32
     assert float(mine["state"][3]["step"]) == 4  # no gradient in the first two steps: no update, no count
+    lean.zero_grad()
+    assert all(p.grad is None for p in ours)
