@@ -129,7 +129,7 @@ def discvae_step(arch: str, data, compile_: bool, seed: int):
     def run():
         i = count[0] % (len(x_train) // B)
         x = binarize(x_train.index_select(0, order[i * B:(i + 1) * B]), cfg.binarize)
-        train_step(model, optimizer, forward, x, estimator_options(cfg, count[0]),
+        train_step(optimizer, forward, x, estimator_options(cfg, count[0]),
                    lambda terms: objective(terms, cfg, count[0]))
         count[0] += 1
 

@@ -238,7 +238,7 @@ def train_stacked(cfgs: list[Config], resume: bool = False, progress: bool = Fal
                                  cfg.binarize)
                 def loss_of(terms, step=lead.step):
                     return objective(terms, cfg, step).sum()
-                terms, health = train_step(model, optimizer, forward, x, estimator_options(cfg, lead.step), loss_of)
+                terms, health = train_step(optimizer, forward, x, estimator_options(cfg, lead.step), loss_of)
                 lead.step += 1
                 values = terms.values()  # each [R]
                 sums = sums + torch.stack([*values.values(), ones]).double() * x.shape[1]
