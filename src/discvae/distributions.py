@@ -195,10 +195,10 @@ class Bernoulli(Family):
 
     def kl(self, other: "Bernoulli") -> torch.Tensor:
         """KL(q || other) for bits of the same shape: sum_i p_i (ln p_i - ln p'_i) + (1 - p_i) (ln(1 - p_i) -
-        ln(1 - p'_i)), the logs as log-sigmoids of +-eta."""
+        ln(1 - p'_i)) with p = sigmoid(a), p' = sigmoid(b); as ln p = a - softplus(a) and ln(1 - p) = -softplus(a),
+        the sum of p_i (a_i - b_i) + softplus(b_i) - softplus(a_i) (half the kernels of the four log-sigmoids)."""
         a, b = self.logits, other.logits
-        return (self.probs * (F.logsigmoid(a) - F.logsigmoid(b))
-                + torch.sigmoid(-a) * (F.logsigmoid(-a) - F.logsigmoid(-b))).sum(-1)
+        return (self.probs * (a - b) + F.softplus(b) - F.softplus(a)).sum(-1)
 
     def aggregate(self) -> "Bernoulli":
         """The batch's marginal of each bit, p_i = mean_b q(z_i = 1|x_b), as one Bernoulli (batch shape ``[]``):
