@@ -244,7 +244,8 @@ def train_stacked(cfgs: list[Config], resume: bool = False, progress: bool = Fal
                 sums = sums + torch.stack([*values.values(), ones]).double() * x.shape[1]
                 if guard.record(health):
                     guard.check(epoch + 1, lead.step, lead.epoch)
-                hooks[0].on_step_end(lead, terms._replace(neg_elbo=terms.neg_elbo[0]))
+                if progress:  # the bar shows the first run's loss
+                    hooks[0].on_step_end(lead, terms._replace(neg_elbo=terms.neg_elbo[0]))
             guard.check(epoch + 1, lead.step, lead.epoch)
             elapsed = time.perf_counter() - start
             model.unstack([s.model for s in states], optimizer, [s.optimizer for s in states])
