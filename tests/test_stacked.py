@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from discvae import Config, Dataset, InputError, load_dataset, load_run, train
+from discvae.distributions import sampling
 from discvae.runs import read_csv
-from discvae.stacked import train_stacked
+from discvae.stacked import RunStreams, train_stacked
 
 # stacked and solo runs agree to float32 rounding of the batched matrix products (measured: 0 on these models)
 TOLERANCE = 1e-5
@@ -81,3 +82,17 @@ def test_runs_that_cannot_stack_are_refused_before_any_training(tmp_path, change
     with pytest.raises(InputError, match=match):
         train_stacked(cfgs, data=digits())
     assert not (tmp_path / "stack").exists()
+
+
+def test_run_streams_draw_each_runs_part_from_its_generator_and_refuse_other_draws():
+    streams = RunStreams([torch.Generator().manual_seed(s) for s in (7, 8)])
+    with streams.sampling(), sampling():
+        u, e = torch.rand(2, 3, 4), torch.empty(2, 5).exponential_()
+    for r, seed in enumerate((7, 8)):
+        own = torch.Generator().manual_seed(seed)
+        assert torch.equal(u[r], torch.rand(3, 4, generator=own))
+        assert torch.equal(e[r], torch.empty(5).exponential_(generator=own))
+    with pytest.raises(InputError, match="first axis must index the runs"), streams.sampling(), sampling():
+        torch.rand(3, 4)
+    with pytest.raises(InputError, match="drew from torch's generator besides"), streams.sampling():
+        torch.rand(2, 4)  # not a latent's draw: from the global generator, which no run owns

@@ -2,21 +2,23 @@
 
 The runs may differ only in their ``seed`` and ``out``. Their R sets of weights are stacked along a new first axis
 (``torch.func.stack_module_state``) and one step trains all of them: the model's forward pass is vmapped over the
-runs (``torch.func.functional_call`` + ``vmap``), the loss is the sum of the runs' losses (whose gradients do not mix:
-run r's loss depends on run r's slice alone), and one fused Adam updates the stacked weights. Adam is elementwise, so
-this is R independent Adams; its step count, one per stacked tensor, is shared, which is right because every run
-takes every step.
+runs (``torch.func.functional_call`` + ``vmap``), the loss is the sum of the runs' losses (whose gradients do not
+mix: run r's loss depends on run r's slice alone), and one fused Adam updates the stacked weights. Adam is
+elementwise, so this is R independent Adams; its step count, one per stacked tensor, is shared, which is right
+because every run takes every step.
 
 Random numbers: each run draws from a stream of its own, the one it would draw from trained alone (torch's global
-generator after ``manual_seed(seed)`` and the model's initialisation). Inside the step every random draw -- the
-binarisation of the stacked batch, the estimator's samples under ``vmap(randomness="different")`` -- is made on a
-tensor whose first axis indexes the runs, and :class:`RunStreams` fills run r's part from run r's generator, so run r
-sees the numbers of its solo run in the same order. Between steps (the epoch's test -ELBO and gradient variance,
-the checkpoint) run r's stream is torch's global one. A stacked run therefore trains as the same seed alone, up to
-the rounding of the batched matrix products, and writes what a solo run writes -- ``config.json``,
-``checkpoint.pt`` (its own weights, Adam state and random state), ``metrics.csv`` -- so ``evaluate`` reads it and
-``train --resume`` (or ``train_stacked(..., resume=True)``) continues it. Each run's ``time`` is the stack's wall
-time: the runs trained at once.
+generator after ``manual_seed(seed)`` and the model's initialisation). Inside the step the random draws -- the
+binarisation of the stacked batch, and the latents' samples (``distributions.sampling``) under
+``vmap(randomness="different")`` -- are made on tensors whose first axis indexes the runs, and :class:`RunStreams`
+fills run r's part from run r's generator, so run r sees the numbers of its solo run in the same order. (It is a
+dispatch mode, active for those draws alone: around the whole forward pass its Python per operation cost as much as
+the step.) A draw of another kind, which could not be given each run's stream, is refused. Between steps (the
+epoch's test -ELBO and gradient variance, the checkpoint) run r's stream is torch's global one. A stacked run
+therefore trains as the same seed alone, up to the rounding of the batched matrix products, and writes what a solo
+run writes -- ``config.json``, ``checkpoint.pt`` (its own weights, Adam state and random state), ``metrics.csv`` --
+so ``evaluate`` reads it and ``train --resume`` (or ``train_stacked(..., resume=True)``) continues it. Each run's
+``time`` is the stack's wall time: the runs trained at once.
 """
 from __future__ import annotations
 
@@ -24,7 +26,7 @@ import copy
 import dataclasses
 import math
 import time
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 
 import torch
 from torch import nn
@@ -34,6 +36,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from .callbacks import CallbackList, Checkpoint, MetricsCSV, ProgressBar
 from .config import Config, resolve_device
 from .data import Dataset, load_dataset
+from .distributions import SAMPLING
 from .errors import InputError
 from .likelihoods import binarize
 from .models import VAE, Terms
@@ -76,8 +79,9 @@ class RunStreams(TorchDispatchMode):
         if torch.Tag.nondeterministic_seeded not in func.tags:
             return func(*args, **kwargs)
         name = func.overloadpacket.__name__
-        if name in FILLS:
-            out = func(*args, **kwargs)  # the shape, dtype and device; its values are replaced below
+        if name in FILLS:  # an empty tensor of the shape, dtype and device asked for, filled below
+            make = torch.empty_like if name.endswith("_like") else torch.empty
+            out = make(args[0], dtype=kwargs.get("dtype"), device=kwargs.get("device"))
             fill, fill_args, fill_kwargs = getattr(torch.Tensor, FILLS[name]), (), {}
         elif name.endswith("_"):
             out, fill, fill_args = args[0], getattr(torch.Tensor, name), args[1:]
@@ -90,6 +94,21 @@ class RunStreams(TorchDispatchMode):
         for part, generator in zip(out, self.generators, strict=True):
             fill(part, *fill_args, **fill_kwargs, generator=generator)
         return out
+
+    @contextmanager
+    def sampling(self):
+        """The block's draws of latents (``distributions.sampling``) made run by run; a draw from torch's global
+        generator besides them (e.g. by an estimator of one's own calling ``torch.rand_like``) is an InputError: it
+        could not be given each run's stream."""
+        token, before = SAMPLING.set(self), torch.get_rng_state()
+        try:
+            yield
+        finally:
+            SAMPLING.reset(token)
+        if not torch.equal(before, torch.get_rng_state()):
+            raise InputError("stacked runs give each run its own stream only for the draws of discvae's latents "
+                             "(distributions.sampling); this step drew from torch's generator besides: train these "
+                             "runs one by one")
 
 
 class Stacked(nn.Module):
@@ -219,7 +238,7 @@ def train_stacked(cfgs: list[Config], resume: bool = False, progress: bool = Fal
         run_streams, plain = RunStreams(streams), forward_fn(model, estimator, cfg)
 
         def forward(x, options, view=None):
-            with run_streams:
+            with run_streams.sampling():
                 return plain(x, options, view)
 
         guard = DivergenceGuard(device, cfg.lr, ", ".join(c.out for c in cfgs))
