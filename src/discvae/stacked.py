@@ -58,8 +58,8 @@ from .training import (
 
 # settings a stack's runs may differ in
 PER_RUN = ("seed", "out")
-# random fills and what a factory draw of the same name fills with
 MOMENTS = ("exp_avg", "exp_avg_sq")  # Adam's state per parameter, beside its step
+# the random factories and the in-place fill each amounts to
 FILLS = {"rand": "uniform_", "rand_like": "uniform_", "randn": "normal_", "randn_like": "normal_"}
 
 
