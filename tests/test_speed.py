@@ -283,3 +283,15 @@ def test_the_lean_adam_step_is_torch_adams_bit_for_bit_and_shares_its_state_dict
     assert float(mine["state"][3]["step"]) == 4  # no gradient in the first two steps: no update, no count
     lean.zero_grad()
     assert all(p.grad is None for p in ours)
+
+
+def test_the_lean_adam_step_runs_the_optimizer_hooks_through_adams_own_step():
+    p = torch.ones(3, requires_grad=True)
+    optimizer, seen = speed.adam([p], 0.1), []
+    optimizer.register_step_post_hook(lambda opt, args, kwargs: seen.append(opt))
+    p.grad = torch.ones(3)
+    optimizer.step()
+    assert seen == [optimizer] and bool((p < 1).all())
+    optimizer.zero_grad()
+    optimizer.step()  # no gradient: nothing to do
+    assert float(optimizer.state[p]["step"]) == 1
