@@ -36,8 +36,7 @@ def main():
         forward, optimizer = forward_fn(replica, estimator, Config(precision=p)), adam(replica.parameters(), 1e-3)
         torch.manual_seed(1)
         losses[p] = forward(x, {}).neg_elbo.item()
-        steps[f"step {p}"] = lambda forward=forward, optimizer=optimizer, replica=replica: train_step(
-            replica, optimizer, forward, x, {})
+        steps[f"step {p}"] = lambda forward=forward, optimizer=optimizer: train_step(optimizer, forward, x, {})
     a, w = torch.randn(B, 784), torch.randn(784, 1024)
     steps["matmul fp32"] = lambda: a @ w
     steps["matmul bf16"] = lambda: a.bfloat16() @ w.bfloat16()

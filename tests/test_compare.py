@@ -12,6 +12,7 @@ from discvae import Config, Dataset, load_dataset, make_estimator
 from discvae.cli import main
 from discvae.estimators import ESTIMATORS
 from discvae.experiments.compare import Comparison, Spec, bias_variance, compare, parse_spec
+from discvae.runs import read_csv
 from discvae.training import estimator_options
 from helpers import tiny_data, tiny_model
 
@@ -184,3 +185,23 @@ def test_compare_reports_bias_against_an_independent_truth():
     assert scaled["encoder_bias"] == pytest.approx(0.1 * ll_grad, rel=1e-9) and scaled["encoder_noise_floor"] < 1e-12
     assert gumbel["encoder_bias"] > 5 * gumbel["encoder_noise_floor"], gumbel
     assert rloo["encoder_bias"] < 2 * rloo["encoder_noise_floor"], rloo
+
+
+def test_compare_with_stacked_seeds_gives_each_seed_its_solo_results(tmp_path, capsys):
+    flags = ["rloo", "--seeds", "0", "1", "--latent-dim", "4", "--epochs", "2", "--eval-every", "1", "--batch-size",
+             "256", "--iwae-k", "3", "--iwae-n", "20", "--final-k", "3", "--final-n", "20", "--bias-batch", "8",
+             "--bias-repeats", "4", "--grad-var-every", "2", "--grad-var-repeats", "2", "--quiet"]
+    results = {}
+    for name, more in (("alone", []), ("stacked", ["--stacked"])):
+        code, _, err = run_cli(capsys, "compare", *flags, *more, "--out", tmp_path / name)
+        assert code == 0, err
+        results[name] = json.loads((tmp_path / name / "results.json").read_text())
+    alone, stacked = results["alone"]["final"][0], results["stacked"]["final"][0]
+    for key in ("test_neg_elbo", "test_neg_elbo_std", "test_neg_iwae", "encoder_var"):
+        assert stacked[key] == pytest.approx(alone[key], rel=1e-5), key
+    for seed in (0, 1):  # the bounds after epochs 1 and 2, each on the seed's own test points
+        mine, theirs = (read_csv(tmp_path / name / f"seed-{seed}" / "runs" / "rloo" / "iwae.csv")
+                        for name in ("stacked", "alone"))
+        assert [r["epoch"] for r in mine] == [r["epoch"] for r in theirs] == [1, 2]
+        assert [r["test_iwae"] for r in mine] == pytest.approx([r["test_iwae"] for r in theirs], rel=1e-5)
+    assert "- stacked: `True`" in (tmp_path / "stacked" / "seed-1" / "report.md").read_text()

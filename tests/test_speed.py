@@ -257,3 +257,41 @@ def test_flush_denormals_leaves_a_caller_who_flushed_already_flushing():
     with flush_denormals():
         assert flushing_denormals()
     assert not flushing_denormals() and denormal_survives()
+
+
+def test_the_lean_adam_step_is_torch_adams_bit_for_bit_and_shares_its_state_dict():
+    torch.manual_seed(0)
+    shapes = [(7, 5), (7,), (3, 7), (3,)]
+    ours = [torch.randn(s, requires_grad=True) for s in shapes]
+    theirs = [p.detach().clone().requires_grad_() for p in ours]
+    lean, reference = speed.adam(ours, 1e-2), torch.optim.Adam(theirs, lr=1e-2, fused=True)
+    assert isinstance(lean, speed.FusedAdam)
+    for step in range(6):
+        grads = [torch.randn(s) for s in shapes]
+        for i, (a, b) in enumerate(zip(ours, theirs, strict=True)):
+            a.grad, b.grad = (None, None) if step < 2 and i == 3 else (grads[i].clone(), grads[i].clone())
+        if step == 4:  # a changed lr is read at every step
+            lean.param_groups[0]["lr"] = reference.param_groups[0]["lr"] = 3e-3
+        lean.step()
+        reference.step()
+        assert all(torch.equal(a, b) for a, b in zip(ours, theirs, strict=True)), step
+    mine, other = lean.state_dict(), reference.state_dict()
+    assert mine["param_groups"] == other["param_groups"]
+    for index, state in other["state"].items():
+        assert all(torch.equal(mine["state"][index][key], value) for key, value in state.items())
+        assert mine["state"][index]["step"].dtype == torch.float32
+    assert float(mine["state"][3]["step"]) == 4  # no gradient in the first two steps: no update, no count
+    lean.zero_grad()
+    assert all(p.grad is None for p in ours)
+
+
+def test_the_lean_adam_step_runs_the_optimizer_hooks_through_adams_own_step():
+    p = torch.ones(3, requires_grad=True)
+    optimizer, seen = speed.adam([p], 0.1), []
+    optimizer.register_step_post_hook(lambda opt, args, kwargs: seen.append(opt))
+    p.grad = torch.ones(3)
+    optimizer.step()
+    assert seen == [optimizer] and bool((p < 1).all())
+    optimizer.zero_grad()
+    optimizer.step()  # no gradient: nothing to do
+    assert float(optimizer.state[p]["step"]) == 1

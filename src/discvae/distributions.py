@@ -29,6 +29,8 @@ from __future__ import annotations
 import functools
 import itertools
 import math
+from contextlib import nullcontext
+from contextvars import ContextVar
 from typing import Callable
 
 import torch
@@ -39,6 +41,8 @@ from .errors import InputError
 from .speed import no_autocast
 
 MAX_ENUMERATE = 2**20
+# the context every random draw of a latent runs in (``sampling()``): stacked.RunStreams while stacked runs step
+SAMPLING: ContextVar = ContextVar("discvae_sampling", default=None)
 USED_FRACTION = 0.1  # a category is used if the aggregate posterior gives it > 1/10 of its uniform share 1/c
 
 
@@ -173,8 +177,9 @@ class Bernoulli(Family):
     def relaxed_sample(self, sample_shape, tau: float) -> tuple[torch.Tensor, torch.Tensor]:
         """Binary concrete (Maddison et al. 2017): y = eta + L with logistic noise L = ln E1 - ln E2 (E ~ Exp(1)),
         ``soft = sigmoid(y / tau)`` (differentiable) and ``hard = [y > 0]``, an exact sample of q."""
-        e = torch.empty(2, *_shape(sample_shape), *self.logits.shape, dtype=self.logits.dtype,
-                        device=self.logits.device).exponential_()
+        with sampling():
+            e = torch.empty(2, *_shape(sample_shape), *self.logits.shape, dtype=self.logits.dtype,
+                            device=self.logits.device).exponential_()
         y = self.logits + (e[0].log() - e[1].log())
         return torch.sigmoid(y / tau), (y > 0).to(y.dtype)
 
@@ -184,7 +189,9 @@ class Bernoulli(Family):
     def sample(self, sample_shape=()) -> torch.Tensor:
         with torch.no_grad():
             p = self.probs.expand(*_shape(sample_shape), *self.logits.shape)
-            return (torch.rand_like(p) < p).to(p.dtype)
+            with sampling():
+                u = torch.rand_like(p)
+            return (u < p).to(p.dtype)
 
     def log_prob(self, z: torch.Tensor) -> torch.Tensor:
         return _dot(z, self.logits) - F.softplus(self.logits).sum(-1)
@@ -195,10 +202,10 @@ class Bernoulli(Family):
 
     def kl(self, other: "Bernoulli") -> torch.Tensor:
         """KL(q || other) for bits of the same shape: sum_i p_i (ln p_i - ln p'_i) + (1 - p_i) (ln(1 - p_i) -
-        ln(1 - p'_i)), the logs as log-sigmoids of +-eta."""
+        ln(1 - p'_i)) with p = sigmoid(a), p' = sigmoid(b); as ln p = a - softplus(a) and ln(1 - p) = -softplus(a),
+        the sum of p_i (a_i - b_i) + softplus(b_i) - softplus(a_i) (half the kernels of the four log-sigmoids)."""
         a, b = self.logits, other.logits
-        return (self.probs * (F.logsigmoid(a) - F.logsigmoid(b))
-                + torch.sigmoid(-a) * (F.logsigmoid(-a) - F.logsigmoid(-b))).sum(-1)
+        return (self.probs * (a - b) + F.softplus(b) - F.softplus(a)).sum(-1)
 
     def aggregate(self) -> "Bernoulli":
         """The batch's marginal of each bit, p_i = mean_b q(z_i = 1|x_b), as one Bernoulli (batch shape ``[]``):
@@ -315,8 +322,10 @@ class Categorical(Family):
     def relaxed_sample(self, sample_shape, tau: float) -> tuple[torch.Tensor, torch.Tensor]:
         """Concrete / Gumbel-softmax per group (Jang et al. 2017): y = eta - ln E (E ~ Exp(1)), ``soft =
         softmax(y / tau)`` computed as exp(log_softmax) and ``hard = one_hot(argmax y)``, an exact sample of q."""
-        y = self._grouped - torch.empty(*_shape(sample_shape), *self._grouped.shape, dtype=self.logits.dtype,
-                                        device=self.logits.device).exponential_().log()
+        with sampling():
+            e = torch.empty(*_shape(sample_shape), *self._grouped.shape, dtype=self.logits.dtype,
+                            device=self.logits.device).exponential_()
+        y = self._grouped - e.log()
         soft = torch.log_softmax(y / tau, -1).exp()
         return soft.flatten(-2), F.one_hot(y.argmax(-1), self.classes).to(y.dtype).flatten(-2)
 
@@ -327,7 +336,8 @@ class Categorical(Family):
         """Gumbel-max: argmax(eta - ln E), E ~ Exp(1)."""
         with torch.no_grad():
             g = self._grouped.expand(*_shape(sample_shape), *self._grouped.shape)
-            e = torch.empty_like(g).exponential_()
+            with sampling():
+                e = torch.empty_like(g).exponential_()
             return F.one_hot((g - e.log()).argmax(-1), self.classes).to(g.dtype).flatten(-2)
 
     def log_prob(self, z: torch.Tensor) -> torch.Tensor:
@@ -432,7 +442,8 @@ class Gaussian(Family):
 
     def rsample(self, sample_shape=()) -> torch.Tensor:
         """z = mu + sigma * eps, eps ~ N(0, I) (eq. 8)."""
-        eps = torch.randn(*_shape(sample_shape), *self.loc.shape, dtype=self.loc.dtype, device=self.loc.device)
+        with sampling():
+            eps = torch.randn(*_shape(sample_shape), *self.loc.shape, dtype=self.loc.dtype, device=self.loc.device)
         return self.loc + (0.5 * self.logvar).exp() * eps
 
     def sample(self, sample_shape=()) -> torch.Tensor:
@@ -689,6 +700,12 @@ def as_family(q):
     raise InputError(f"an estimator takes a discvae Bernoulli, Categorical or Gaussian, or a torch.distributions "
                      f"Bernoulli, OneHotCategorical or Normal (also in Independent(..., 1)), not "
                      f"{q if isinstance(q, td.Distribution) else type(q).__name__}")
+
+
+def sampling():
+    """The context of a latent's random draw: none, or while stacked runs step (:mod:`discvae.stacked`) their
+    ``RunStreams``, which draws each run's part from that run's own stream (``SAMPLING``)."""
+    return SAMPLING.get() or nullcontext()
 
 
 def _shape(sample_shape) -> torch.Size:

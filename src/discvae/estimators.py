@@ -27,7 +27,7 @@ from typing import Callable
 
 import torch
 
-from .distributions import Bernoulli, as_family
+from .distributions import Bernoulli, as_family, sampling
 from .errors import InputError
 
 BASELINES = ("none", "mean", "loo")
@@ -150,7 +150,8 @@ def disarm(q, f, num_samples: int = 2) -> torch.Tensor:
     _need_samples("disarm", num_samples, pairs=True)
     with torch.no_grad():
         p = q.probs.expand(num_samples // 2, *q.logits.shape)
-        u = torch.rand_like(p)
+        with sampling():
+            u = torch.rand_like(p)
         b, b_anti = (u < p).to(p.dtype), (1 - u < p).to(p.dtype)
     fb, fa = f(torch.cat([b, b_anti])).chunk(2)
     eta = q.logits

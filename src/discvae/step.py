@@ -50,17 +50,19 @@ def forward_fn(model: VAE, estimator: Estimator, cfg: Config):
     return compiled(forward) if cfg.compile else forward
 
 
-def train_step(model, optimizer: torch.optim.Optimizer, forward: Callable, x: torch.Tensor, options: dict,
+def train_step(optimizer: torch.optim.Optimizer, forward: Callable, x: torch.Tensor, options: dict,
                loss_of: Callable = lambda terms: terms.loss, view: torch.Tensor | None = None):
     """One optimisation step on the batch ``x`` (and its ``view``, if any): ``terms = forward(x, options, view)``
-    (the model's ``Terms``), the gradient of ``loss_of(terms)``, the optimizer's step. Returns ``terms`` and a device
+    (the model's ``Terms``), the gradient of ``loss_of(terms)``, the step of ``optimizer`` (which holds the model's
+    parameters). Returns ``terms`` and a device
     scalar that is finite iff the loss and every gradient are (the loss plus the sum of every gradient's entries: half
     the cost of their norm, and no squares to overflow); nothing waits for the device."""
     terms = forward(x, options, view)
     loss = loss_of(terms)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
-    health = torch.stack([loss.detach(), *(p.grad.sum() for p in model.parameters() if p.grad is not None)]).sum()
+    params = [p for group in optimizer.param_groups for p in group["params"]]  # cheaper than walking the model
+    health = torch.stack([loss.detach(), *(p.grad.sum() for p in params if p.grad is not None)]).sum()
     optimizer.step()
     return terms, health
 

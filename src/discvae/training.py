@@ -176,7 +176,7 @@ def train(cfg: Config, resume: bool = False, progress: bool = True, data: Datase
                 view = binarize(random_affine(images, **cfg.augment), cfg.binarize) if cfg.consistency else None
                 def loss_of(terms, step=state.step, share=share):
                     return scaled(objective(terms, cfg, step), share)
-                terms, health = train_step(model, state.optimizer, forward, x, estimator_options(cfg, state.step),
+                terms, health = train_step(state.optimizer, forward, x, estimator_options(cfg, state.step),
                                            loss_of, view)
                 state.step += 1
                 values = terms.values()  # neg_elbo, expected_ll, kl (a hybrid's kl per block): summed on the device

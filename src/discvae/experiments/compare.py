@@ -21,7 +21,9 @@ step (``num_samples = M``; ``disarm`` spends them as M / 2 antithetic pairs; ``d
 backward pass for grad_z f at their M samples); ``exact`` decodes each of its S latent states once per batch (S /
 batch evaluations per data point). A spec ``NAME:key=value:...`` overrides options, e.g. ``importance:num_samples=1``
 (the paper's estimator) or ``gumbel:tau=0.5``. Runs are resumed where they stopped, so an interrupted comparison can
-simply be restarted with the same arguments.
+simply be restarted with the same arguments. With several seeds, ``stacked`` trains each estimator's seeds side by
+side in one process (:mod:`discvae.stacked`), each run as it would train alone and in its own directory; its
+time per step is then the stack's.
 """
 from __future__ import annotations
 
@@ -41,6 +43,7 @@ from ..evaluation import fixed_binarization, iwae_bound
 from ..flags import Flag, documented, setting
 from ..gradients import gradient_samples
 from ..runs import CHECKPOINT, check_output, load_checkpoint, read_csv, write_csv, write_json, write_text
+from ..stacked import train_stacked
 from ..training import model_for, train
 
 IWAE_CSV = "iwae.csv"
@@ -83,6 +86,9 @@ class Comparison:
     bias_epochs: int = setting(1, Flag("epochs of exact training of it"))
     bias_batch: int = setting(100, Flag("training points of the fixed batch"))
     bias_repeats: int = setting(200, Flag("independent estimates R"))
+    stacked: bool = setting(False, Flag("with several --seeds: train each estimator's seeds side by side in one "
+                                        "process, their weights stacked (discvae.stacked; each seed's run as it "
+                                        "would train alone, in its own run directory)"))
 
     def check(self) -> "Comparison":
         """Fail on a setting that cannot be measured."""
@@ -162,24 +168,41 @@ def bias_variance(model, x: torch.Tensor, specs: list[Spec], repeats: int) -> li
     return rows
 
 
-def train_with_bounds(cfg: Config, data: Dataset, eval_every: int, x_eval: torch.Tensor, k: int,
-                      progress: bool) -> list[dict]:
-    """Train ``cfg`` to ``cfg.epochs`` in chunks of ``eval_every`` epochs, measuring the mean test IWAE bound after
-    each chunk; resumes a partial run and reuses the bounds already in its ``iwae.csv``."""
-    out = Path(cfg.out)
-    done = [{**row, "epoch": int(row["epoch"]), "step": int(row["step"])} for row in read_csv(out / IWAE_CSV)] \
-        if (out / CHECKPOINT).exists() and (out / IWAE_CSV).exists() else []
-    for epoch in sorted({*range(eval_every, cfg.epochs, eval_every), cfg.epochs}):
-        if done and epoch <= done[-1]["epoch"]:
+def train_with_bounds(cfgs: list[Config], data: Dataset, eval_every: int, x_evals: list[torch.Tensor], k: int,
+                      progress: bool) -> list[list[dict]]:
+    """Train the runs ``cfgs`` -- one, or several seeds of one estimator side by side in one process
+    (``stacked.train_stacked``) -- to their ``epochs`` in chunks of ``eval_every`` epochs, measuring each run's mean
+    test IWAE bound on its ``x_evals`` after each chunk; resumes partial runs and reuses the bounds already in their
+    ``iwae.csv``. Returns each run's bounds."""
+    outs = [Path(cfg.out) for cfg in cfgs]
+    done = [[{**row, "epoch": int(row["epoch"]), "step": int(row["step"])} for row in read_csv(out / IWAE_CSV)]
+            if (out / CHECKPOINT).exists() and (out / IWAE_CSV).exists() else [] for out in outs]
+    for epoch in sorted({*range(eval_every, cfgs[0].epochs, eval_every), cfgs[0].epochs}):
+        if all(bounds and epoch <= bounds[-1]["epoch"] for bounds in done):
             continue
-        state = train(dataclasses.replace(cfg, epochs=epoch), resume=(out / CHECKPOINT).exists(), progress=progress,
-                      data=data)
-        torch.manual_seed(cfg.seed + epoch)
-        last = state.history[-1]
-        bound = iwae_bound(state.model.eval(), x_eval, k).mean().item()
-        done.append({"epoch": last["epoch"], "step": last["step"], "time": last["time"], "test_iwae": bound})
-        write_csv(out / IWAE_CSV, done)
+        chunk, resume = [dataclasses.replace(cfg, epochs=epoch) for cfg in cfgs], (outs[0] / CHECKPOINT).exists()
+        states = train_stacked(chunk, resume, progress, data) if len(chunk) > 1 else \
+            [train(chunk[0], resume=resume, progress=progress, data=data)]
+        for cfg, state, bounds, x_eval, out in zip(cfgs, states, done, x_evals, outs, strict=True):
+            if bounds and epoch <= bounds[-1]["epoch"]:
+                continue
+            torch.manual_seed(cfg.seed + epoch)
+            last = state.history[-1]
+            bound = iwae_bound(state.model.eval(), x_eval, k).mean().item()
+            bounds.append({"epoch": last["epoch"], "step": last["step"], "time": last["time"], "test_iwae": bound})
+            write_csv(out / IWAE_CSV, bounds)
     return done
+
+
+def run_config(base: Config, spec: Spec, out: Path) -> Config:
+    """The run of ``spec`` in the comparison ``out`` (with the seed of ``base``): ``out/runs/LABEL``."""
+    return dataclasses.replace(base, estimator=spec.estimator.name, estimator_options=spec.estimator.options,
+                               out=str(out / "runs" / spec.label.replace("/", "_")))
+
+
+def eval_points(data: Dataset, base: Config, n: int) -> torch.Tensor:
+    """The first ``n`` test images, binarised once with the seed of ``base``: where the bounds are measured."""
+    return fixed_binarization(data.x_test[:n], base.binarize, base.seed)
 
 
 def _bias_figure(path: Path, rows: list[dict]) -> None:
@@ -296,9 +319,8 @@ def report_markdown(title: str, settings: dict, bias_rows: list[dict], final: li
 def train_and_evaluate(base: Config, spec: Spec, settings: Comparison, out: Path, data: Dataset,
                        x_eval: torch.Tensor, x_final: torch.Tensor, progress: bool) -> tuple[dict, dict]:
     """Train ``spec`` (in ``out/runs/LABEL``) with bounds along the way; its curves and its row of the final table."""
-    cfg = dataclasses.replace(base, estimator=spec.estimator.name, estimator_options=spec.estimator.options,
-                              out=str(out / "runs" / spec.label.replace("/", "_")))
-    bounds = train_with_bounds(cfg, data, settings.eval_every, x_eval, settings.iwae_k, progress)
+    cfg = run_config(base, spec, out)
+    bounds, = train_with_bounds([cfg], data, settings.eval_every, [x_eval], settings.iwae_k, progress)
     metrics = read_csv(Path(cfg.out) / "metrics.csv")
     model = model_for(cfg, data)
     model.load_state_dict(load_checkpoint(cfg.out)["model"])
@@ -344,6 +366,12 @@ def compare(base: Config, specs: list[Spec], settings: Comparison, data: Dataset
     data = data or load_dataset(base.dataset, base.data_dir, base.download)
     if len(seeds) == 1:
         return compare_seed(dataclasses.replace(base, seed=seeds[0]), specs, settings, out, data, progress)
+    if settings.stacked and base.epochs:  # each estimator's seeds side by side; compare_seed then finds them trained
+        bases = [dataclasses.replace(base, seed=seed) for seed in seeds]
+        for spec in specs:
+            train_with_bounds([run_config(b, spec, out / f"seed-{b.seed}") for b in bases], data,
+                              settings.eval_every, [eval_points(data, b, settings.iwae_n) for b in bases],
+                              settings.iwae_k, progress)
     runs = [compare_seed(dataclasses.replace(base, seed=seed), specs, settings, out / f"seed-{seed}", data, progress)
             for seed in seeds]
     settings_row = {k: v for k, v in runs[0]["settings"].items() if k != "seed"} | {"seeds": seeds}
@@ -392,8 +420,7 @@ def compare_seed(base: Config, specs: list[Spec], settings: Comparison, out: Pat
     bias_rows = bias_variance(model, x, specs, settings.bias_repeats)
     _bias_figure(out / "bias_variance.png", bias_rows)
 
-    x_eval = fixed_binarization(data.x_test[:settings.iwae_n], base.binarize, base.seed)
-    x_final = fixed_binarization(data.x_test[:settings.final_n], base.binarize, base.seed)
+    x_eval, x_final = eval_points(data, base, settings.iwae_n), eval_points(data, base, settings.final_n)
     final = []
     if base.epochs:
         curves = {}
@@ -408,7 +435,8 @@ def compare_seed(base: Config, specs: list[Spec], settings: Comparison, out: Pat
                  "epochs": base.epochs,
                  "bias_model": f"{small.arch}, {small.space}, after {settings.bias_epochs} epoch(s) of exact",
                  "bias_batch": settings.bias_batch, "bias_repeats": settings.bias_repeats,
-                 "eval_every": settings.eval_every, "iwae_k": settings.iwae_k, "iwae_n": len(x_eval),
+                 "stacked": settings.stacked, "eval_every": settings.eval_every, "iwae_k": settings.iwae_k,
+                 "iwae_n": len(x_eval),
                  "final_k": settings.final_k, "final_n": len(x_final)}
     results = {"settings": described, "bias_variance": bias_rows, "final": final}
     write_json(out / "results.json", results)
