@@ -31,7 +31,7 @@ from discvae import (
 )
 from discvae.estimators import importance
 from discvae.training import elbo_terms
-from helpers import Z_MAX, assert_one_line_error, estimated_grads, exact_grad, run_cli, tiny_data, tiny_model, z_scores
+from helpers import assert_one_line_error, assert_unbiased_with_power, replica_grads, run_cli, tiny_data, tiny_model
 
 BF16_RTOL = 1e-3
 
@@ -66,16 +66,19 @@ def test_under_bf16_the_networks_run_in_bf16_and_the_loss_gradients_and_state_st
 
 
 def test_disarm_stays_unbiased_under_bf16():
-    """DisARM's mean over R estimates against the exact gradient of the same bf16 model (``exact`` under autocast):
-    z-scores below Z_MAX (helpers.py). bf16 changes f(z) = ln p(x|z), not the estimator's expectation."""
+    """DisARM's estimates under autocast against the exact gradient of the same bf16 computation (``exact`` through
+    the same vectorised decoder, under autocast), with the power of the check stated and asserted as in
+    test_unbiasedness.py: R = 20000 replicas, a relative bias of 10 % detected in the encoder's and the decoder's
+    gradient, x0.9 / x1.1 / noise defects failing. bf16 changes f(z) = ln p(x|z), not the estimator's expectation.
+    (The exact gradient of the same model evaluated in another batch layout, ``exact_grad``, differs by about 2 % of
+    its largest entry: bf16 rounds differently there, and a check this strong sees it.)"""
     model, x = tiny_model("bernoulli", 3).float(), tiny_data().float()
     torch.manual_seed(4)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert model.decode(torch.ones(1, 1, 3)).dtype == torch.float32
-        grads = estimated_grads(model, x, "disarm", 2000, num_samples=2)
-        truth = exact_grad(model, x)
-    z = z_scores(grads.double(), truth.double())
-    assert z.abs().max() < Z_MAX, z
+        grads = replica_grads(model, x, "disarm", 20000, num_samples=2)
+        truth = replica_grads(model, x, "exact", 1)[0]
+    assert_unbiased_with_power(grads.double(), truth.double(), sum(p.numel() for p in model.encoder.parameters()))
 
 
 def test_bf16_is_refused_on_a_cpu_without_fast_bf16(tmp_path, capsys, monkeypatch):
