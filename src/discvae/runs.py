@@ -33,17 +33,19 @@ CONFIG, METRICS, CHECKPOINT, LOCK = "config.json", "metrics.csv", "checkpoint.pt
 RUN_FILES = (CONFIG, METRICS, CHECKPOINT, LOCK)  # what no command but train writes in a run directory
 BEST = "best"  # the run of the best epoch by --keep-best, inside the run directory
 
-
-def run_label(run_dir) -> str:
-    """The name a run goes by in reports and figures: its directory's name, or ``PARENT/best`` for the best epoch
-    kept inside a run (``--keep-best``), so that the best epochs of several runs are told apart."""
-    path = Path(run_dir).resolve()
-    return f"{path.parent.name}/{path.name}" if path.name == BEST else path.name
 # what a training checkpoint holds, with the type of each entry
 CHECKPOINT_KEYS = {"config": dict, "model": dict, "optimizer": dict, "shuffle": torch.Tensor, "rng": torch.Tensor,
                    "cuda_rng": list, "epoch": int, "step": int, "elapsed": float, "history": list}
 DIGEST = "digest"  # the checkpoint's entry holding the SHA-256 of the others (``content_digest``)
 TEMPORARY = re.compile(r"\.(.+)\.[0-9a-f]{12}\.tmp")  # the names ``_new_temporary`` makes
+
+
+def run_label(run_dir) -> str:
+    """The name a run goes by in the reports of ``retrieval`` and ``clustering``: its directory's name, or
+    ``PARENT/best`` for the best epoch kept inside a run (``--keep-best``), so that the best epochs of several runs
+    are told apart."""
+    path = Path(run_dir).resolve()
+    return f"{path.parent.name}/{path.name}" if path.name == BEST else path.name
 
 
 @contextlib.contextmanager
