@@ -7,13 +7,15 @@ import math
 import matplotlib.image as mpimg
 import pytest
 import torch
+import torch.nn.functional as F
 
 from discvae import Config, Dataset, load_dataset, make_estimator
 from discvae.cli import main
 from discvae.estimators import ESTIMATORS
 from discvae.experiments.compare import Comparison, Spec, bias_variance, compare, parse_spec
+from discvae.evaluation import fixed_binarization
 from discvae.runs import read_csv
-from discvae.training import estimator_options
+from discvae.training import estimator_options, load_run
 from helpers import tiny_data, tiny_model
 
 SPECS = ["importance:num_samples=1", "rloo", "disarm", "vimco", "gumbel:tau=0.5", "st-gumbel", "straight-through",
@@ -43,6 +45,21 @@ def test_compare_on_digits_writes_its_report(tmp_path, digits):
     assert rows["exact"]["evals_per_point"] == 2**6 / 16 and rows["disarm"]["evals_per_point"] == 2
     final = {r["label"]: r for r in results["final"]}
     assert all(r["epochs"] == 2 and r["steps"] == 8 and math.isfinite(r["test_neg_iwae"]) for r in final.values())
+    # the training ELBO (the RODEO / DisARM tables' measure): a single-sample estimate over every training image,
+    # within 5 standard errors of the exact mean -ELBO enumerated over the 2^6 states (no library code but the
+    # networks), the standard error from the exact per-image variances of ln p(x, z) - ln q(z|x) under q
+    _, model, _ = load_run(tmp_path / "runs" / "rloo")
+    x = fixed_binarization(digits.x_train, "dynamic", base.seed)
+    with torch.no_grad():
+        eta = model.encoder(x)
+        states = torch.tensor(list(itertools.product([0.0, 1.0], repeat=6)))
+        log_q = (states[:, None] * F.logsigmoid(eta) + (1 - states[:, None]) * F.logsigmoid(-eta)).sum(-1)
+        weight = model.log_likelihood(x, states[:, None].expand(-1, len(x), -1)) - 6 * math.log(2.0) - log_q
+        mean = (log_q.exp() * weight).sum(0)
+        var = (log_q.exp() * (weight - mean) ** 2).sum(0)
+    se = (var.mean() / len(x)).sqrt().item()
+    assert abs(final["rloo"]["train_neg_elbo"] + mean.mean().item()) < 5 * se, (final["rloo"], -mean.mean(), se)
+    assert f"| rloo | 2 | 8 | {final['rloo']['train_neg_elbo']:.2f} | {final['rloo']['test_neg_elbo']:.2f} |" in report
     settings = json.loads((tmp_path / "results.json").read_text())["settings"]
     assert settings["epochs"] == 2 and settings["init"] == "torch" and "- init: `torch`" in report
     # restarting resumes: finished runs are reused, not retrained
@@ -133,7 +150,7 @@ def test_compare_over_seeds_reports_mean_and_std(tmp_path, capsys):
     results = json.loads((out / "results.json").read_text())
     per_seed = [json.loads((out / f"seed-{s}" / "results.json").read_text()) for s in (0, 1)]
     assert results["seeds"] == [0, 1] and [r["settings"]["seed"] for r in per_seed] == [0, 1]
-    for table, key in (("final", "test_neg_elbo"), ("final", "test_neg_iwae"), ("bias_variance", "encoder_var")):
+    for table, key in (("final", "train_neg_elbo"), ("final", "test_neg_elbo"), ("final", "test_neg_iwae"), ("bias_variance", "encoder_var")):
         for i, row in enumerate(results[table]):
             values = [r[table][i][key] for r in per_seed]
             assert row[key] == pytest.approx(sum(values) / 2)
@@ -141,7 +158,8 @@ def test_compare_over_seeds_reports_mean_and_std(tmp_path, capsys):
     rloo = results["final"][0]
     assert rloo["label"] == "rloo" and rloo["test_neg_elbo_std"] > 0  # the seeds made different runs
     report = (out / "report.md").read_text()
-    assert f"| rloo | 1 | {rloo['steps']} | {rloo['test_neg_elbo']:.2f} ± {rloo['test_neg_elbo_std']:.2f} | " in report
+    assert (f"| rloo | 1 | {rloo['steps']} | {rloo['train_neg_elbo']:.2f} ± {rloo['train_neg_elbo_std']:.2f} | "
+            f"{rloo['test_neg_elbo']:.2f} ± {rloo['test_neg_elbo_std']:.2f} | ") in report
     assert "(seed-0/curves.png)" in report and (out / "seed-1" / "curves.png").exists()
     code, _, err = run_cli(capsys, "compare", "rloo", "--seed", "1", "--seeds", "0", "1", "--out", tmp_path / "d")
     assert code == 2 and len(err.strip().splitlines()) == 1 and "--seed or --seeds" in err

@@ -2,7 +2,8 @@
 import pytest
 import torch
 
-from discvae import InputError, build_model
+from discvae import Config, Dataset, InputError, build_model
+from discvae.training import model_for
 
 
 @pytest.mark.parametrize("arch,shape", [("fc", (1, 28, 28)), ("fc", (1, 8, 8)), ("cnn", (1, 28, 28)),
@@ -61,7 +62,11 @@ def test_shared_state_decoding_matches_per_row():
                                           ({"init": "xavier"}, "init"),
                                           ({"arch": "cnn", "hidden": 64}, "the cnn architecture has no hidden width"),
                                           ({"arch": "linear", "hidden": 64}, "the linear architecture has no hidden"),
-                                          ({"hidden": 0}, "hidden must be at least 1")])
+                                          ({"hidden": 0}, "hidden must be at least 1"),
+                                          ({"slope": 0.3}, "the fc architecture has no LeakyReLU slope to set "
+                                                           r"\(nonlinear has\)"),
+                                          ({"arch": "nonlinear", "slope": 1.0}, "slope must be at least 0 and below 1"),
+                                          ({"arch": "nonlinear", "slope": -0.1}, "slope must be at least 0")])
 def test_bad_model_arguments(kwargs, match):
     args = {"arch": "fc", "input_shape": (1, 8, 8), **kwargs}
     with pytest.raises(InputError, match=match):
@@ -117,3 +122,12 @@ def test_torch_init_is_pytorchs_default():
         assert torch.equal(a, b)
     bound = 1 / 64 ** 0.5  # nn.Linear's default: U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for weights and biases
     assert default.encoder[1].weight.abs().max() <= bound and default.encoder[1].bias.any()
+
+
+def test_the_nonlinear_slope_is_a_setting():
+    """--slope reaches every LeakyReLU of the nonlinear model (the DisARM / RODEO code's 0.3); unset, ARM's 0.2."""
+    data = Dataset("tiny", torch.rand(4, 1, 28, 28), torch.zeros(4), torch.rand(2, 1, 28, 28), torch.zeros(2))
+    for slope, want in ((None, 0.2), (0.3, 0.3)):
+        model = model_for(Config(arch="nonlinear", latent_dim=200, slope=slope).check(), data)
+        slopes = [m.negative_slope for m in model.modules() if isinstance(m, torch.nn.LeakyReLU)]
+        assert slopes == [want] * 4

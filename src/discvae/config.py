@@ -21,7 +21,7 @@ from .estimators import BASELINES, ESTIMATORS
 from .flags import Flag, documented, setting
 from .latents import DEFAULT_SIZE, FAMILIES, PRIORS, LatentSpace
 from .likelihoods import BINARIZE, LIKELIHOODS
-from .models import ARCHS, INITS, check_width
+from .models import ARCHS, INITS, architecture_options
 from .speed import PRECISIONS, check_precision
 
 # what may change when a run is resumed (a smaller lr continues a run that diverged)
@@ -66,6 +66,8 @@ class Config:
     arch: str = setting("fc", Flag("Table I architecture", choices=ARCHS), section="model")
     hidden: int | None = setting(None, Flag("width of the hidden layers of the fc (default 1024) and nonlinear "
                                             "(default 200) architectures"), section="model")
+    slope: float | None = setting(None, Flag("negative slope of the nonlinear architecture's LeakyReLU (default 0.2; "
+                                             "the DisARM / RODEO code uses 0.3)"), section="model")
     init: str = setting("torch", Flag("weight initialisation: torch (PyTorch's default) or he (N(0, 2/fan_in), zero "
                                       "biases)", choices=INITS), section="model")
     likelihood: str = setting("bernoulli", Flag("p(x|z)", choices=list(LIKELIHOODS)), section="model")
@@ -237,7 +239,7 @@ class Config:
                                      ("likelihood", self.likelihood, LIKELIHOODS), ("arch", self.arch, ARCHS)]:
             if value not in choices:
                 raise InputError(f"unknown {name} {value!r}; choose one of {', '.join(choices)}")
-        check_width(self.arch, self.hidden)
+        architecture_options(self.arch, self.hidden, self.slope)
         self.space  # noqa: B018 - parsing the latent checks it
         return self
 

@@ -208,8 +208,8 @@ def linear(input_shape, param_dim: int, latent_dim: int):
 
 
 def nonlinear(input_shape, param_dim: int, latent_dim: int, hidden: int = 200, slope: float = 0.2):
-    """The 'nonlinear' benchmark model: D -> 200 -> 200 -> params and dim -> 200 -> 200 -> D, LeakyReLU
-    (negative slope 0.2, our choice); ``hidden`` in place of 200."""
+    """The 'nonlinear' benchmark model: D -> 200 -> 200 -> params and dim -> 200 -> 200 -> D, LeakyReLU with
+    negative slope ``slope`` (0.2 by default, ARM's; the DisARM / RODEO code uses 0.3); ``hidden`` in place of 200."""
     d = math.prod(input_shape)
 
     def mlp(n_in, n_out, last=nn.Linear):
@@ -261,29 +261,35 @@ def initialize(module: nn.Module, init: str) -> nn.Module:
 
 
 def build_model(arch: str, input_shape, latent: str | LatentSpace = "bernoulli", latent_dim: int | None = None,
-                groups: int = 1, likelihood: str = "bernoulli", init: str = "torch", hidden: int | None = None) -> VAE:
+                groups: int = 1, likelihood: str = "bernoulli", init: str = "torch", hidden: int | None = None,
+                slope: float | None = None) -> VAE:
     """A VAE with the Table I architecture ``arch`` for data of shape ``input_shape`` ([C, H, W] or [D]), the
     latent ``LatentSpace.parse(latent, latent_dim, groups)`` (e.g. ``"bernoulli", 50`` or
     ``"categorical:10+gaussian:10"``), its weights initialised by ``init`` (see :func:`initialize`), its hidden
-    layers ``hidden`` wide if given (the architectures that have a width: ``fc``, ``nonlinear``)."""
+    layers ``hidden`` wide and its LeakyReLU's negative slope ``slope`` if given (for the architectures whose
+    builders take them: ``fc`` and ``nonlinear`` have a width, ``nonlinear`` a slope)."""
     if arch not in ARCHS:
         raise InputError(f"unknown architecture {arch!r}; choose one of {', '.join(ARCHS)}")
     space = latent if isinstance(latent, LatentSpace) else LatentSpace.parse(latent, latent_dim, groups)
-    check_width(arch, hidden)
-    width = {} if hidden is None else {"hidden": hidden}
-    encoder, decoder = ARCHITECTURES[arch](tuple(input_shape), space.param_dim, space.dim, **width)
+    options = architecture_options(arch, hidden, slope)
+    encoder, decoder = ARCHITECTURES[arch](tuple(input_shape), space.param_dim, space.dim, **options)
     return initialize(VAE(encoder, decoder, space, likelihood), init)
 
 
-def check_width(arch: str, hidden: int | None) -> None:
-    """InputError unless ``hidden`` is None (the architecture's own width) or a width of at least 1 for an
-    architecture that has one (its builder takes ``hidden``)."""
-    if hidden is None:
-        return
-    if "hidden" not in inspect.signature(ARCHITECTURES[arch]).parameters:
-        raise InputError(f"the {arch} architecture has no hidden width to set (fc and nonlinear have)", "hidden")
-    if not 1 <= hidden <= MAX_WIDTH:
+def architecture_options(arch: str, hidden: int | None = None, slope: float | None = None) -> dict:
+    """The builder options of ``arch`` that are given (not None), checked: InputError for one its builder does not
+    take, a width outside [1, MAX_WIDTH] or a slope outside [0, 1)."""
+    options = {name: value for name, value in (("hidden", hidden), ("slope", slope)) if value is not None}
+    for name, what in (("hidden", "hidden width"), ("slope", "LeakyReLU slope")):
+        if name in options and name not in inspect.signature(ARCHITECTURES[arch]).parameters:
+            have = [a for a, build in ARCHITECTURES.items() if name in inspect.signature(build).parameters]
+            raise InputError(f"the {arch} architecture has no {what} to set ({' and '.join(have)} "
+                             f"{'has' if len(have) == 1 else 'have'})", name)
+    if hidden is not None and not 1 <= hidden <= MAX_WIDTH:
         raise InputError(f"hidden must be at least 1 and at most {MAX_WIDTH}, got {hidden}", "hidden")
+    if slope is not None and not 0 <= slope < 1:
+        raise InputError(f"slope must be at least 0 and below 1, got {slope}", "slope")
+    return options
 
 
 ARCHITECTURES = {"fc": fc, "cnn": cnn, "linear": linear, "nonlinear": nonlinear}  # --arch name -> its builder

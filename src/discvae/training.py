@@ -97,7 +97,7 @@ def check_estimand(space: LatentSpace, estimator: Estimator) -> None:
 
 def model_for(cfg: Config, data: Dataset) -> VAE:
     return build_model(cfg.arch, data.x_train.shape[1:], cfg.space, likelihood=cfg.likelihood, init=cfg.init,
-                       hidden=cfg.hidden)
+                       hidden=cfg.hidden, slope=cfg.slope)
 
 
 def train(cfg: Config, resume: bool = False, progress: bool = True, data: Dataset | None = None,
