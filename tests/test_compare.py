@@ -12,8 +12,8 @@ import torch.nn.functional as F
 from discvae import Config, Dataset, load_dataset, make_estimator
 from discvae.cli import main
 from discvae.estimators import ESTIMATORS
-from discvae.experiments.compare import Comparison, Spec, bias_variance, compare, parse_spec
 from discvae.evaluation import fixed_binarization
+from discvae.experiments.compare import Comparison, Spec, bias_variance, compare, parse_spec
 from discvae.runs import read_csv
 from discvae.training import estimator_options, load_run
 from helpers import tiny_data, tiny_model
@@ -150,7 +150,8 @@ def test_compare_over_seeds_reports_mean_and_std(tmp_path, capsys):
     results = json.loads((out / "results.json").read_text())
     per_seed = [json.loads((out / f"seed-{s}" / "results.json").read_text()) for s in (0, 1)]
     assert results["seeds"] == [0, 1] and [r["settings"]["seed"] for r in per_seed] == [0, 1]
-    for table, key in (("final", "train_neg_elbo"), ("final", "test_neg_elbo"), ("final", "test_neg_iwae"), ("bias_variance", "encoder_var")):
+    for table, key in (("final", "train_neg_elbo"), ("final", "test_neg_elbo"), ("final", "test_neg_iwae"),
+                       ("bias_variance", "encoder_var")):
         for i, row in enumerate(results[table]):
             values = [r[table][i][key] for r in per_seed]
             assert row[key] == pytest.approx(sum(values) / 2)

@@ -310,7 +310,8 @@ def report_markdown(title: str, settings: dict, bias_rows: list[dict], final: li
     lines += _table(["estimator", "epochs", "steps", "train -ELBO", "test -ELBO", "test -IWAE (final)",
                      "time/step (ms)", "train time (s)", "encoder var"], final,
                     lambda r: [r["label"], str(r["epochs"]), str(r["steps"]),
-                               _cell(r, "train_neg_elbo", "{:.2f}".format), _cell(r, "test_neg_elbo", "{:.2f}".format), _cell(r, "test_neg_iwae", "{:.2f}".format),
+                               *(_cell(r, key, "{:.2f}".format) for key in ("train_neg_elbo", "test_neg_elbo",
+                                                                             "test_neg_iwae")),
                                _cell(r, "ms_per_step", "{:.1f}".format), _cell(r, "train_time", "{:.0f}".format),
                                _cell(r, "encoder_var")])
     curves = [f"seed-{seed}/curves.png" for seed in seeds] or ["curves.png"]
