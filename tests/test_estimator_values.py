@@ -259,3 +259,4 @@ def test_the_baselines_are_the_means_of_the_other_samples():
     assert torch.equal(_baseline(fz, "loo"), torch.tensor([[4.0, 3.0], [3.5, 1.5], [1.5, 1.5]]))
     assert torch.equal(_baseline(fz, "mean"), (fz.sum() - fz) / 5)
     assert _baseline(fz, "none") == 0.0 and _baseline(fz[:1, :1], "mean") == 0.0
+    assert torch.equal(_baseline(fz[:1], "mean"), torch.tensor([[0.0, 1.0]]))  # two lone samples: each the other

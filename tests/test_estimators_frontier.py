@@ -46,6 +46,8 @@ def test_gibbs_stein_closed_forms_match_the_definition_and_have_mean_zero():
 
     states = q.enumerate()  # [16, 4]
     a_h, a_hs = gibbs_stein_linear(q, states, gamma.expand_as(states))
+    batched = gibbs_stein_linear(q, states[:, None].expand(-1, 3, -1), gamma.expand(16, 3, d))  # [K, B, D] as rodeo
+    assert torch.allclose(batched[0], a_h[:, None].expand(-1, 3)) and torch.allclose(batched[1], a_hs[:, None])
     for z, ah, ahs in zip(states, a_h, a_hs, strict=True):
         flips = z + torch.eye(d, dtype=z.dtype) * (1 - 2 * z)  # row i: z with bit i flipped
         p_flip = torch.where(z > 0, 1 - mu, mu)

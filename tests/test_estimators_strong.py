@@ -145,19 +145,29 @@ def test_exact_refuses_more_than_4096_states():
         assert torch.allclose(exact(q, lambda z: z.sum(-1).expand(-1, 2)), torch.full((2,), mean, dtype=torch.float32))
 
 
-@pytest.mark.parametrize("estimator,options,latent,message", [
-    ("disarm", {}, ("categorical", 3), "disarm needs a bernoulli latent (use rloo or exact for categoricals)"),
-    ("disarm", {"num_samples": 3}, ("bernoulli", 3), "disarm needs an even num_samples (2 per antithetic pair), got 3"),
-    ("exact", {}, ("gaussian", 2), "exact needs a bernoulli or categorical latent"),
-    ("straight-through", {}, ("gaussian", 2), "straight-through needs a bernoulli or categorical latent"),
+@pytest.mark.parametrize("estimator,options,latent,message,params", [
+    ("disarm", {}, ("categorical", 3), "disarm needs a bernoulli latent (use rloo or exact for categoricals)", ()),
+    *[(name, {}, ("categorical", 3), f"{name} needs a bernoulli latent (use rloo or exact for categoricals)", ())
+      for name in ("double-cv", "rodeo")],
+    ("disarm", {"num_samples": 3}, ("bernoulli", 3), "disarm needs an even num_samples (2 per antithetic pair), got 3",
+     ("num_samples",)),
+    *[(name, {"num_samples": 1}, ("bernoulli", 3), f"{name} needs num_samples of at least 2, got 1", ("num_samples",))
+      for name in ("rloo", "vimco", "double-cv", "rodeo")],
+    ("gumbel", {"tau": 0.0}, ("bernoulli", 3), "the temperature tau must be positive, got 0.0", ("tau",)),
+    ("st-gumbel", {}, ("gaussian", 2), "relaxed estimators need a bernoulli or categorical latent", ()),
+    ("importance", {"baseline": "median"}, ("bernoulli", 3), "unknown baseline 'median'; choose one of none, mean, "
+                                                             "loo", ()),
+    ("exact", {}, ("gaussian", 2), "exact needs a bernoulli or categorical latent", ()),
+    ("straight-through", {}, ("gaussian", 2), "straight-through needs a bernoulli or categorical latent", ()),
     ("exact", {}, ("bernoulli", 13), "exact would sum over 8.19e+03 latent states; the limit is 4096 (e.g. one "
-                                     "categorical of up to 4096 classes, or at most 12 bits)"),
+                                     "categorical of up to 4096 classes, or at most 12 bits)", ()),
 ])
-def test_input_errors_say_what_is_wrong_in_full(estimator, options, latent, message):
+def test_input_errors_say_what_is_wrong_in_full(estimator, options, latent, message, params):
+    """The whole message, and the parameters it names (which the CLI renames to their flags: --num-samples)."""
     model, x = tiny_model(*latent), tiny_data()
     with pytest.raises(InputError) as err:
         ESTIMATORS[estimator](model.posterior(x), lambda z: model.log_likelihood(x, z), **options)
-    assert str(err.value) == message
+    assert str(err.value) == message and err.value.params == params
 
 
 def test_disarm_draws_one_antithetic_pair_by_default():
