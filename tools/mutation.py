@@ -22,7 +22,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 ESTIMATOR_TESTS = ["test_unbiasedness.py", "test_estimators.py", "test_estimators_strong.py",
-                   "test_estimator_values.py", "test_estimators_frontier.py"]
+                   "test_estimator_values.py", "test_estimators_frontier.py", "test_estimator_formulas.py"]
 TESTS = {  # module (under src/discvae) -> the test files that exercise it
     "estimators": ESTIMATOR_TESTS,
     "distributions": ["test_distributions.py", *ESTIMATOR_TESTS, "test_hybrid.py", "test_mixture.py",
