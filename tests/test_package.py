@@ -114,3 +114,15 @@ def test_the_modules_import_each_other_without_a_cycle():
         done.add(module)
     for module in sorted(graph):
         walk(module)
+
+
+def test_the_mutation_run_selects_every_test_file_of_a_mutated_module():
+    """tools/mutation.py runs a module's mutants against the test files it lists: each file named for the module
+    (test_estimator*.py for estimators) must be among them, or its mutants survive tests that would kill them (this
+    happened to test_estimators_frontier.py)."""
+    spec = importlib.util.spec_from_file_location("mutation", ROOT / "tools" / "mutation.py")
+    mutation = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mutation)
+    for module in ("estimators", "distributions", "models", "evaluation"):
+        named = {path.name for path in (ROOT / "tests").glob(f"test_{module[:-1]}*.py")}
+        assert named and named <= set(mutation.TESTS[module]), (module, named - set(mutation.TESTS[module]))
