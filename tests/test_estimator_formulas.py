@@ -152,3 +152,11 @@ def test_rodeo_is_its_formula():
             a_hs[k] += p_not[:, None] * (h(flipped)[:, None] * (flipped - sig) - h(z[k])[:, None] * s[k]) / d
     first = -sum(((a_h.sum(0) - a_h[k]) / (M - 1))[:, None] * s[k] for k in range(M)) / M
     assert torch.allclose(got, _fitted(rloo_part(fz, s), [first, a_hs.mean(0)]), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("estimator", ["double-cv", "rodeo"])
+def test_the_value_is_each_data_points_mean_of_f(estimator):
+    """The estimate's value for data point b is (1/K) sum_k f(z_kb), not a mean over the batch."""
+    eta, f, seen = posterior_and_f()
+    value = ESTIMATORS[estimator](Bernoulli(eta), f, num_samples=M)
+    assert torch.allclose(value, f(seen[0]).mean(0), rtol=1e-12) and value.std() > 0
