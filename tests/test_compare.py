@@ -62,6 +62,7 @@ def test_compare_on_digits_writes_its_report(tmp_path, digits):
     assert f"| rloo | 2 | 8 | {final['rloo']['train_neg_elbo']:.2f} | {final['rloo']['test_neg_elbo']:.2f} |" in report
     settings = json.loads((tmp_path / "results.json").read_text())["settings"]
     assert settings["epochs"] == 2 and settings["init"] == "torch" and "- init: `torch`" in report
+    assert settings["slope"] is None and "- slope: `None`" in report  # the architecture's own (0.2, nonlinear)
     # restarting resumes: finished runs are reused, not retrained
     metrics = (tmp_path / "runs" / "rloo" / "metrics.csv").read_text()
     compare(base, specs[1:2], comparison, data=digits)

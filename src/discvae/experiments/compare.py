@@ -433,7 +433,8 @@ def compare_seed(base: Config, specs: list[Spec], settings: Comparison, out: Pat
             final.append(row)
         _curves_figure(out / "curves.png", curves)
 
-    described = {"dataset": base.dataset, "arch": base.arch, "init": base.init,
+    described = {"dataset": base.dataset, "arch": base.arch, "hidden": base.hidden, "slope": base.slope,
+                 "init": base.init,
                  "latent": str(base.space), "prior": base.prior,
                  "binarize": base.binarize, "batch_size": base.batch_size, "lr": base.lr, "seed": base.seed,
                  "epochs": base.epochs,
