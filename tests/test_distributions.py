@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.distributions as td
 
-from discvae.distributions import Bernoulli, Categorical, Gaussian
+from discvae.distributions import Bernoulli, Categorical, Gaussian, Joint, Mixture
 from discvae.errors import InputError
 
 torch.manual_seed(0)
@@ -91,3 +91,111 @@ def test_refuses_to_enumerate_huge_spaces():
         Bernoulli(torch.zeros(50)).enumerate()
     with pytest.raises(InputError, match="groups"):
         Categorical(torch.zeros(7), 2)
+
+
+# Every method of every family against a direct computation (float64, so a dtype dropped to torch's default fails).
+BITS, CATS = Bernoulli(ETA[:, :3]), Categorical(ETA[:, :4], 2)
+
+
+def test_modes_and_codes_are_the_most_probable_states():
+    assert torch.equal(BITS.mode(), (BITS.probs > 0.5).double())
+    assert BITS.code().dtype == torch.uint8 and torch.equal(BITS.code(), (BITS.probs > 0.5).to(torch.uint8))
+    grouped = CATS.probs  # [5, 2, 2]
+    assert torch.equal(CATS.code(), grouped.argmax(-1))
+    assert CATS.mode().dtype == torch.float64
+    assert torch.equal(CATS.mode(), torch.nn.functional.one_hot(grouped.argmax(-1), 2).double().flatten(-2))
+    g = Gaussian(ETA[:, :4])
+    assert torch.equal(g.mode(), ETA[:, :2]) and torch.equal(g.code(), ETA[:, :2])
+    joint = Joint([("bernoulli", BITS), ("categorical", CATS), ("gaussian", g)])
+    assert torch.equal(joint.mode(), torch.cat([BITS.mode(), CATS.mode(), g.mode()], -1))
+    assert torch.equal(joint.code(), torch.cat([BITS.code().long(), CATS.code()], -1))
+    assert torch.equal(Joint([("bernoulli", BITS), ("gaussian", g)]).code(), BITS.code())
+
+
+def test_aggregate_is_the_batch_marginal():
+    prior = torch.randn(3, dtype=torch.float64)
+    bits = Bernoulli(ETA[:, :3], prior_logits=prior).aggregate()
+    assert torch.allclose(bits.probs, BITS.probs.mean(0)) and bits.prior_logits is prior
+    cats = CATS.aggregate()
+    assert cats.groups == 2 and torch.allclose(cats.probs, CATS.probs.mean(0))
+    joint = Joint([("bernoulli", BITS), ("categorical", CATS)]).aggregate()
+    assert torch.allclose(joint.mean, torch.cat([BITS.probs.mean(0), CATS.mean.mean(0)]))
+
+
+@pytest.mark.parametrize("q", [BITS, CATS, Categorical(ETA[:, :6], 3), Joint([("c", CATS), ("b", BITS)])],
+                         ids=["bernoulli", "categorical-2x2", "categorical-3x2", "joint"])
+def test_state_index_is_the_row_in_enumerate(q):
+    states = q.enumerate()
+    assert states.dtype == torch.float64 and len(states) == q.num_states
+    assert torch.equal(q.state_index(states), torch.arange(q.num_states))
+    assert torch.equal(q.state_index(states[None].expand(2, -1, -1)), torch.arange(q.num_states).expand(2, -1))
+
+
+def test_bernoulli_and_categorical_enumerate_in_documented_order():
+    assert torch.equal(BITS.enumerate()[[0, 1, 6]], torch.tensor([[0.0, 0, 0], [0, 0, 1], [1, 1, 0]]).double())
+    assert torch.equal(CATS.enumerate()[[0, 1, 2]], torch.tensor([[1.0, 0, 1, 0], [1, 0, 0, 1], [0, 1, 1, 0]]).double())
+
+
+def test_joint_enumerates_every_combination_first_block_slowest():
+    joint = Joint([("c", CATS), ("b", BITS)])
+    states, cats, bits = joint.enumerate(), CATS.enumerate(), BITS.enumerate()
+    assert states.shape == (4 * 8, 7)
+    k = torch.arange(32)
+    assert torch.equal(states, torch.cat([cats[k // 8], bits[k % 8]], -1))
+    logq = joint.log_prob(states[:, None])
+    assert torch.allclose(torch.logsumexp(logq, 0), torch.zeros(5, dtype=torch.float64))
+
+
+def test_joint_is_the_sum_and_concatenation_of_its_blocks():
+    g = Gaussian(ETA[:, :4])
+    joint = Joint([("bernoulli", BITS), ("categorical", CATS), ("gaussian", g)])
+    assert joint.dim == 9 and joint.name == "bernoulli+categorical+gaussian" and not joint.discrete
+    z = joint.sample(2)
+    parts = z[..., :3], z[..., 3:7], z[..., 7:]
+    assert torch.allclose(joint.log_prob(z), BITS.log_prob(parts[0]) + CATS.log_prob(parts[1]) + g.log_prob(parts[2]))
+    assert torch.allclose(joint.entropy(), BITS.entropy() + CATS.entropy() + g.entropy())
+    assert torch.allclose(joint.prior_log_prob(z), BITS.prior_log_prob(parts[0]) + CATS.prior_log_prob(parts[1])
+                          + g.prior_log_prob(parts[2]))
+    other_bits, other_cats = Bernoulli(ETA[:, 3:]), Categorical(ETA[:, 2:], 2)
+    other = Joint([("bernoulli", other_bits), ("categorical", other_cats)])
+    discrete = Joint([("bernoulli", BITS), ("categorical", CATS)])
+    assert torch.allclose(discrete.kl(other), BITS.kl(other_bits) + CATS.kl(other_cats))
+    xi = torch.randn(5, 7, dtype=torch.float64)
+    proposal = discrete.proposal(xi)
+    assert [name for name, _ in proposal.parts] == ["bernoulli", "categorical"]
+    assert torch.equal(proposal.logits, xi) and proposal.parts[1][1].groups == 2
+
+
+def test_joint_relaxed_sample_is_its_blocks_in_order():
+    joint = Joint([("bernoulli", BITS), ("categorical", CATS)])
+    torch.manual_seed(3)
+    soft, hard = joint.relaxed_sample(2, 0.5)
+    torch.manual_seed(3)
+    expected = [BITS.relaxed_sample(2, 0.5), CATS.relaxed_sample(2, 0.5)]
+    assert soft.shape == hard.shape == (2, 5, 7)
+    assert torch.equal(soft, torch.cat([expected[0][0], expected[1][0]], -1))
+    assert torch.equal(hard, torch.cat([expected[0][1], expected[1][1]], -1))
+
+
+def test_join_puts_discrete_and_continuous_states_in_place():
+    z_d, z_c = torch.ones(5, 3, dtype=torch.float64), torch.zeros(5, 2, dtype=torch.float64)
+    assert BITS.join(z_d, z_c) is z_d and Gaussian(ETA[:, :4]).join(z_d, z_c) is z_c
+
+
+def test_continuous_latents_refuse_to_enumerate():
+    with pytest.raises(InputError, match="a Gaussian latent cannot be enumerated"):
+        Gaussian(ETA[:, :4]).enumerate()
+    with pytest.raises(InputError, match=r"a latent with a continuous block \(bernoulli\+gaussian\)"):
+        Joint([("bernoulli", BITS), ("gaussian", Gaussian(ETA[:, :4]))]).enumerate()
+
+
+def test_mixture_samples_and_prior_are_the_gaussian_blocks():
+    means = torch.randn(2, 2, dtype=torch.float64)
+    g = Gaussian(ETA[:, :4])
+    q = Mixture(Categorical(ETA[:, 4:]), g, means)
+    torch.manual_seed(5)
+    z = q.rsample(3)
+    torch.manual_seed(5)
+    assert z.shape == (3, 5, 2) and torch.equal(z, g.rsample(3))
+    each = td.Normal(means, 1.0).log_prob(z[..., None, :]).sum(-1)  # [3, 5, 2]
+    assert torch.allclose(q.prior_log_prob(z), torch.logsumexp(each, -1) - math.log(2))

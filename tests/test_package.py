@@ -126,3 +126,17 @@ def test_the_mutation_run_selects_every_test_file_of_a_mutated_module():
     for module in ("estimators", "distributions", "models", "evaluation"):
         named = {path.name for path in (ROOT / "tests").glob(f"test_{module[:-1]}*.py")}
         assert named and named <= set(mutation.TESTS[module]), (module, named - set(mutation.TESTS[module]))
+
+
+def test_the_recheck_mutates_the_method_of_the_named_class():
+    """``--recheck`` applies a survivor's diff to one function; methods of the same name in several classes
+    (``aggregate`` of Bernoulli and Categorical) must resolve to the named class's."""
+    spec = importlib.util.spec_from_file_location("mutation", ROOT / "tools" / "mutation.py")
+    mutation = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mutation)
+    source = "class A:\n    def f(self):\n        return 1\n\n    def g(self):\n        return 2\n\n\nclass B(A):\n" \
+             "    def f(self):\n        return 3\n\n\ndef f():\n    return 4\n"
+    for name, body in (("A.f", "return 1"), ("B.f", "return 3"), ("f", "return 4"), ("A.g", "return 2")):
+        start, end = mutation.function_span(source, name)
+        assert source[start:end].count("return") == 1 and body in source[start:end], name
+    assert mutation.function_span(source, "C.f") == (-1, -1)

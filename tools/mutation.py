@@ -61,18 +61,34 @@ QUICK = {  # module -> the tests --recheck runs first (seconds; most survivors d
                    "test_estimators_frontier.py::test_a_batch_of_one_has_no_coefficient_to_fit_and_is_rloo",
                    "test_estimators_frontier.py::test_categorical_and_single_sample_are_refused_in_one_line",
                    "test_estimators_frontier.py::test_two_evaluations_of_f_by_default"],
+    "distributions": ["test_distributions.py", "test_estimator_formulas.py", "test_estimator_values.py"],
 }
 
 
+def function_span(source: str, qualname: str) -> tuple[int, int]:
+    """Where ``def f`` (a top-level function) or ``Class.f`` (a method) starts and ends in ``source``; -1 if absent."""
+    *owner, name = qualname.split(".")
+    found = re.search(rf"^class {owner[0]}\b", source, re.M) if owner else None
+    begin = (found.start() if found else -1) if owner else 0
+    indent = "    " if owner else ""
+    start = source.find(f"\n{indent}def {name}(", max(begin, 0)) if begin >= 0 else -1
+    if start < 0:
+        return -1, -1
+    ends = [source.find(marker, start + 1) for marker in (f"\n{indent}def ", f"\n{indent}@", "\nclass ", "\ndef ")]
+    return start + 1, min([e for e in ends if e > 0], default=len(source))
+
+
 def recheck(out: Path, module: str, skip: set[str]) -> None:
-    """Each survivor of the finished run in ``out`` against the current code and tests: mutmut's diff of it (one
+    """Each survivor of the finished run in ``out`` (and each mutant no selected test reached) against the current
+    code and tests: mutmut's diff of it (one
     function's lines) applied to that function in a copy of today's ``src/discvae/MODULE.py``, then the module's
     test files with ``-x`` (its ``QUICK`` tests first); prints ``NAME KILLED TEST`` or ``NAME SURVIVED``
     (``NOT-APPLIED`` when the function changed since). Faster than a fresh run: no mutant generation, no coverage
     pass, only the survivors."""
     mutmut = [sys.executable, "-m", "mutmut"]
     listing = subprocess.run([*mutmut, "results"], cwd=out, capture_output=True, text=True).stdout
-    survivors = [n for n in re.findall(r"^\s*(\S+): survived$", listing, re.M) if n.split(".")[-1] not in skip]
+    survivors = [n for n in re.findall(r"^\s*(\S+): (?:survived|no tests)$", listing, re.M)
+                 if n.split(".")[-1] not in skip]
     copy = out / "recheck"
     shutil.copytree(ROOT / "src", copy / "src", dirs_exist_ok=True, ignore=shutil.ignore_patterns("__pycache__"))
     target = copy / "src" / "discvae" / f"{module}.py"
@@ -83,8 +99,7 @@ def recheck(out: Path, module: str, skip: set[str]) -> None:
         old = "\n".join(line[1:] for line in diff if line.startswith("-") and not line.startswith("---"))
         new = "\n".join(line[1:] for line in diff if line.startswith("+") and not line.startswith("+++"))
         function = re.match(r".*\.x[_ǁ](.+?)__mutmut_\d+$", name).group(1).replace("ǁ", ".")
-        start = source.find(f"def {function.split('.')[-1]}(")
-        end = source.find("\ndef ", start + 1) % (len(source) + 1)
+        start, end = function_span(source, function)
         if start < 0 or source[start:end].count(old) != 1:
             print(name, "NOT-APPLIED", flush=True)
             continue
