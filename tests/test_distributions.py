@@ -199,3 +199,36 @@ def test_mixture_samples_and_prior_are_the_gaussian_blocks():
     assert z.shape == (3, 5, 2) and torch.equal(z, g.rsample(3))
     each = td.Normal(means, 1.0).log_prob(z[..., None, :]).sum(-1)  # [3, 5, 2]
     assert torch.allclose(q.prior_log_prob(z), torch.logsumexp(each, -1) - math.log(2))
+
+
+def test_unit_entropies_and_usage_from_posterior_means():
+    mean = torch.rand(7, 3, dtype=torch.float64)
+    def h(p):
+        return -(p * p.log() + (1 - p) * (1 - p).log())
+    marginal, conditional = Bernoulli.unit_entropies(mean)
+    assert torch.allclose(marginal, h(mean.mean(0))) and torch.allclose(conditional, h(mean).mean(0))
+    probs = torch.softmax(torch.randn(7, 2, 3, dtype=torch.float64), -1)
+    marginal, conditional = Categorical(torch.zeros(6), 2).unit_entropies(probs.flatten(-2))
+    assert torch.allclose(marginal, -(probs.mean(0) * probs.mean(0).log()).sum(-1))
+    assert torch.allclose(conditional, -(probs * probs.log()).sum(-1).mean(0))
+    rare = torch.tensor([[0.9, 0.1 - 1e-3, 1e-3], [0.9, 0.1 - 1e-3, 1e-3]], dtype=torch.float64)  # 3rd: 0.001 < 0.1/3
+    assert Categorical(torch.zeros(3)).usage(rare) == {"used_categories": 2}
+    assert Categorical(torch.zeros(6), 2).usage(torch.cat([rare, rare], -1)) == {"used_categories": 4}
+    assert BITS.usage(mean) == {}
+
+
+def test_gaussian_reduces_its_last_axis_only():
+    params = torch.randn(2, 5, 6, dtype=torch.float64)
+    q, ref = Gaussian(params), td.Normal(params[..., :3], (0.5 * params[..., 3:]).exp())
+    assert q.entropy().shape == (2, 5) and torch.allclose(q.entropy(), ref.entropy().sum(-1))
+    z = q.sample()
+    assert torch.allclose(q.log_prob(z), ref.log_prob(z).sum(-1))
+
+
+def test_mixture_join_is_the_class_mean_plus_the_offset():
+    means = torch.randn(3, 2, dtype=torch.float64)
+    q = Mixture(Categorical(torch.zeros(5, 3, dtype=torch.float64)), Gaussian(torch.zeros(5, 4, dtype=torch.float64)),
+                means)
+    y = torch.nn.functional.one_hot(torch.tensor([2, 0, 1, 1, 0]), 3).double()
+    u = torch.randn(5, 2, dtype=torch.float64)
+    assert torch.allclose(q.join(y, u), means[[2, 0, 1, 1, 0]] + u)
