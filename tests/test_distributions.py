@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.distributions as td
 
-from discvae.distributions import Bernoulli, Categorical, Gaussian, Joint, Mixture
+from discvae.distributions import Bernoulli, Categorical, Gaussian, Joint, Mixture, as_family
 from discvae.errors import InputError
 
 torch.manual_seed(0)
@@ -183,7 +183,7 @@ def test_join_puts_discrete_and_continuous_states_in_place():
 
 
 def test_continuous_latents_refuse_to_enumerate():
-    with pytest.raises(InputError, match="a Gaussian latent cannot be enumerated"):
+    with pytest.raises(InputError, match="^a Gaussian latent cannot be enumerated$"):
         Gaussian(ETA[:, :4]).enumerate()
     with pytest.raises(InputError, match=r"a latent with a continuous block \(bernoulli\+gaussian\)"):
         Joint([("bernoulli", BITS), ("gaussian", Gaussian(ETA[:, :4]))]).enumerate()
@@ -232,3 +232,67 @@ def test_mixture_join_is_the_class_mean_plus_the_offset():
     y = torch.nn.functional.one_hot(torch.tensor([2, 0, 1, 1, 0]), 3).double()
     u = torch.randn(5, 2, dtype=torch.float64)
     assert torch.allclose(q.join(y, u), means[[2, 0, 1, 1, 0]] + u)
+
+
+def test_ties_dtypes_and_higher_batch_axes():
+    """The mode and code at q = 1/2 are 0 (the documented q(z_i = 1) > 1/2); values keep the parameters' dtype;
+    a batch of shape [2, 5] reduces the latent axis only."""
+    half = Bernoulli(torch.zeros(2, 3, dtype=torch.float64))
+    assert torch.equal(half.mode(), torch.zeros(2, 3, dtype=torch.float64)) and half.mode().dtype == torch.float64
+    assert torch.equal(half.code(), torch.zeros(2, 3, dtype=torch.uint8))
+    assert BITS.mode().dtype == torch.float64
+    a, b = torch.randn(2, 5, 3, dtype=torch.float64), torch.randn(2, 5, 3, dtype=torch.float64)
+    kl = Bernoulli(a).kl(Bernoulli(b))
+    assert kl.shape == (2, 5)
+    assert torch.allclose(kl, td.kl_divergence(td.Bernoulli(logits=a), td.Bernoulli(logits=b)).sum(-1))
+    joint = Joint([("bernoulli", Bernoulli(a)), ("gaussian", Gaussian(torch.randn(2, 5, 4, dtype=torch.float64)))])
+    assert joint.mode().shape == (2, 5, 5)
+    states = Joint([("c", CATS), ("b", BITS)]).enumerate()
+    assert Joint([("c", CATS), ("b", BITS)]).state_index(states).dtype == torch.long
+
+
+def test_proposal_and_aggregate_keep_the_learned_prior():
+    """q_I and the batch's marginal are other members of q's family under the same prior p(z)."""
+    prior = torch.randn(3, dtype=torch.float64)
+    bits = Bernoulli(ETA[:, :3], prior_logits=prior)
+    z = bits.sample(2)
+    assert torch.allclose(bits.proposal(torch.zeros(3, dtype=torch.float64)).prior_log_prob(z), bits.prior_log_prob(z))
+    cat_prior = torch.randn(4, dtype=torch.float64)
+    cats = Categorical(ETA[:, :4], 2, prior_logits=cat_prior)
+    marginal = cats.probs.mean(0)  # [2, 2]
+    expected = (marginal * (marginal.log() - torch.log_softmax(cat_prior.view(2, 2), -1))).sum()
+    assert torch.allclose(cats.aggregate().kl_to_prior(), expected)
+
+
+def test_prior_samples_have_the_prior_distribution_and_the_posterior_dtype():
+    torch.manual_seed(0)
+    bits = Bernoulli(torch.zeros(4, dtype=torch.float64)).prior_sample(20000)
+    assert bits.dtype == torch.float64 and set(bits.unique().tolist()) == {0.0, 1.0}
+    assert ((bits.mean(0) - 0.5).abs() < 5 * 0.5 / 20000**0.5).all()
+    learned = Bernoulli(torch.zeros(4, dtype=torch.float64), prior_logits=torch.zeros(4)).prior_sample(3)
+    assert learned.dtype == torch.float64
+    means = 100 * torch.eye(3, 2, dtype=torch.float64)
+    q = Mixture(Categorical(torch.zeros(3, dtype=torch.float64)), Gaussian(torch.zeros(4, dtype=torch.float64)), means)
+    z = q.prior_sample(4000)
+    y = torch.cdist(z, means).argmin(-1)
+    assert z.shape == (4000, 2) and z.dtype == torch.float64 and (y.bincount(minlength=3) > 1000).all()
+    offsets = z - means[y]  # independent N(0, I) draws, one per sample
+    assert ((offsets.mean(0)).abs() < 0.1).all() and ((offsets.std(0) - 1).abs() < 0.1).all()
+
+
+def test_mixture_join_reads_the_means_in_the_states_dtype():
+    means = torch.randn(3, 2)  # float32, as a module's parameter
+    q = Mixture(Categorical(torch.zeros(5, 3)), Gaussian(torch.zeros(5, 4)), means)
+    y = torch.eye(3, dtype=torch.float64)
+    assert torch.allclose(q.join(y, torch.zeros(3, 2, dtype=torch.float64)), means.double())
+
+
+def test_usage_threshold_is_strict():
+    at = torch.tensor([[0.975, 0.025, 0.0, 0.0]], dtype=torch.float64)  # 0.025 is exactly a tenth of 1/4
+    assert Categorical(torch.zeros(4)).usage(at) == {"used_categories": 1}
+
+
+def test_conversion_refuses_more_than_two_batch_axes():
+    with pytest.raises(InputError, match=r"^a OneHotCategorical posterior has batch shape \[B\] or \[B, G\], "
+                                         r"got \[2, 3, 4\]$"):
+        as_family(td.OneHotCategorical(logits=torch.zeros(2, 3, 4, 5)))
