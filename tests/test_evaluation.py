@@ -191,3 +191,20 @@ def test_evaluate_command(tmp_path, capsys):
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and "--k" in err
     assert main(["evaluate", str(tmp_path / "missing")]) == 2
+
+
+def test_defaults_are_the_documented_ones_and_precision_is_checked():
+    """K = 1000 importance samples unless told (README, ``discvae evaluate``); an unknown precision is refused
+    instead of silently running fp32."""
+    import inspect
+
+    from discvae.errors import InputError
+    from discvae.evaluation import evaluate, evaluate_run
+    for function in (iwae_bound, evaluate, evaluate_run):
+        assert inspect.signature(function).parameters["k"].default == 1000, function
+    for function in (evaluate, evaluate_run):
+        assert inspect.signature(function).parameters["precision"].default == "fp32", function
+    model, x = tiny_model("bernoulli", 3), tiny_data(4)
+    with pytest.raises(InputError, match="^unknown precision 'fp16'; choose one of fp32, bf16$"):
+        evaluate(model, x, k=2, precision="fp16")
+    assert set(evaluate(model, x, k=2)) >= {"neg_elbo", "iwae", "exact_log_px"}

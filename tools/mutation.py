@@ -30,7 +30,8 @@ TESTS = {  # module (under src/discvae) -> the test files that exercise it
     "distributions": ["test_distributions.py", *ESTIMATOR_TESTS],
     "latents": ["test_hybrid.py", "test_mixture.py", "test_learned_prior.py", "test_models.py"],
     "models": ["test_models.py", "test_hybrid.py", "test_consistency.py"],
-    "evaluation": ["test_evaluation.py", "test_learned_prior.py", "test_mixture.py", "test_hybrid.py"],
+    "evaluation": ["test_evaluation.py", "test_learned_prior.py", "test_mixture.py", "test_hybrid.py",
+                   "test_speed.py"],
     "applications/*": ["test_retrieval.py", "test_clustering.py", "test_codes.py", "test_search.py"],
 }
 

@@ -149,13 +149,15 @@ def evaluate(model, x: torch.Tensor, k: int = 1000, chunk: int = 100, batch_size
         k: importance samples of the IWAE bound.
         chunk: samples drawn at a time.
         batch_size: images at a time.
-        precision: ``fp32``, or ``bf16``: the networks under autocast, the log-space sums in fp32.
+        precision: ``fp32``, or ``bf16``: the networks under autocast, the log-space sums in fp32 (InputError
+            for anything else, or for bf16 where it would be slow: ``speed.check_precision``).
 
     Returns:
         Means over the rows of ``x``, nats per example: ``neg_elbo``, ``expected_ll``, ``kl``, ``iwae`` (the
         K-sample bound on ln p(x)), ``exact_log_px`` where the latent has at most ``EXACT_MAX_STATES`` states, the
         entries of :func:`latent_usage`, and ``seconds``.
     """
+    check_precision(precision, x.device)
     start = time.perf_counter()
     with autocast(precision, x.device):
         out = elbo_terms(model, x, batch_size, precision=precision)
