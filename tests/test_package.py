@@ -123,7 +123,7 @@ def test_the_mutation_run_selects_every_test_file_of_a_mutated_module():
     spec = importlib.util.spec_from_file_location("mutation", ROOT / "tools" / "mutation.py")
     mutation = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mutation)
-    for module in ("estimators", "distributions", "models", "evaluation"):
+    for module in ("estimators", "distributions", "latents", "models", "evaluation"):
         named = {path.name for path in (ROOT / "tests").glob(f"test_{module[:-1]}*.py")}
         assert named and named <= set(mutation.TESTS[module]), (module, named - set(mutation.TESTS[module]))
 

@@ -28,7 +28,7 @@ ESTIMATOR_TESTS = ["test_estimator_formulas.py", "test_estimator_values.py", "te
 TESTS = {  # module (under src/discvae) -> the test files that exercise it
     "estimators": ESTIMATOR_TESTS,
     "distributions": ["test_distributions.py", *ESTIMATOR_TESTS],
-    "latents": ["test_hybrid.py", "test_mixture.py", "test_learned_prior.py", "test_models.py"],
+    "latents": ["test_latents.py", "test_hybrid.py", "test_mixture.py", "test_learned_prior.py", "test_models.py"],
     "models": ["test_models.py", "test_hybrid.py", "test_consistency.py"],
     "evaluation": ["test_evaluation.py", "test_learned_prior.py", "test_mixture.py", "test_hybrid.py",
                    "test_speed.py"],
