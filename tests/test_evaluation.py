@@ -208,3 +208,24 @@ def test_defaults_are_the_documented_ones_and_precision_is_checked():
     with pytest.raises(InputError, match="^unknown precision 'fp16'; choose one of fp32, bf16$"):
         evaluate(model, x, k=2, precision="fp16")
     assert set(evaluate(model, x, k=2)) >= {"neg_elbo", "iwae", "exact_log_px"}
+
+
+def test_evaluate_passes_its_settings_on_and_is_exact_up_to_the_limit(monkeypatch):
+    """``k``, ``chunk``, ``batch_size`` and ``precision`` reach the bound and the ELBO; a latent of exactly
+    ``EXACT_MAX_STATES`` states (12 bits) gets ``exact_log_px``, one state more would not."""
+    import discvae.evaluation as evaluation
+    from discvae.estimators import EXACT_MAX_STATES
+    seen = {}
+    def spy(name, function):
+        def wrapped(*args, **kwargs):
+            seen[name] = (args[2:], kwargs)
+            return function(*args, **kwargs)
+        monkeypatch.setattr(evaluation, name, wrapped)
+    spy("iwae_bound", evaluation.iwae_bound)
+    spy("elbo_terms", evaluation.elbo_terms)
+    assert EXACT_MAX_STATES == 2**12
+    model, x = tiny_model("bernoulli", 12), tiny_data(3)
+    out = evaluation.evaluate(model, x, k=5, chunk=2, batch_size=3)
+    assert seen["iwae_bound"] == ((5, 2, 3), {}) and seen["elbo_terms"] == ((3,), {"precision": "fp32"})
+    assert out["exact_log_px"] == pytest.approx(exact_log_likelihood(model, x).mean().item(), rel=1e-12)
+    assert "exact_log_px" not in evaluation.evaluate(tiny_model("bernoulli", 13), x, k=2)
