@@ -14,6 +14,7 @@ reruns a finished run's survivors against today's code and tests. Why mutmut: do
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import shutil
@@ -149,6 +150,11 @@ def main(argv: list[str] | None = None) -> int:
              "pytest_add_cli_args_test_selection =", *[f"    {t}" for t in tests],
              "pytest_add_cli_args = -p no:cacheprovider", "process_isolation = forkserver"]
     (args.out / "setup.cfg").write_text("\n".join(lines) + "\n")
+    stats = args.out / "mutants" / "mutmut-stats.json"
+    if stats.exists() and not json.loads(stats.read_text()).get("tests_by_mangled_function_name"):
+        # a first pass stopped before it mapped tests to functions: resumed from it, mutmut would run every
+        # mutant against no tests ("no tests") or only against tests added since; start the pass again
+        stats.unlink()
     mutmut = [sys.executable, "-m", "mutmut"]
     subprocess.run([*mutmut, "run", "--max-children", "1", *args.only], cwd=args.out, check=False)
     return subprocess.run([*mutmut, "results"], cwd=args.out, check=False).returncode
