@@ -296,3 +296,38 @@ def test_conversion_refuses_more_than_two_batch_axes():
     with pytest.raises(InputError, match=r"^a OneHotCategorical posterior has batch shape \[B\] or \[B, G\], "
                                          r"got \[2, 3, 4\]$"):
         as_family(td.OneHotCategorical(logits=torch.zeros(2, 3, 4, 5)))
+
+
+def test_joint_join_places_each_block_in_order_and_broadcasts():
+    g = Gaussian(torch.zeros(4, 4, dtype=torch.float64))
+    joint = Joint([("categorical", Categorical(torch.zeros(4, 4, dtype=torch.float64), 2)), ("gaussian", g),
+                   ("bernoulli", Bernoulli(torch.zeros(4, 3, dtype=torch.float64)))])
+    z_d = torch.arange(7.0, dtype=torch.float64).expand(5, 1, 7)  # [S, 1, cat 4 + bits 3]
+    z_c = -torch.arange(1.0, 9.0, dtype=torch.float64).view(4, 2)  # [B, gaussian 2]
+    z = joint.join(z_d, z_c)
+    assert z.shape == (5, 4, 9)
+    assert torch.equal(z[..., :4], z_d[..., :4].expand(5, 4, 4))
+    assert torch.equal(z[..., 6:], z_d[..., 4:].expand(5, 4, 3))
+    assert torch.equal(z[..., 4:6], z_c.expand(5, 4, 2))
+
+
+def test_estimand_hands_over_the_discrete_blocks_with_one_reparameterised_draw():
+    """A hybrid's estimand is (q_d, z_d -> f(join(z_d, z_c))) with one z_c = mu + sigma eps per data point, shared
+    by every z_d; the gradient reaches the Gaussian's parameters through z_c."""
+    params = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+    g, cats = Gaussian(params), Categorical(torch.zeros(3, 3, dtype=torch.float64))
+    joint = Joint([("categorical", cats), ("gaussian", g)])
+    seen = []
+    torch.manual_seed(1)
+    q_d, f = joint.estimand(lambda z: seen.append(z) or z.sum(-1))
+    torch.manual_seed(1)
+    z_c = g.rsample()
+    assert q_d is cats
+    value = f(torch.eye(3, dtype=torch.float64)[:, None])  # three states [3, 1, 3] for the batch of 3
+    assert torch.allclose(seen[0], joint.join(torch.eye(3, dtype=torch.float64)[:, None], z_c))
+    value.sum().backward()
+    assert params.grad is not None and params.grad.abs().sum() > 0
+    discrete = Joint([("categorical", cats), ("bernoulli", BITS)])
+    assert discrete.estimand(sum)[0] is discrete
+    continuous = Joint([("gaussian", g)])  # no discrete block: the estimator reparameterises the whole of q
+    assert continuous.estimand(sum)[0] is continuous
