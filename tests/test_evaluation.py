@@ -229,3 +229,22 @@ def test_evaluate_passes_its_settings_on_and_is_exact_up_to_the_limit(monkeypatc
     assert seen["iwae_bound"] == ((5, 2, 3), {}) and seen["elbo_terms"] == ((3,), {"precision": "fp32"})
     assert out["exact_log_px"] == pytest.approx(exact_log_likelihood(model, x).mean().item(), rel=1e-12)
     assert "exact_log_px" not in evaluation.evaluate(tiny_model("bernoulli", 13), x, k=2)
+
+
+def test_unit_entropies_of_every_discrete_block_in_order():
+    """``unit_entropies`` of a model: one pair of entries per bit and per categorical group of the discrete blocks,
+    in the latent's order (the Gaussian block has none), each the posterior means' entropies of that unit."""
+    from discvae.distributions import Bernoulli
+    from discvae.evaluation import posterior_means, unit_entropies
+    model, x = tiny_model("bernoulli:3+categorical:3x2+gaussian:2"), tiny_data(9)
+    marginal, conditional = unit_entropies(model, x)
+    mean = posterior_means(model, x)
+    bits = Bernoulli.unit_entropies(mean[:, :3])
+    probs = mean[:, 3:9].unflatten(-1, (2, 3))
+    def h(p):
+        return -(p * p.log()).sum(-1)
+    assert marginal.shape == conditional.shape == (5,)
+    assert torch.allclose(marginal, torch.cat([bits[0], h(probs.mean(0))]))
+    assert torch.allclose(conditional, torch.cat([bits[1], h(probs).mean(0)]))
+    none = unit_entropies(tiny_model("gaussian", 2), x)
+    assert [t.shape for t in none] == [(0,), (0,)]
