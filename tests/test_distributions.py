@@ -331,3 +331,67 @@ def test_estimand_hands_over_the_discrete_blocks_with_one_reparameterised_draw()
     assert discrete.estimand(sum)[0] is discrete
     continuous = Joint([("gaussian", g)])  # no discrete block: the estimator reparameterises the whole of q
     assert continuous.estimand(sum)[0] is continuous
+
+
+def test_block_sizes_default_to_one_group():
+    assert (Categorical.param_dim(5), Categorical.dim_of(5), Categorical.states_of(5)) == (5, 5, 5)
+    assert Categorical.states_of(3, 2) == 9 and Categorical.states_of(2, 3) == 8
+    assert Bernoulli.states_of(5) == 32 and Bernoulli.param_dim(5) == 5 and Gaussian.param_dim(5) == 10
+    assert Categorical.from_params(torch.zeros(1, 6)).groups == 1
+    assert Gaussian.dim_of(4) == 4 and Gaussian.states_of(4) is None
+    with pytest.raises(ValueError, match="^a gaussian block has no learned prior$"):
+        Gaussian.from_params(torch.zeros(1, 4), prior_logits=torch.zeros(2))
+
+
+def test_encodings_are_probabilities_or_means():
+    g = Gaussian(ETA[:, :4])
+    assert torch.equal(g.encoding(), ETA[:, :2]) and torch.equal(BITS.encoding(), BITS.probs)
+    both = Joint([("bernoulli", BITS), ("categorical", CATS)])
+    assert torch.equal(both.encoding(), torch.cat([BITS.probs, CATS.mean], -1))
+    assert torch.equal(Joint([("bernoulli", BITS), ("gaussian", g)]).encoding(), BITS.probs)
+    code = Joint([("bernoulli", BITS), ("gaussian", g)]).code()
+    assert code.dtype == torch.uint8 and torch.equal(code, BITS.code())
+    deep = Joint([("bernoulli", Bernoulli(torch.randn(2, 5, 3))),
+                  ("categorical", Categorical(torch.randn(2, 5, 4), 2))])
+    assert deep.code().shape == (2, 5, 5) and deep.prior_sample((2, 3)).shape == (2, 3, 7)
+
+
+def test_one_hot_states_keep_every_class_when_one_dominates():
+    peaked = Categorical(torch.tensor([[9.0, 0.0, 0.0], [9.0, 0.0, 0.0]], dtype=torch.float64))
+    assert torch.equal(peaked.mode(), torch.tensor([[1.0, 0.0, 0.0]] * 2, dtype=torch.float64))
+    soft, hard = peaked.relaxed_sample(1, 0.5)
+    assert soft.shape == hard.shape == (1, 2, 3)
+
+
+def test_categorical_proposal_and_prior_samples():
+    prior = torch.randn(4, dtype=torch.float64)
+    cats = Categorical(ETA[:, :4], 2, prior_logits=prior)
+    z = cats.sample(2)
+    assert torch.allclose(cats.proposal(torch.zeros(4, dtype=torch.float64)).prior_log_prob(z), cats.prior_log_prob(z))
+    torch.manual_seed(0)
+    uniform = Categorical(torch.zeros(6, dtype=torch.float64), 2).prior_sample(6000)
+    assert uniform.dtype == torch.float64 and uniform.shape == (6000, 6)
+    assert ((uniform.mean(0) - 1 / 3).abs() < 5 * (2 / 9 / 6000) ** 0.5).all()  # every class drawn 1/3 of the time
+    learned = Categorical(torch.zeros(6, dtype=torch.float64), 2, prior_logits=torch.zeros(6)).prior_sample(2)
+    assert learned.dtype == torch.float64
+    assert Gaussian(ETA[:, :4]).prior_sample(3).dtype == torch.float64
+
+
+def test_mixture_kl_over_a_batch_of_batches():
+    means = torch.randn(3, 2, dtype=torch.float64)
+    logits, params = torch.randn(2, 5, 3, dtype=torch.float64), torch.randn(2, 5, 4, dtype=torch.float64)
+    q = Mixture(Categorical(logits), Gaussian(params), means)
+    flat = Mixture(Categorical(logits.reshape(10, 3)), Gaussian(params.reshape(10, 4)), means)
+    for name, kl in q.kl_parts().items():
+        assert kl.shape == (2, 5) and torch.allclose(kl.reshape(10), flat.kl_parts()[name])
+
+
+def test_a_single_bit_or_dimension():
+    one = Bernoulli(torch.randn(5, 1, dtype=torch.float64))
+    z = one.sample(3)
+    assert one.log_prob(z).shape == (3, 5) and one.log_prob(z[0]).shape == (5,)
+    assert torch.allclose(one.log_prob(z), td.Bernoulli(logits=one.logits).log_prob(z).sum(-1))
+
+
+def test_enumerates_up_to_the_limit():
+    assert len(Bernoulli(torch.zeros(20)).enumerate()) == 2**20  # MAX_ENUMERATE states: the largest allowed
