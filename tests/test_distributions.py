@@ -395,3 +395,13 @@ def test_a_single_bit_or_dimension():
 
 def test_enumerates_up_to_the_limit():
     assert len(Bernoulli(torch.zeros(20)).enumerate()) == 2**20  # MAX_ENUMERATE states: the largest allowed
+
+
+def test_log_prob_broadcasts_states_against_any_batch():
+    """Shared states ``[S, 1, c]`` against a batch of 2, states ``[S, 2, c]`` of each row, and a batch of shape
+    ``[1, 5]``: each against torch's log-probabilities."""
+    for logits, z in ((torch.randn(2, 4, dtype=torch.float64), torch.randint(0, 2, (3, 1, 4)).double()),
+                      (torch.randn(2, 4, dtype=torch.float64), torch.randint(0, 2, (3, 2, 4)).double()),
+                      (torch.randn(1, 5, 4, dtype=torch.float64), torch.randint(0, 2, (3, 1, 4)).double())):
+        expected = td.Bernoulli(logits=logits).log_prob(z).sum(-1)
+        assert torch.allclose(Bernoulli(logits).log_prob(z), expected), (logits.shape, z.shape)
