@@ -108,6 +108,8 @@ def recheck(out: Path, module: str, skip: set[str]) -> None:
         old = "\n".join(line[1:] for line in diff if line.startswith("-") and not line.startswith("---"))
         new = "\n".join(line[1:] for line in diff if line.startswith("+") and not line.startswith("+++"))
         function = re.match(r".*\.x[_ǁ](.+?)__mutmut_\d+$", name).group(1).replace("ǁ", ".")
+        if "." in function:  # mutmut shows a method dedented to the class's level
+            old, new = ("\n".join("    " + line if line else line for line in text.split("\n")) for text in (old, new))
         start, end = function_span(source, function)
         if start < 0 or source[start:end].count(old) != 1:
             print(name, "NOT-APPLIED", flush=True)
