@@ -405,3 +405,15 @@ def test_log_prob_broadcasts_states_against_any_batch():
                       (torch.randn(1, 5, 4, dtype=torch.float64), torch.randint(0, 2, (3, 1, 4)).double())):
         expected = td.Bernoulli(logits=logits).log_prob(z).sum(-1)
         assert torch.allclose(Bernoulli(logits).log_prob(z), expected), (logits.shape, z.shape)
+
+
+def test_estimand_draws_every_continuous_block():
+    g1, g2 = Gaussian(torch.randn(3, 4, dtype=torch.float64)), Gaussian(torch.randn(3, 2, dtype=torch.float64))
+    joint = Joint([("g1", g1), ("categorical", Categorical(torch.zeros(3, 3, dtype=torch.float64))), ("g2", g2)])
+    seen = []
+    torch.manual_seed(2)
+    _, f = joint.estimand(seen.append)
+    torch.manual_seed(2)
+    z1, z2 = g1.rsample(), g2.rsample()
+    f(torch.eye(3, dtype=torch.float64))
+    assert torch.equal(seen[0], torch.cat([z1, torch.eye(3, dtype=torch.float64), z2], -1))
