@@ -407,13 +407,13 @@ def test_log_prob_broadcasts_states_against_any_batch():
         assert torch.allclose(Bernoulli(logits).log_prob(z), expected), (logits.shape, z.shape)
 
 
-def test_estimand_draws_every_continuous_block():
-    g1, g2 = Gaussian(torch.randn(3, 4, dtype=torch.float64)), Gaussian(torch.randn(3, 2, dtype=torch.float64))
-    joint = Joint([("g1", g1), ("categorical", Categorical(torch.zeros(3, 3, dtype=torch.float64))), ("g2", g2)])
+def test_estimand_draws_every_continuous_block_of_a_batch_of_batches():
+    g1, g2 = Gaussian(torch.randn(2, 3, 4, dtype=torch.float64)), Gaussian(torch.randn(2, 3, 2, dtype=torch.float64))
+    joint = Joint([("g1", g1), ("categorical", Categorical(torch.zeros(2, 3, 3, dtype=torch.float64))), ("g2", g2)])
     seen = []
     torch.manual_seed(2)
     _, f = joint.estimand(seen.append)
     torch.manual_seed(2)
     z1, z2 = g1.rsample(), g2.rsample()
     f(torch.eye(3, dtype=torch.float64))
-    assert torch.equal(seen[0], torch.cat([z1, torch.eye(3, dtype=torch.float64), z2], -1))
+    assert torch.equal(seen[0], torch.cat([z1, torch.eye(3, dtype=torch.float64).expand(2, 3, 3), z2], -1))
