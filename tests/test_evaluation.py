@@ -182,6 +182,15 @@ def test_evaluate_command(tmp_path, capsys):
     result = json.loads((run / "eval.json").read_text())
     assert "iwae (K=20)" in out and str(run / "eval.json") in out
     assert result["k"] == 20 and result["epoch"] == 1 and result["binarize"] == "dynamic"
+    checkpoint = torch.load(run / "checkpoint.pt", weights_only=False)
+    from discvae.distributions import USED_FRACTION
+    from discvae.estimators import EXACT_MAX_STATES
+    from discvae.evaluation import ACTIVE_THRESHOLD
+    assert {key: result[key] for key in ("run", "step", "train_seconds", "latent", "exact_max_states",
+                                         "active_threshold", "used_fraction", "precision")} == {
+        "run": str(run), "step": checkpoint["step"], "train_seconds": checkpoint["elapsed"],
+        "latent": "categorical:6x2", "exact_max_states": EXACT_MAX_STATES, "active_threshold": ACTIVE_THRESHOLD,
+        "used_fraction": USED_FRACTION, "precision": "fp32"}
     for split in ("test", "train"):
         r = result[split]
         assert r["neg_elbo"] == pytest.approx(r["kl"] - r["expected_ll"])
@@ -190,6 +199,15 @@ def test_evaluate_command(tmp_path, capsys):
     assert main(["evaluate", str(run), "--k", "0"]) == 2
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and "--k" in err
+    from discvae.errors import InputError
+    from discvae.evaluation import evaluate_run
+    for k, chunk, batch_size in ((0, 1, 1), (1, 0, 1), (1, 1, 0)):
+        with pytest.raises(InputError) as caught:
+            evaluate_run(run, k, chunk, batch_size)
+        assert str(caught.value) == "k, chunk and batch_size must be at least 1"
+        assert caught.value.params == ("k", "chunk", "batch_size")
+    one = evaluate_run(run, k=1, chunk=1, batch_size=1)  # 1 is allowed for each
+    assert one["k"] == 1 and math.isfinite(one["test"]["iwae"])
     assert main(["evaluate", str(tmp_path / "missing")]) == 2
 
 
