@@ -71,6 +71,7 @@ QUICK = {  # module -> the tests --recheck runs first (seconds; most survivors d
                    "test_estimators_frontier.py::test_categorical_and_single_sample_are_refused_in_one_line",
                    "test_estimators_frontier.py::test_two_evaluations_of_f_by_default"],
     "distributions": ["test_distributions.py", "test_estimator_formulas.py", "test_estimator_values.py"],
+    "evaluation": ["test_evaluation.py"],
 }
 
 
