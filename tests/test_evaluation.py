@@ -222,6 +222,9 @@ def test_defaults_are_the_documented_ones_and_precision_is_checked():
         assert inspect.signature(function).parameters["k"].default == 1000, function
     for function in (evaluate, evaluate_run):
         assert inspect.signature(function).parameters["precision"].default == "fp32", function
+    from discvae.evaluation import fixed_binarization
+    for function in (evaluate_run, fixed_binarization):  # the evaluation set binarised with seed 0
+        assert inspect.signature(function).parameters["seed"].default == 0, function
     model, x = tiny_model("bernoulli", 3), tiny_data(4)
     with pytest.raises(InputError, match="^unknown precision 'fp16'; choose one of fp32, bf16$"):
         evaluate(model, x, k=2, precision="fp16")
@@ -266,3 +269,29 @@ def test_unit_entropies_of_every_discrete_block_in_order():
     assert torch.allclose(conditional, torch.cat([bits[1], h(probs).mean(0)]))
     none = unit_entropies(tiny_model("gaussian", 2), x)
     assert [t.shape for t in none] == [(0,), (0,)]
+
+
+class _SwitchEncoder(nn.Module):
+    """params of bernoulli:3+gaussian:2 from s = x_0 in {0, 1}: bit 0 = s almost surely, bit 1 a fair coin for every
+    x, bit 2 with q = 0.7 or 0.3 (I(x; z_2) = ln 2 - H(0.7) = 0.082 nats, between the threshold 0.1 ln 2 = 0.069 and
+    0.1 ln 3 or 0.1 / ln 2), the Gaussian's mean 3 s in its first dimension and 0 in its second."""
+
+    def forward(self, x):
+        sign = 2 * x[:, :1] - 1
+        zero = torch.zeros_like(sign)
+        logit = math.log(0.7 / 0.3)
+        return torch.cat([20 * sign, zero, logit * sign, 3 * x[:, :1], zero, zero, zero], -1)
+
+
+def test_latent_usage_of_a_hybrid_per_block_and_in_batches():
+    from discvae.evaluation import posterior_means
+    x = torch.zeros(10, 6, dtype=torch.float64)
+    x[::2, 0] = 1.0
+    model = VAE(_SwitchEncoder(), nn.Linear(5, 6).double(), "bernoulli:3+gaussian:2")
+    assert torch.allclose(posterior_means(model, x, batch_size=3), model.posterior(x).mean.double())
+    usage = latent_usage(model, x, batch_size=3)
+    assert usage["active_units"] == 3  # bits 0 and 2, the Gaussian's first dimension
+    assert (usage["bernoulli_active_units"], usage["gaussian_active_units"]) == (2, 1)
+    assert usage["bernoulli_informative_units"] == 2
+    assert usage["bernoulli_unit_information_nats"] == pytest.approx(math.log(2) + math.log(2) + 0.7 * math.log(0.7)
+                                                                    + 0.3 * math.log(0.3), abs=1e-6)
