@@ -295,3 +295,14 @@ def test_latent_usage_of_a_hybrid_per_block_and_in_batches():
     assert usage["bernoulli_informative_units"] == 2
     assert usage["bernoulli_unit_information_nats"] == pytest.approx(math.log(2) + math.log(2) + 0.7 * math.log(0.7)
                                                                     + 0.3 * math.log(0.3), abs=1e-6)
+
+
+def test_fixed_binarization_depends_on_its_seed_alone():
+    from discvae.evaluation import fixed_binarization
+    x = tiny_data(50)
+    torch.manual_seed(0)
+    a = fixed_binarization(x, "dynamic", 3)
+    torch.manual_seed(1)
+    assert torch.equal(fixed_binarization(x, "dynamic", 3), a)
+    assert not torch.equal(fixed_binarization(x, "dynamic", 4), a)
+    assert set(a.unique().tolist()) == {0.0, 1.0} and torch.equal(fixed_binarization(x, "none", 3), x)
