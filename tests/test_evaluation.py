@@ -208,6 +208,20 @@ def test_evaluate_command(tmp_path, capsys):
         assert caught.value.params == ("k", "chunk", "batch_size")
     one = evaluate_run(run, k=1, chunk=1, batch_size=1)  # 1 is allowed for each
     assert one["k"] == 1 and math.isfinite(one["test"]["iwae"])
+    import discvae.memory
+    with pytest.MonkeyPatch.context() as patch:  # no memory free: refused before any work, with the estimate
+        patch.setattr(discvae.memory, "available_bytes", lambda device: 1)
+        for train_set, rows in ((False, 297), (True, 1500)):  # the digits' test and training sets
+            with pytest.raises(InputError) as caught:
+                evaluate_run(run, k=20, chunk=7, batch_size=10**6, train_set=train_set)
+            message = str(caught.value)
+            assert message.startswith(f"the bound's 7 samples of {rows} images at a time would need about ")
+            assert message.endswith("free on cpu; lower chunk or batch_size")
+            assert caught.value.params == ("chunk", "batch_size")
+    (run / "eval.json").unlink()
+    (run / "eval.json").mkdir()
+    with pytest.raises(InputError, match=r"eval.json is a directory, not a file$"):
+        evaluate_run(run, k=1)
     assert main(["evaluate", str(tmp_path / "missing")]) == 2
 
 
