@@ -206,8 +206,16 @@ def test_evaluate_command(tmp_path, capsys):
             evaluate_run(run, k, chunk, batch_size)
         assert str(caught.value) == "k, chunk and batch_size must be at least 1"
         assert caught.value.params == ("k", "chunk", "batch_size")
+    import time
+    start = time.perf_counter()
     one = evaluate_run(run, k=1, chunk=1, batch_size=1)  # 1 is allowed for each
     assert one["k"] == 1 and math.isfinite(one["test"]["iwae"])
+    assert 0 < one["test"]["seconds"] <= time.perf_counter() - start + 0.01
+    assert one["test"]["seconds"] == round(one["test"]["seconds"], 2) and isinstance(one["test"]["seconds"], float)
+    # the seed binarises the evaluation set: exact ln p(x) (36 states, no sampling) changes with it alone
+    other = evaluate_run(run, k=1, seed=3)
+    assert other["test"]["exact_log_px"] != one["test"]["exact_log_px"]
+    assert evaluate_run(run, k=1, seed=0)["test"]["exact_log_px"] == one["test"]["exact_log_px"]
     import discvae.memory
     with pytest.MonkeyPatch.context() as patch:  # no memory free: refused before any work, with the estimate
         patch.setattr(discvae.memory, "available_bytes", lambda device: 1)
