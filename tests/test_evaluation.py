@@ -216,6 +216,17 @@ def test_evaluate_command(tmp_path, capsys):
     other = evaluate_run(run, k=1, seed=3)
     assert other["test"]["exact_log_px"] != one["test"]["exact_log_px"]
     assert evaluate_run(run, k=1, seed=0)["test"]["exact_log_px"] == one["test"]["exact_log_px"]
+    import discvae.evaluation
+    import discvae.training
+    reads = []
+    with pytest.MonkeyPatch.context() as patch:  # the checkpoint is read once: the epoch recorded is the weights'
+        def counted(*args, load=discvae.evaluation.load_checkpoint, **kwargs):
+            reads.append(args[0])
+            return load(*args, **kwargs)
+        patch.setattr(discvae.evaluation, "load_checkpoint", counted)
+        patch.setattr(discvae.training, "load_checkpoint", counted)
+        evaluate_run(run, k=1)
+    assert len(reads) == 1
     import discvae.memory
     with pytest.MonkeyPatch.context() as patch:  # no memory free: refused before any work, with the estimate
         patch.setattr(discvae.memory, "available_bytes", lambda device: 1)
