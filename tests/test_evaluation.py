@@ -227,6 +227,18 @@ def test_evaluate_command(tmp_path, capsys):
         patch.setattr(discvae.training, "load_checkpoint", counted)
         evaluate_run(run, k=1)
     assert len(reads) == 1
+    class Estimated(Exception):
+        pass
+
+    def estimate(chunk, batch_size, train_set=False):
+        """The bytes evaluate_run estimates before the work (the check stopped there)."""
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(discvae.evaluation, "check_fits", lambda need, *rest: (_ for _ in ()).throw(Estimated(need)))
+            with pytest.raises(Estimated) as caught:
+                evaluate_run(run, k=100, chunk=chunk, batch_size=batch_size, train_set=train_set)
+        return caught.value.args[0]
+    # 36 states: ln p(x, z) is tabulated for every state and image, so 500 more images add at least 500 x 36 float32
+    assert estimate(7, 1000, train_set=True) - estimate(7, 500, train_set=True) >= 500 * 36 * 4
     import discvae.memory
     with pytest.MonkeyPatch.context() as patch:  # no memory free: refused before any work, with the estimate
         patch.setattr(discvae.memory, "available_bytes", lambda device: 1)
