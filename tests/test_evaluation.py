@@ -2,13 +2,21 @@
 ``discvae evaluate``."""
 import json
 import math
+import shutil
+import time
 
 import pytest
 import torch
 from torch import nn
 
+import discvae.evaluation
+import discvae.memory
+import discvae.training
 from discvae.cli import main
-from discvae.evaluation import exact_log_likelihood, iwae_bound, latent_usage
+from discvae.distributions import USED_FRACTION
+from discvae.errors import InputError
+from discvae.estimators import EXACT_MAX_STATES
+from discvae.evaluation import ACTIVE_THRESHOLD, evaluate_run, exact_log_likelihood, iwae_bound, latent_usage
 from discvae.models import VAE
 from helpers import Z_MAX, exact_expected_ll, tiny_data, tiny_model
 
@@ -172,10 +180,18 @@ def test_latent_usage_of_an_unused_and_a_deterministic_code():
     assert usage["informative_units"] == 0  # the same q for every x: no information about it
 
 
-def test_evaluate_command(tmp_path, capsys):
-    run = tmp_path / "run"
+@pytest.fixture(scope="module")
+def digits_run(tmp_path_factory):
+    """A one-epoch digits run with a 6x2 categorical latent (36 states: ln p(x) is enumerated exactly)."""
+    run = tmp_path_factory.mktemp("evaluate") / "run"
     assert main(["train", "--dataset", "digits", "--latent", "categorical", "--latent-dim", "6", "--groups", "2",
                  "--binarize", "dynamic", "--epochs", "1", "--batch-size", "512", "--out", str(run), "--quiet"]) == 0
+    return run
+
+
+def test_evaluate_command(digits_run, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(digits_run, run)
     capsys.readouterr()
     assert main(["evaluate", str(run), "--k", "20", "--chunk", "7", "--train-set"]) == 0
     out = capsys.readouterr().out
@@ -183,9 +199,6 @@ def test_evaluate_command(tmp_path, capsys):
     assert "iwae (K=20)" in out and str(run / "eval.json") in out
     assert result["k"] == 20 and result["epoch"] == 1 and result["binarize"] == "dynamic"
     checkpoint = torch.load(run / "checkpoint.pt", weights_only=False)
-    from discvae.distributions import USED_FRACTION
-    from discvae.estimators import EXACT_MAX_STATES
-    from discvae.evaluation import ACTIVE_THRESHOLD
     assert {key: result[key] for key in ("run", "step", "train_seconds", "latent", "exact_max_states",
                                          "active_threshold", "used_fraction", "precision")} == {
         "run": str(run), "step": checkpoint["step"], "train_seconds": checkpoint["elapsed"],
@@ -199,14 +212,17 @@ def test_evaluate_command(tmp_path, capsys):
     assert main(["evaluate", str(run), "--k", "0"]) == 2
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and "--k" in err
-    from discvae.errors import InputError
-    from discvae.evaluation import evaluate_run
+    assert main(["evaluate", str(tmp_path / "missing")]) == 2
+
+
+def test_evaluate_run_refusals_record_and_memory_estimate(digits_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(digits_run, run)
     for k, chunk, batch_size in ((0, 1, 1), (1, 0, 1), (1, 1, 0)):
         with pytest.raises(InputError) as caught:
             evaluate_run(run, k, chunk, batch_size)
         assert str(caught.value) == "k, chunk and batch_size must be at least 1"
         assert caught.value.params == ("k", "chunk", "batch_size")
-    import time
     start = time.perf_counter()
     one = evaluate_run(run, k=1, chunk=1, batch_size=1)  # 1 is allowed for each
     assert one["k"] == 1 and math.isfinite(one["test"]["iwae"])
@@ -216,8 +232,6 @@ def test_evaluate_command(tmp_path, capsys):
     other = evaluate_run(run, k=1, seed=3)
     assert other["test"]["exact_log_px"] != one["test"]["exact_log_px"]
     assert evaluate_run(run, k=1, seed=0)["test"]["exact_log_px"] == one["test"]["exact_log_px"]
-    import discvae.evaluation
-    import discvae.training
     reads = []
     with pytest.MonkeyPatch.context() as patch:  # the checkpoint is read once: the epoch recorded is the weights'
         def counted(*args, load=discvae.evaluation.load_checkpoint, **kwargs):
@@ -239,7 +253,6 @@ def test_evaluate_command(tmp_path, capsys):
         return caught.value.args[0]
     # 36 states: ln p(x, z) is tabulated for every state and image, so 500 more images add at least 500 x 36 float32
     assert estimate(7, 1000, train_set=True) - estimate(7, 500, train_set=True) >= 500 * 36 * 4
-    import discvae.memory
     with pytest.MonkeyPatch.context() as patch:  # no memory free: refused before any work, with the estimate
         patch.setattr(discvae.memory, "available_bytes", lambda device: 1)
         for train_set, rows in ((False, 297), (True, 1500)):  # the digits' test and training sets
@@ -253,7 +266,6 @@ def test_evaluate_command(tmp_path, capsys):
     (run / "eval.json").mkdir()
     with pytest.raises(InputError, match=r"eval.json is a directory, not a file$"):
         evaluate_run(run, k=1)
-    assert main(["evaluate", str(tmp_path / "missing")]) == 2
 
 
 def test_defaults_are_the_documented_ones_and_precision_is_checked():
@@ -261,8 +273,7 @@ def test_defaults_are_the_documented_ones_and_precision_is_checked():
     instead of silently running fp32."""
     import inspect
 
-    from discvae.errors import InputError
-    from discvae.evaluation import evaluate, evaluate_run
+    from discvae.evaluation import evaluate
     for function in (iwae_bound, evaluate, evaluate_run):
         assert inspect.signature(function).parameters["k"].default == 1000, function
     for function in (evaluate, evaluate_run):
@@ -279,8 +290,7 @@ def test_defaults_are_the_documented_ones_and_precision_is_checked():
 def test_evaluate_passes_its_settings_on_and_is_exact_up_to_the_limit(monkeypatch):
     """``k``, ``chunk``, ``batch_size`` and ``precision`` reach the bound and the ELBO; a latent of exactly
     ``EXACT_MAX_STATES`` states (12 bits) gets ``exact_log_px``, one state more would not."""
-    import discvae.evaluation as evaluation
-    from discvae.estimators import EXACT_MAX_STATES
+    evaluation = discvae.evaluation
     seen = {}
     def spy(name, function):
         def wrapped(*args, **kwargs):

@@ -116,13 +116,19 @@ def test_the_modules_import_each_other_without_a_cycle():
         walk(module)
 
 
+def _mutation_tool():
+    """tools/mutation.py as a module (it is a script, not part of the package)."""
+    spec = importlib.util.spec_from_file_location("mutation", ROOT / "tools" / "mutation.py")
+    mutation = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mutation)
+    return mutation
+
+
 def test_the_mutation_run_selects_every_test_file_of_a_mutated_module():
     """tools/mutation.py runs a module's mutants against the test files it lists: each file named for the module
     (test_estimator*.py for estimators) must be among them, or its mutants survive tests that would kill them (this
     happened to test_estimators_frontier.py)."""
-    spec = importlib.util.spec_from_file_location("mutation", ROOT / "tools" / "mutation.py")
-    mutation = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mutation)
+    mutation = _mutation_tool()
     for module in ("estimators", "distributions", "latents", "models", "evaluation"):
         named = {path.name for path in (ROOT / "tests").glob(f"test_{module[:-1]}*.py")}
         assert named and named <= set(mutation.TESTS[module]), (module, named - set(mutation.TESTS[module]))
@@ -131,9 +137,7 @@ def test_the_mutation_run_selects_every_test_file_of_a_mutated_module():
 def test_the_recheck_mutates_the_method_of_the_named_class():
     """``--recheck`` applies a survivor's diff to one function; methods of the same name in several classes
     (``aggregate`` of Bernoulli and Categorical) must resolve to the named class's."""
-    spec = importlib.util.spec_from_file_location("mutation", ROOT / "tools" / "mutation.py")
-    mutation = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mutation)
+    mutation = _mutation_tool()
     source = "class A:\n    def f(self):\n        return 1\n\n    def g(self):\n        return 2\n\n\nclass B(A):\n" \
              "    def f(self):\n        return 3\n\n\ndef f():\n    return 4\n"
     for name, body in (("A.f", "return 1"), ("B.f", "return 3"), ("f", "return 4"), ("A.g", "return 2")):

@@ -79,9 +79,10 @@ def function_span(source: str, qualname: str) -> tuple[int, int]:
     """Where ``def f`` (a top-level function) or ``Class.f`` (a method) starts and ends in ``source``; -1 if absent."""
     *owner, name = qualname.split(".")
     found = re.search(rf"^class {owner[0]}\b", source, re.M) if owner else None
-    begin = (found.start() if found else -1) if owner else 0
+    if owner and not found:
+        return -1, -1
     indent = "    " if owner else ""
-    start = source.find(f"\n{indent}def {name}(", max(begin, 0)) if begin >= 0 else -1
+    start = source.find(f"\n{indent}def {name}(", found.start() if found else 0)
     if start < 0:
         return -1, -1
     ends = [source.find(marker, start + 1) for marker in (f"\n{indent}def ", f"\n{indent}@", "\nclass ", "\ndef ")]
@@ -90,11 +91,10 @@ def function_span(source: str, qualname: str) -> tuple[int, int]:
 
 def recheck(out: Path, module: str, skip: set[str]) -> None:
     """Each survivor of the finished run in ``out`` (and each mutant no selected test reached) against the current
-    code and tests: mutmut's diff of it (one
-    function's lines) applied to that function in a copy of today's ``src/discvae/MODULE.py``, then the module's
-    test files with ``-x`` (its ``QUICK`` tests first); prints ``NAME KILLED TEST`` or ``NAME SURVIVED``
-    (``NOT-APPLIED`` when the function changed since). Faster than a fresh run: no mutant generation, no coverage
-    pass, only the survivors."""
+    code and tests: mutmut's diff of it (one function's lines) applied to that function in a copy of today's
+    ``src/discvae/MODULE.py``, then the module's test files with ``-x`` (its ``QUICK`` tests first); prints
+    ``NAME KILLED TEST`` or ``NAME SURVIVED`` (``NOT-APPLIED`` when the function changed since). Faster than a fresh
+    run: no mutant generation, no coverage pass, only the survivors."""
     mutmut = [sys.executable, "-m", "mutmut"]
     listing = subprocess.run([*mutmut, "results"], cwd=out, capture_output=True, text=True).stdout
     survivors = [n for n in re.findall(r"^\s*(\S+): (?:survived|no tests)$", listing, re.M)
