@@ -241,18 +241,9 @@ def test_evaluate_run_refusals_record_and_memory_estimate(digits_run, tmp_path):
         patch.setattr(discvae.training, "load_checkpoint", counted)
         evaluate_run(run, k=1)
     assert len(reads) == 1
-    class Estimated(Exception):
-        pass
-
-    def estimate(chunk, batch_size, train_set=False):
-        """The bytes evaluate_run estimates before the work (the check stopped there)."""
-        with pytest.MonkeyPatch.context() as patch:
-            patch.setattr(discvae.evaluation, "check_fits", lambda need, *rest: (_ for _ in ()).throw(Estimated(need)))
-            with pytest.raises(Estimated) as caught:
-                evaluate_run(run, k=100, chunk=chunk, batch_size=batch_size, train_set=train_set)
-        return caught.value.args[0]
-    # 36 states: ln p(x, z) is tabulated for every state and image, so 500 more images add at least 500 x 36 float32
-    assert estimate(7, 1000, train_set=True) - estimate(7, 500, train_set=True) >= 500 * 36 * 4
+    # 36 states: ln p(x, z) is tabulated from the decoder's 64 pixel logits for every state and image, so 500 more
+    # images at a time add at least 500 x 36 x 64 float32
+    assert estimate(run, 7, 1000, train_set=True) - estimate(run, 7, 500, train_set=True) >= 500 * 36 * 64 * 4
     with pytest.MonkeyPatch.context() as patch:  # no memory free: refused before any work, with the estimate
         patch.setattr(discvae.memory, "available_bytes", lambda device: 1)
         for train_set, rows in ((False, 297), (True, 1500)):  # the digits' test and training sets
@@ -266,6 +257,31 @@ def test_evaluate_run_refusals_record_and_memory_estimate(digits_run, tmp_path):
     (run / "eval.json").mkdir()
     with pytest.raises(InputError, match=r"eval.json is a directory, not a file$"):
         evaluate_run(run, k=1)
+
+
+class Estimated(Exception):
+    pass
+
+
+def estimate(run, chunk, batch_size, train_set=False, k=100):
+    """The bytes ``evaluate_run`` estimates before the work (the memory check is stopped there)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(discvae.evaluation, "check_fits", lambda need, *rest: (_ for _ in ()).throw(Estimated(need)))
+        with pytest.raises(Estimated) as caught:
+            evaluate_run(run, k=k, chunk=chunk, batch_size=batch_size, train_set=train_set)
+    return caught.value.args[0]
+
+
+def test_evaluate_run_estimates_the_memory_of_one_chunk_of_a_convolutional_run(tmp_path):
+    """The estimate runs the model on batches of the run's image shape [C, H, W] (a convolutional encoder given
+    anything else fails on the meta device, and no estimate would be made), with one chunk of samples: 2^13 states
+    are too many to tabulate, so each sample is decoded; a chunk holds ``chunk`` samples, never more than k."""
+    run = tmp_path / "cnn"
+    assert main(["train", "--dataset", "digits", "--arch", "cnn", "--latent-dim", "13", "--epochs", "1",
+                 "--batch-size", "512", "--out", str(run), "--quiet"]) == 0
+    assert isinstance(estimate(run, 7, 10), int) and 0 < estimate(run, 7, 10) < estimate(run, 7, 20)
+    assert estimate(run, 7, 100, k=5) < estimate(run, 7, 100, k=7) == estimate(run, 7, 100, k=100)
+    assert estimate(run, 10, 5) < estimate(run, 50, 5)  # a chunk holds its samples whatever the images at a time
 
 
 def test_defaults_are_the_documented_ones_and_precision_is_checked():
