@@ -144,3 +144,14 @@ def test_the_recheck_mutates_the_method_of_the_named_class():
         start, end = mutation.function_span(source, name)
         assert source[start:end].count("return") == 1 and body in source[start:end], name
     assert mutation.function_span(source, "C.f") == (-1, -1)
+
+
+def test_the_survivor_table_shows_the_line_a_mutant_adds():
+    """``--table`` writes a Markdown row per survivor: the line the mutant adds, cut to 90 characters, its ``|``
+    escaped so the row keeps its cells."""
+    mutation = _mutation_tool()
+    diff = "--- a.py\n+++ a.py\n@@ -1,2 +1,2 @@\n def f(x):\n-    return x | 1\n+    return x | 2\n"
+    assert mutation.change(diff) == "return x \\| 2"
+    long = "--- a.py\n+++ a.py\n-    y = 1\n+    y = " + "1" * 100 + "\n"
+    assert mutation.change(long) == "y = " + "1" * 83 + "..."
+    assert mutation.change("--- a.py\n+++ a.py\n-    y = 1\n") == "(a line removed)"

@@ -89,6 +89,32 @@ def function_span(source: str, qualname: str) -> tuple[int, int]:
     return start + 1, min([e for e in ends if e > 0], default=len(source))
 
 
+def survivors(out: Path) -> list[str]:
+    """The mutants of the finished run in ``out`` that survived or that no selected test reached."""
+    listing = subprocess.run([sys.executable, "-m", "mutmut", "results"], cwd=out, capture_output=True,
+                             text=True).stdout
+    return re.findall(r"^\s*(\S+): (?:survived|no tests)$", listing, re.M)
+
+
+def change(diff: str) -> str:
+    """The first line a mutant adds, from ``mutmut show``'s diff, stripped, cut to 90 characters and with its
+    ``|`` escaped (a Markdown table's cell)."""
+    added = [line[1:].strip() for line in diff.splitlines() if line.startswith("+") and not line.startswith("+++")]
+    text = added[0] if added else "(a line removed)"
+    return (text if len(text) <= 90 else text[:87] + "...").replace("|", "\\|")
+
+
+def table(out: Path, verdicts: dict[str, str]) -> None:
+    """A Markdown row per survivor of the run in ``out``: its short name, what it changes, and its verdict from a
+    ``--recheck`` log (``verdicts``: short name -> that log's words) or blank, for the doc's table."""
+    print("| mutant | the change | recheck |\n|---|---|---|")
+    for name in survivors(out):
+        diff = subprocess.run([sys.executable, "-m", "mutmut", "show", name], cwd=out, capture_output=True,
+                              text=True).stdout
+        short = name.split(".")[-1]
+        print(f"| `{short}` | `{change(diff)}` | {verdicts.get(short, '')} |")
+
+
 def recheck(out: Path, module: str, skip: set[str]) -> None:
     """Each survivor of the finished run in ``out`` (and each mutant no selected test reached) against the current
     code and tests: mutmut's diff of it (one function's lines) applied to that function in a copy of today's
@@ -96,15 +122,12 @@ def recheck(out: Path, module: str, skip: set[str]) -> None:
     ``NAME KILLED TEST`` or ``NAME SURVIVED`` (``NOT-APPLIED`` when the function changed since). Faster than a fresh
     run: no mutant generation, no coverage pass, only the survivors."""
     mutmut = [sys.executable, "-m", "mutmut"]
-    listing = subprocess.run([*mutmut, "results"], cwd=out, capture_output=True, text=True).stdout
-    survivors = [n for n in re.findall(r"^\s*(\S+): (?:survived|no tests)$", listing, re.M)
-                 if n.split(".")[-1] not in skip]
     copy = out / "recheck"
     shutil.copytree(ROOT / "src", copy / "src", dirs_exist_ok=True, ignore=shutil.ignore_patterns("__pycache__"))
     target = copy / "src" / "discvae" / f"{module}.py"
     source = (ROOT / "src" / "discvae" / f"{module}.py").read_text()
     tests = [str(ROOT / "tests" / t) for t in TESTS[module]]
-    for name in survivors:
+    for name in [n for n in survivors(out) if n.split(".")[-1] not in skip]:
         diff = subprocess.run([*mutmut, "show", name], cwd=out, capture_output=True, text=True).stdout.splitlines()
         old = "\n".join(line[1:] for line in diff if line.startswith("-") and not line.startswith("---"))
         new = "\n".join(line[1:] for line in diff if line.startswith("+") and not line.startswith("+++"))
@@ -137,7 +160,14 @@ def main(argv: list[str] | None = None) -> int:
                         "finished run in --out against today's code and tests (see recheck)")
     parser.add_argument("--skip", nargs="*", default=[], help="with --recheck: survivors not to rerun (e.g. the "
                         "equivalent ones), by their short name x_..._mutmut_N")
+    parser.add_argument("--table", nargs="*", type=Path, metavar="RECHECK_LOG", help="instead of running mutmut: "
+                        "a Markdown row per survivor of the finished run in --out, with its verdict from these "
+                        "--recheck logs (see table)")
     args = parser.parse_args(argv)
+    if args.table is not None:
+        lines = [line.split(maxsplit=1) for log in args.table for line in log.read_text().splitlines()]
+        table(args.out, {parts[0].split(".")[-1]: parts[1] for parts in lines if len(parts) == 2})
+        return 0
     if args.recheck:
         for module in args.modules:
             recheck(args.out, module, set(args.skip))
