@@ -42,6 +42,32 @@ def test_cnn_layers_of_table_1():
     assert sizes == [(4, 4), (7, 7), (14, 14), (28, 28)]
 
 
+LAYERS = {  # each architecture's layers in order (docstrings of discvae.models; Table I for fc and cnn)
+    "fc": (["Flatten", "Linear", "ReLU", "Head"], ["Linear", "ReLU", "Linear"]),
+    "linear": (["Flatten", "Head"], ["Linear"]),
+    "nonlinear": (["Flatten", "Linear", "LeakyReLU", "Linear", "LeakyReLU", "Head"],
+                  ["Linear", "LeakyReLU", "Linear", "LeakyReLU", "Linear"]),
+    "cnn": (["Conv2d", "ReLU", "Conv2d", "ReLU", "Conv2d", "ReLU", "Flatten", "Head"],
+            ["Linear", "ReLU", "_Unflatten", *["ConvTranspose2d", "ReLU"] * 3, "ConvTranspose2d", "Flatten"]),
+}
+
+
+@pytest.mark.parametrize("arch", sorted(LAYERS))
+def test_every_architecture_has_its_layers_in_order(arch):
+    """A ReLU after every hidden layer and none after the last, and the encoder's last layer a ``Head`` (an
+    ``nn.Linear`` that stays fp32 under bf16 autocast)."""
+    model = build_model(arch, (1, 28, 28), "bernoulli", 50)
+    for net, names in zip((model.encoder, model.decoder), LAYERS[arch], strict=True):
+        layers = net if isinstance(net, torch.nn.Sequential) else [net]
+        assert [type(layer).__name__ for layer in layers] == names
+
+
+def test_the_cnn_refuses_data_that_is_not_images_in_one_line():
+    with pytest.raises(InputError) as caught:
+        build_model("cnn", (784,), "bernoulli", 50)
+    assert str(caught.value) == "the cnn architecture needs images [C, H, W], got data of shape (784,)"
+
+
 def test_fc_layers_of_table_1():
     model = build_model("fc", (1, 28, 28), "categorical", 100)
     widths = [(m.in_features, m.out_features) for m in [*model.encoder, *model.decoder] if hasattr(m, "in_features")]
