@@ -157,3 +157,20 @@ def test_the_nonlinear_slope_is_a_setting():
         model = model_for(Config(arch="nonlinear", latent_dim=200, slope=slope).check(), data)
         slopes = [m.negative_slope for m in model.modules() if isinstance(m, torch.nn.LeakyReLU)]
         assert slopes == [want] * 4
+
+
+def test_the_values_logged_of_a_batch_are_named_and_detached():
+    """``Terms.values`` is what metrics.csv logs: the three terms; a hybrid's KL per block (one block has none:
+    it is ``kl``); the consistency term with a view. Values only, no gradient; each equal to its term."""
+    torch.manual_seed(0)
+    x = torch.rand(3, 1, 8, 8).bernoulli()
+    bits = build_model("fc", (1, 8, 8), "bernoulli", 4, hidden=16)(x, "exact")
+    assert list(bits.values()) == ["neg_elbo", "expected_ll", "kl"]
+    hybrid = build_model("fc", (1, 8, 8), "categorical:4+gaussian:2", hidden=16)(x, "exact", view=x.flip(-1))
+    values = hybrid.values()
+    assert list(values) == ["neg_elbo", "expected_ll", "kl", "kl_categorical", "kl_gaussian", "consistency"]
+    assert [values[k] for k in ("neg_elbo", "expected_ll", "kl")] == [hybrid.neg_elbo, hybrid.expected_ll, hybrid.kl]
+    assert torch.equal(values["kl_categorical"], hybrid.kl_blocks["categorical"])
+    assert torch.equal(values["consistency"], hybrid.consistency) and hybrid.consistency > 0
+    assert not any(v.requires_grad for v in values.values())
+    assert hybrid.kl_blocks["gaussian"].requires_grad and hybrid.consistency.requires_grad
