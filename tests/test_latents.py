@@ -56,6 +56,9 @@ def test_posterior_splits_the_parameters_among_the_blocks():
     q = space.posterior(params)
     assert isinstance(q, Joint) and [name for name, _ in q.parts] == ["bernoulli", "categorical"]
     assert torch.equal(q.parts[0][1].logits, params[:, :2]) and torch.equal(q.parts[1][1].logits, params[:, 2:])
+    batched = space.posterior(torch.arange(48.0).view(2, 3, 8))  # [..., param_dim]: the blocks split the last axis
+    assert batched.parts[0][1].logits.shape == (2, 3, 2) and batched.parts[1][1].logits.shape == (2, 3, 6)
+    assert torch.equal(batched.parts[1][1].logits[1, 2], torch.arange(42.0, 48.0))
     single = LatentSpace.parse("categorical", 3, 2).posterior(torch.zeros(1, 6))
     assert isinstance(single, Categorical) and single.groups == 2
     with pytest.raises(ValueError, match=r"^a latent with the learned prior needs that prior's module \(VAE.prior\)$"):
