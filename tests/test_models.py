@@ -62,10 +62,14 @@ def test_every_architecture_has_its_layers_in_order(arch):
         assert [type(layer).__name__ for layer in layers] == names
 
 
-def test_the_cnn_refuses_data_that_is_not_images_in_one_line():
+@pytest.mark.parametrize("kwargs, message", [
+    ({"arch": "cnn", "input_shape": (784,)}, "the cnn architecture needs images [C, H, W], got data of shape (784,)"),
+    ({"arch": "mlp"}, "unknown architecture 'mlp'; choose one of fc, cnn, linear, nonlinear"),
+    ({"init": "xavier"}, "unknown init 'xavier'; choose one of torch, he")])
+def test_refusals_name_the_choices_in_one_line(kwargs, message):
     with pytest.raises(InputError) as caught:
-        build_model("cnn", (784,), "bernoulli", 50)
-    assert str(caught.value) == "the cnn architecture needs images [C, H, W], got data of shape (784,)"
+        build_model(**{"arch": "fc", "input_shape": (1, 8, 8), "latent": "bernoulli", "latent_dim": 4, **kwargs})
+    assert str(caught.value) == message
 
 
 def test_fc_layers_of_table_1():
