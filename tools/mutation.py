@@ -72,6 +72,8 @@ QUICK = {  # module -> the tests --recheck runs first (seconds; most survivors d
                    "test_estimators_frontier.py::test_two_evaluations_of_f_by_default"],
     "distributions": ["test_distributions.py", "test_estimator_formulas.py", "test_estimator_values.py"],
     "evaluation": ["test_evaluation.py"],
+    "latents": ["test_latents.py"],
+    "models": ["test_models.py"],
 }
 
 
