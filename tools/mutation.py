@@ -74,6 +74,7 @@ QUICK = {  # module -> the tests --recheck runs first (seconds; most survivors d
     "evaluation": ["test_evaluation.py"],
     "latents": ["test_latents.py"],
     "models": ["test_models.py"],
+    "applications/*": ["test_retrieval.py", "test_search.py"],
 }
 
 
@@ -119,23 +120,25 @@ def table(out: Path, verdicts: dict[str, str]) -> None:
 
 def recheck(out: Path, module: str, skip: set[str]) -> None:
     """Each survivor of the finished run in ``out`` (and each mutant no selected test reached) against the current
-    code and tests: mutmut's diff of it (one function's lines) applied to that function in a copy of today's
-    ``src/discvae/MODULE.py``, then the module's test files with ``-x`` (its ``QUICK`` tests first); prints
-    ``NAME KILLED TEST`` or ``NAME SURVIVED`` (``NOT-APPLIED`` when the function changed since). Faster than a fresh
-    run: no mutant generation, no coverage pass, only the survivors."""
+    code and tests: mutmut's diff of it (one function's lines) applied to that function in a copy of today's source
+    file (the one the mutant's name gives, e.g. ``discvae.applications.search.x_f__mutmut_3``), then the module's
+    test files with ``-x`` (its ``QUICK`` tests first); prints ``NAME KILLED TEST`` or ``NAME SURVIVED``
+    (``NOT-APPLIED`` when the function changed since). Faster than a fresh run: no mutant generation, no coverage
+    pass, only the survivors."""
     mutmut = [sys.executable, "-m", "mutmut"]
     copy = out / "recheck"
     shutil.copytree(ROOT / "src", copy / "src", dirs_exist_ok=True, ignore=shutil.ignore_patterns("__pycache__"))
-    target = copy / "src" / "discvae" / f"{module}.py"
-    source = (ROOT / "src" / "discvae" / f"{module}.py").read_text()
     tests = [str(ROOT / "tests" / t) for t in TESTS[module]]
     for name in [n for n in survivors(out) if n.split(".")[-1] not in skip]:
         diff = subprocess.run([*mutmut, "show", name], cwd=out, capture_output=True, text=True).stdout.splitlines()
         old = "\n".join(line[1:] for line in diff if line.startswith("-") and not line.startswith("---"))
         new = "\n".join(line[1:] for line in diff if line.startswith("+") and not line.startswith("+++"))
-        function = re.match(r".*\.x[_ǁ](.+?)__mutmut_\d+$", name).group(1).replace("ǁ", ".")
+        dotted, function = re.match(r"(.*?)\.x[_ǁ](.+?)__mutmut_\d+$", name).groups()
+        function = function.replace("ǁ", ".")
         if "." in function:  # mutmut shows a method dedented to the class's level
             old, new = ("\n".join("    " + line if line else line for line in text.split("\n")) for text in (old, new))
+        relative = Path(*dotted.split(".")).with_suffix(".py")
+        source, target = (ROOT / "src" / relative).read_text(), copy / "src" / relative
         start, end = function_span(source, function)
         if start < 0 or source[start:end].count(old) != 1:
             print(name, "NOT-APPLIED", flush=True)
@@ -147,9 +150,9 @@ def recheck(out: Path, module: str, skip: set[str]) -> None:
                                  text=True)
             if run.returncode:
                 break
+        target.write_text(source)
         failed = re.findall(r"^FAILED (\S+)", run.stdout, re.M)
         print(name, *(["KILLED", *failed[:1]] if run.returncode else ["SURVIVED"]), flush=True)
-    target.write_text(source)
 
 
 def main(argv: list[str] | None = None) -> int:
