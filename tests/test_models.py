@@ -3,6 +3,8 @@ import pytest
 import torch
 
 from discvae import Config, Dataset, InputError, build_model
+from discvae.latents import MAX_WIDTH
+from discvae.models import architecture_options
 from discvae.training import model_for
 
 
@@ -178,3 +180,23 @@ def test_the_values_logged_of_a_batch_are_named_and_detached():
     assert torch.equal(values["consistency"], hybrid.consistency) and hybrid.consistency > 0
     assert not any(v.requires_grad for v in values.values())
     assert hybrid.kl_blocks["gaussian"].requires_grad and hybrid.consistency.requires_grad
+
+
+@pytest.mark.parametrize("arch, options, message, param", [
+    ("cnn", {"hidden": 64}, "the cnn architecture has no hidden width to set (fc and nonlinear have)", "hidden"),
+    ("fc", {"slope": 0.3}, "the fc architecture has no LeakyReLU slope to set (nonlinear has)", "slope"),
+    ("fc", {"hidden": 0}, f"hidden must be at least 1 and at most {MAX_WIDTH}, got 0", "hidden"),
+    ("fc", {"hidden": MAX_WIDTH + 1}, f"hidden must be at least 1 and at most {MAX_WIDTH}, got {MAX_WIDTH + 1}",
+     "hidden"),
+    ("nonlinear", {"slope": 1.0}, "slope must be at least 0 and below 1, got 1.0", "slope"),
+    ("nonlinear", {"slope": -0.1}, "slope must be at least 0 and below 1, got -0.1", "slope")])
+def test_architecture_options_refused_in_full_with_the_option_named(arch, options, message, param):
+    with pytest.raises(InputError) as caught:
+        architecture_options(arch, **options)
+    assert str(caught.value) == message and caught.value.params == (param,)
+
+
+def test_architecture_options_at_their_limits_are_accepted():
+    assert architecture_options("fc") == {}
+    for hidden in (1, MAX_WIDTH):
+        assert architecture_options("nonlinear", hidden=hidden, slope=0.0) == {"hidden": hidden, "slope": 0.0}
