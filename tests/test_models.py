@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from discvae import Config, Dataset, InputError, build_model
+from discvae.estimators import disarm, make_estimator
 from discvae.latents import MAX_WIDTH
 from discvae.models import architecture_options
 from discvae.training import model_for
@@ -200,3 +201,19 @@ def test_architecture_options_at_their_limits_are_accepted():
     assert architecture_options("fc") == {}
     for hidden in (1, MAX_WIDTH):
         assert architecture_options("nonlinear", hidden=hidden, slope=0.0) == {"hidden": hidden, "slope": 0.0}
+
+
+def test_estimator_options_reach_the_estimator_by_name_or_as_a_value():
+    """``model(x, estimator, **options)``: the options (here DisARM's 6 samples, 3 antithetic pairs, against 2 by
+    default) reach the estimator whether it is named or passed as a value; seen as the z decoded, 6 per image."""
+    model = build_model("fc", (1, 8, 8), "bernoulli", 4, hidden=16)
+    decoded = []
+    model.decoder.register_forward_pre_hook(lambda module, args: decoded.append(args[0].shape[0]))
+    x = torch.rand(3, 1, 8, 8).bernoulli()
+    for estimator in ("disarm", make_estimator("disarm"), disarm):
+        decoded.clear()
+        model(x, estimator, num_samples=6)
+        assert decoded == [6 * 3], estimator
+    decoded.clear()
+    model(x, "disarm")
+    assert decoded == [2 * 3]
