@@ -5,11 +5,12 @@
 
 copies src/, tests/ and pyproject.toml into ``--out`` (the checkout is never touched), writes the [mutmut] section
 of a setup.cfg there (the modules to mutate, the test files that exercise them, a fork server because torch is not
-fork-safe after use) and runs ``mutmut run --max-children 1``. mutmut leaves decorated functions alone, so in the
-copy ``@_posterior_as_family`` (every estimator of estimators.py) becomes ``name = _posterior_as_family(name)``
-after the function, which is the same thing; ``mutmut results`` and ``mutmut show NAME`` in
-``--out`` then list the survivors. A rerun in the same ``--out`` resumes (mutmut caches every verdict); ``--recheck``
-reruns a finished run's survivors against today's code and tests. Why mutmut: docs/MUTATION.md.
+fork-safe after use) and runs ``mutmut run --max-children JOBS`` (``--jobs``, 1 by default). mutmut leaves
+decorated functions alone, so in the copy ``@_posterior_as_family`` (every estimator of estimators.py) becomes
+``name = _posterior_as_family(name)`` after the function, which is the same thing; ``mutmut results`` and
+``mutmut show NAME`` in ``--out`` then list the survivors. A rerun in the same ``--out`` resumes (mutmut caches
+every verdict); ``--recheck`` reruns a finished run's survivors against today's code and tests, ``--table`` lists
+them as Markdown rows. Why mutmut: docs/MUTATION.md.
 """
 from __future__ import annotations
 
@@ -164,6 +165,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("/tmp/discvae-mutation"))
     parser.add_argument("--only", nargs="*", default=[], help="mutant names or globs for mutmut run, e.g. "
                         "'discvae.estimators.x_importance*' (default: every mutant)")
+    parser.add_argument("--jobs", type=int, default=1, help="mutants tested at a time (mutmut's --max-children; "
+                        "default 1, one core: the other stays free)")
     parser.add_argument("--recheck", action="store_true", help="instead of running mutmut: each survivor of the "
                         "finished run in --out against today's code and tests (see recheck)")
     parser.add_argument("--skip", nargs="*", default=[], help="with --recheck: survivors not to rerun (e.g. the "
@@ -200,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
         # mutant against no tests ("no tests") or only against tests added since; start the pass again
         stats.unlink()
     mutmut = [sys.executable, "-m", "mutmut"]
-    subprocess.run([*mutmut, "run", "--max-children", "1", *args.only], cwd=args.out, check=False)
+    subprocess.run([*mutmut, "run", "--max-children", str(args.jobs), *args.only], cwd=args.out, check=False)
     return subprocess.run([*mutmut, "results"], cwd=args.out, check=False).returncode
 
 
