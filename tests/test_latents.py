@@ -73,6 +73,8 @@ def test_posterior_splits_the_parameters_among_the_blocks():
      "latent_dim and groups", ("latent_dim", "groups")),
     (("categorical:10", None, 2), {}, "latent 'categorical:10' gives its own sizes; leave out latent_dim and groups",
      ("latent_dim", "groups")),
+    (("bernoulli+gaussian", 10), {}, "latent 'bernoulli+gaussian' gives its own sizes; leave out latent_dim and "
+     "groups", ("latent_dim", "groups")),  # two blocks, neither sized: the sizes are refused before the blocks
     (("beta:3",), {}, "latent block 'beta:3' is not one of bernoulli:N, categorical:C, categorical:CxG, gaussian:N "
      "(e.g. categorical:10+gaussian:10)", ("latent",)),
     (("bernoulli+gaussian:2",), {}, "latent block 'bernoulli' is not one of bernoulli:N, categorical:C, "
