@@ -5,7 +5,7 @@ import torch
 from discvae import Config, Dataset, InputError, build_model
 from discvae.estimators import disarm, make_estimator
 from discvae.latents import MAX_WIDTH
-from discvae.models import architecture_options
+from discvae.models import Head, architecture_options, at_least_fp32
 from discvae.training import model_for
 
 
@@ -217,3 +217,15 @@ def test_estimator_options_reach_the_estimator_by_name_or_as_a_value():
     decoded.clear()
     model(x, "disarm")
     assert decoded == [2 * 3]
+
+
+def test_the_head_stays_fp32_under_bf16_autocast():
+    """The encoder's last layer computes eta in fp32 even when autocast runs the rest in bf16 (``Head``), and
+    ``at_least_fp32`` raises bf16 to fp32 and leaves fp32 and fp64 as they are."""
+    for dtype, promoted in ((torch.bfloat16, torch.float32), (torch.float32, torch.float32),
+                            (torch.float64, torch.float64)):
+        assert at_least_fp32(torch.ones(2, dtype=dtype)).dtype == promoted
+    head, hidden = Head(4, 3), torch.rand(2, 4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.nn.Linear(4, 3)(hidden).dtype == torch.bfloat16  # what the head is kept from
+        assert head(hidden).dtype == torch.float32 and head(hidden.bfloat16()).dtype == torch.float32
