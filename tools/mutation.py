@@ -93,13 +93,13 @@ def function_span(source: str, qualname: str) -> tuple[int, int]:
     return start + 1, min([e for e in ends if e > 0], default=len(source))
 
 
-def survivors(out: Path, pending: bool = False) -> list[str]:
+def survivors(out: Path, pending: bool = False) -> dict[str, str]:
     """The mutants of the run in ``out`` that survived or that no selected test reached (and, with ``pending``,
-    those the run has not reached yet)."""
+    those the run has not reached yet), each with that state."""
     listing = subprocess.run([sys.executable, "-m", "mutmut", "results", "--all", "true"], cwd=out,
                              capture_output=True, text=True).stdout
     states = "survived|no tests" + ("|not checked" if pending else "")
-    return re.findall(rf"^\s*(\S+): (?:{states})$", listing, re.M)
+    return dict(re.findall(rf"^\s*(\S+): ({states})$", listing, re.M))
 
 
 def change(diff: str) -> str:
@@ -111,14 +111,17 @@ def change(diff: str) -> str:
 
 
 def table(out: Path, verdicts: dict[str, str]) -> None:
-    """A Markdown row per survivor of the run in ``out``: its short name, what it changes, and its verdict from a
-    ``--recheck`` log (``verdicts``: short name -> that log's words) or blank, for the doc's table."""
-    print("| mutant | the change | recheck |\n|---|---|---|")
-    for name in survivors(out):
+    """A Markdown row per survivor of the run in ``out`` -- and per mutant it had not reached that the ``--recheck
+    --pending`` logs say survived --: its short name, its state in the run, what it changes, and its verdict from
+    those logs (``verdicts``: short name -> the log's words) or blank, for the doc's table."""
+    print("| mutant | in the run | the change | recheck |\n|---|---|---|---|")
+    for name, state in survivors(out, pending=True).items():
+        short = name.split(".")[-1]
+        if state == "not checked" and not verdicts.get(short, "").startswith("SURVIVED"):
+            continue
         diff = subprocess.run([sys.executable, "-m", "mutmut", "show", name], cwd=out, capture_output=True,
                               text=True).stdout
-        short = name.split(".")[-1]
-        print(f"| `{short}` | `{change(diff)}` | {verdicts.get(short, '')} |")
+        print(f"| `{short}` | {state} | `{change(diff)}` | {verdicts.get(short, '')} |")
 
 
 def recheck(out: Path, module: str, skip: set[str], pending: bool = False) -> None:
