@@ -4,8 +4,8 @@ import torch
 
 from discvae import Config, Dataset, InputError, build_model
 from discvae.estimators import disarm, make_estimator
-from discvae.latents import MAX_WIDTH
-from discvae.models import Head, architecture_options, at_least_fp32
+from discvae.latents import MAX_WIDTH, LatentSpace
+from discvae.models import VAE, Head, architecture_options, at_least_fp32
 from discvae.training import model_for
 
 
@@ -229,3 +229,14 @@ def test_the_head_stays_fp32_under_bf16_autocast():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert torch.nn.Linear(4, 3)(hidden).dtype == torch.bfloat16  # what the head is kept from
         assert head(hidden).dtype == torch.float32 and head(hidden.bfloat16()).dtype == torch.float32
+
+
+def test_a_vae_takes_its_latent_as_a_space_or_a_string_and_names_the_likelihoods():
+    """``VAE(encoder, decoder, latent)``: ``latent`` a ``LatentSpace`` or the string it parses from."""
+    encoder, decoder = torch.nn.Linear(64, 4), torch.nn.Linear(4, 64)
+    assert VAE(encoder, decoder, "categorical:4").space == LatentSpace.parse("categorical:4")
+    space = LatentSpace.parse("bernoulli", 4)
+    assert VAE(encoder, decoder, space).space is space
+    with pytest.raises(InputError) as caught:
+        VAE(encoder, decoder, space, likelihood="beta")
+    assert str(caught.value) == "unknown likelihood 'beta'; choose one of bernoulli, gaussian"
