@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from discvae import load_dataset
+from discvae.applications.codes import encode_run
 from helpers import assert_one_line_error, run_cli, tiny_data, tiny_model, train_digits
 
 N_DIGITS, N_TEST = 1797, 297
@@ -68,3 +69,19 @@ def test_encode_rejects_bad_input(runs, tmp_path, capsys):
     code, _, err = run_cli(capsys, "encode", runs["bits"], "--out", tmp_path / "c.npz", "--batch-size", "0")
     assert_one_line_error(code, err, "--batch-size")
     assert not (tmp_path / "c.npz").exists()
+
+
+def test_encode_run_defaults_batches_of_one_and_unlabelled_data(runs, tmp_path):
+    """The Python API: every image (``all``) unless told; a batch of one image is allowed; a run trained on data
+    without labels writes no ``labels``; the file holds exactly the arrays returned."""
+    arrays = encode_run(runs["bits"], tmp_path / "all.npz")
+    assert str(arrays["split"]) == "all" and len(arrays["codes"]) == N_DIGITS
+    ones = encode_run(runs["bits"], tmp_path / "ones.npz", split="test", batch_size=1)
+    assert np.array_equal(ones["codes"], arrays["codes"][-N_TEST:])
+    unlabelled = tmp_path / "unlabelled.npz"
+    np.savez(unlabelled, x_train=np.random.default_rng(0).random((60, 8, 8)))
+    run = train_digits(tmp_path / "nolabels", "--dataset", unlabelled)
+    written = encode_run(run, tmp_path / "nolabels.npz")
+    assert "labels" not in written and len(written["codes"]) == 60
+    with np.load(tmp_path / "nolabels.npz", allow_pickle=False) as f:
+        assert sorted(f.files) == sorted(written)
