@@ -88,6 +88,8 @@ def test_posterior_splits_the_parameters_among_the_blocks():
      ("latent_dim",)),
     (("bernoulli", MAX_WIDTH + 1), {}, f"latent block bernoulli:{MAX_WIDTH + 1} is too large: at most {MAX_WIDTH} "
      "coordinates", ("latent_dim",)),
+    (("categorical:2x1073741824",), {}, "latent block categorical:2x1073741824 is too large: at most "
+     f"{MAX_WIDTH} coordinates", ("latent_dim",)),  # classes x groups = 2^31 coordinates
     (("bernoulli:3+bernoulli:4",), {}, "latent 'bernoulli:3+bernoulli:4' repeats a family; give each family once "
      "(a categorical with several groups is categorical:CxG)", ("latent",)),
     (("categorical:3x2+gaussian:2",), {"prior": "mixture"}, "prior mixture needs a latent categorical:C+gaussian:K "
