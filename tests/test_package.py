@@ -155,3 +155,14 @@ def test_the_survivor_table_shows_the_line_a_mutant_adds():
     long = "--- a.py\n+++ a.py\n-    y = 1\n+    y = " + "1" * 100 + "\n"
     assert mutation.change(long) == "y = " + "1" * 83 + "..."
     assert mutation.change("--- a.py\n+++ a.py\n-    y = 1\n") == "(a line removed)"
+
+
+def test_the_recheck_places_a_mutant_by_its_context():
+    """``--recheck`` applies a mutant as the hunk's text with its context lines, so a changed line that occurs twice
+    in the function (the ``"prior")`` of two refusals) is changed in the one place the mutant changed it."""
+    mutation = _mutation_tool()
+    diff = ["# name: not checked", "--- a.py", "+++ a.py", "@@ -1,5 +1,5 @@", "     if a:", "         raise E(",
+            '-                "prior")', '+                None)', "", "     if b:"]
+    old, new = mutation.hunk(diff)
+    assert old == '    if a:\n        raise E(\n                "prior")\n\n    if b:'
+    assert new == "    if a:\n        raise E(\n                None)\n\n    if b:"

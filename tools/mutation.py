@@ -15,6 +15,7 @@ them as Markdown rows. Why mutmut: docs/MUTATION.md.
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import json
 import os
 import re
@@ -124,7 +125,14 @@ def table(out: Path, verdicts: dict[str, str]) -> None:
         print(f"| `{short}` | {state} | `{change(diff)}` | {verdicts.get(short, '')} |")
 
 
-def recheck(out: Path, module: str, skip: set[str], pending: bool = False) -> None:
+def hunk(diff: list[str]) -> tuple[str, str]:
+    """The text before and after a mutant, from the lines of ``mutmut show``'s one-hunk diff, each with the hunk's
+    context lines: a line that occurs twice in the function (``"prior")``) still has one place."""
+    body = diff[next(i for i, line in enumerate(diff) if line.startswith("@@")) + 1:]
+    return tuple("\n".join(line[1:] for line in body if line[:1] in ("", " ", sign)) for sign in ("-", "+"))
+
+
+def recheck(out: Path, module: str, skip: set[str], pending: bool = False, only: list[str] = ()) -> None:
     """Each survivor of the finished run in ``out`` (and each mutant no selected test reached) against the current
     code and tests: mutmut's diff of it (one function's lines) applied to that function in a copy of today's source
     file (the one the mutant's name gives, e.g. ``discvae.applications.search.x_f__mutmut_3``), then the module's
@@ -136,10 +144,10 @@ def recheck(out: Path, module: str, skip: set[str], pending: bool = False) -> No
     copy = out / "recheck"
     shutil.copytree(ROOT / "src", copy / "src", dirs_exist_ok=True, ignore=shutil.ignore_patterns("__pycache__"))
     tests = [str(ROOT / "tests" / t) for t in TESTS[module]]
-    for name in [n for n in survivors(out, pending) if n.split(".")[-1] not in skip]:
+    names = [n for n in survivors(out, pending) if n.split(".")[-1] not in skip]
+    for name in [n for n in names if not only or any(fnmatch.fnmatch(n, pattern) for pattern in only)]:
         diff = subprocess.run([*mutmut, "show", name], cwd=out, capture_output=True, text=True).stdout.splitlines()
-        old = "\n".join(line[1:] for line in diff if line.startswith("-") and not line.startswith("---"))
-        new = "\n".join(line[1:] for line in diff if line.startswith("+") and not line.startswith("+++"))
+        old, new = hunk(diff)
         dotted, function = re.match(r"(.*?)\.x[_ǁ](.+?)__mutmut_\d+$", name).groups()
         function = function.replace("ǁ", ".")
         if "." in function:  # mutmut shows a method dedented to the class's level
@@ -166,8 +174,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("modules", nargs="+", choices=sorted(TESTS))
     parser.add_argument("--out", type=Path, default=Path("/tmp/discvae-mutation"))
-    parser.add_argument("--only", nargs="*", default=[], help="mutant names or globs for mutmut run, e.g. "
-                        "'discvae.estimators.x_importance*' (default: every mutant)")
+    parser.add_argument("--only", nargs="*", default=[], help="mutant names or globs for mutmut run "
+                        "(and --recheck), e.g. 'discvae.estimators.x_importance*' (default: every mutant)")
     parser.add_argument("--jobs", type=int, default=1, help="mutants tested at a time (mutmut's --max-children; "
                         "default 1, one core: the other stays free)")
     parser.add_argument("--recheck", action="store_true", help="instead of running mutmut: each survivor of the "
@@ -186,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.recheck:
         for module in args.modules:
-            recheck(args.out, module, set(args.skip), args.pending)
+            recheck(args.out, module, set(args.skip), args.pending, args.only)
         return 0
     args.out.mkdir(parents=True, exist_ok=True)
     for name in ("src", "tests"):
