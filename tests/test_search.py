@@ -4,6 +4,7 @@ import csv
 import io
 import json
 import shutil
+import zipfile
 
 import faiss
 import numpy as np
@@ -105,7 +106,10 @@ def test_npy_and_npz_collections_in_any_layout_give_the_same_codes(runs, images,
     np.save(tmp_path / "flat.npy", as_uint8.reshape(N_DIGITS, 64))  # as many values per item: reshaped
     np.savez(tmp_path / "one.npz", x=as_uint8[:, 0])
     np.savez_compressed(tmp_path / "two.npz", x_train=as_uint8, labels=np.zeros(N_DIGITS, np.int64))
-    specs = [tmp_path / "flat.npy", f"{tmp_path / 'one.npz'}", f"{tmp_path / 'two.npz'}:x_train"]
+    with zipfile.ZipFile(tmp_path / "v2.npz", "w") as archive, archive.open("x.npy", "w") as fh:
+        np.lib.format.write_array(fh, as_uint8, version=(2, 0))  # the .npy format 2.0 header (4-byte length)
+    specs = [tmp_path / "flat.npy", f"{tmp_path / 'one.npz'}", f"{tmp_path / 'two.npz'}:x_train",
+             tmp_path / "v2.npz"]
     reference = codes_of(HashIndex(runs["bits"]).fit(as_uint8))
     for spec in specs:  # batches of 100 rows: 18 reads, the last one short
         assert np.array_equal(codes_of(HashIndex(runs["bits"], batch_size=100).fit(spec)), reference), spec
@@ -127,33 +131,59 @@ def test_bad_input_gets_one_line_and_exit_status_2(runs, images, tmp_path, capsy
     np.save(tmp_path / "flat60.npy", images[:5].reshape(5, 64)[:, :60])
     np.save(tmp_path / "grey.npy", images[:5] * 2)
     np.savez(tmp_path / "pair.npz", a=images[:5], b=images[:5])
+    np.savez(tmp_path / "empty.npz")
+    np.savez(tmp_path / "fortran.npz", x=np.asfortranarray(images[:5]))
     mixed = tmp_path / "mixed"  # another run's codes under this index's metadata
     shutil.copytree(index, mixed)
     shutil.copy(other / "codes.faiss", mixed / "codes.faiss")
     q = tmp_path / "q.npy"
-    cases = [
-        (["index", runs["cat"], "--data", "digits:all", "--out", tmp_path / "x"], "this needs one bernoulli block"),
-        (["index", runs["gauss"], "--data", "digits:all", "--out", tmp_path / "x"], "this needs one bernoulli block"),
-        (["index", tmp_path / "norun", "--data", "digits:all", "--out", tmp_path / "x"], "not a run directory"),
-        (["index", runs["bits"], "--data", tmp_path / "missing.npy", "--out", tmp_path / "x"], "no such file"),
-        (["index", runs["bits"], "--data", "cifar:train", "--out", tmp_path / "x"], "unknown collection"),
-        (["index", runs["bits"], "--data", "digits:val", "--out", tmp_path / "x"], "unknown split"),
-        (["index", runs["bits"], "--data", tmp_path / "pair.npz", "--out", tmp_path / "x"], "name one as"),
-        (["index", runs["bits"], "--data", f"{tmp_path / 'pair.npz'}:c", "--out", tmp_path / "x"], "no array 'c'"),
-        (["index", runs["bits"], "--data", tmp_path / "grey.npy", "--out", tmp_path / "x"], "must lie in [0, 1]"),
-        (["index", runs["bits"], "--data", "digits:all", "--out", tmp_path / "x", "--batch-size", "0"],
-         "--batch-size"),
-        (["search", index, runs["other"], "--query", q], "was built with another run"),
-        (["search", mixed, runs["bits"], "--query", q], "codes 128 bits wide"),
-        (["search", index, runs["bits"], "--query", tmp_path / "small.npy"], "items of shape (1, 7, 7) (49 values)"),
-        (["search", index, runs["bits"], "--query", tmp_path / "flat60.npy"], "items of shape (60,)"),
-        (["search", index, runs["bits"], "--query", tmp_path / "missing.npy"], "no such file"),
-        (["search", tmp_path / "nothing", runs["bits"], "--query", q], "not a discvae index"),
-        (["search", index, runs["cat"], "--query", q], "this needs one bernoulli block"),
-        (["search", index, runs["bits"], "--query", q, "-k", "0"], "--k must be at least 1"),
-        (["search", index, runs["bits"], "--query", q, "--format", "xml"], "unknown format 'xml'"),
+    bits, cat, gauss, other_run = (runs[name] for name in ("bits", "cat", "gauss", "other"))
+    one_block = "latent; this needs one bernoulli block (beside Gaussian ones at most)"
+    cases = [  # each error in full (what follows "error: ")
+        (["index", cat, "--data", "digits:all", "--out", tmp_path / "x"], f"{cat} has a categorical:10 {one_block}"),
+        (["index", gauss, "--data", "digits:all", "--out", tmp_path / "x"], f"{gauss} has a gaussian:8 {one_block}"),
+        (["index", tmp_path / "norun", "--data", "digits:all", "--out", tmp_path / "x"],
+         f"{tmp_path / 'norun'} is not a run directory (no config.json)"),
+        (["index", bits, "--data", tmp_path / "missing.npy", "--out", tmp_path / "x"],
+         f"{tmp_path / 'missing.npy'}: no such file"),
+        (["index", bits, "--data", tmp_path / "missing.npz", "--out", tmp_path / "x"],
+         f"{tmp_path / 'missing.npz'}: no such file"),
+        (["index", bits, "--data", "cifar:train", "--out", tmp_path / "x"], "unknown collection 'cifar:train': give "
+         "NAME:SPLIT (NAME one of mnist, fashion-mnist, digits, SPLIT one of train, test, all), FILE.npy or "
+         "FILE.npz[:KEY]"),
+        (["index", bits, "--data", "digits:val", "--out", tmp_path / "x"],
+         "unknown split 'val'; choose one of train, test, all"),
+        (["index", bits, "--data", tmp_path / "pair.npz", "--out", tmp_path / "x"],
+         f"{tmp_path / 'pair.npz'} holds the arrays a, b: name one as {tmp_path / 'pair.npz'}:KEY"),
+        (["index", bits, "--data", f"{tmp_path / 'pair.npz'}:c", "--out", tmp_path / "x"],
+         f"{tmp_path / 'pair.npz'} has no array 'c'; it holds a, b"),
+        (["index", bits, "--data", tmp_path / "empty.npz", "--out", tmp_path / "x"],
+         f"{tmp_path / 'empty.npz'} holds the arrays none: name one as {tmp_path / 'empty.npz'}:KEY"),
+        (["index", bits, "--data", f"{tmp_path / 'empty.npz'}:a", "--out", tmp_path / "x"],
+         f"{tmp_path / 'empty.npz'} has no array 'a'; it holds none"),
+        (["index", bits, "--data", tmp_path / "fortran.npz", "--out", tmp_path / "x"],
+         f"{tmp_path / 'fortran.npz'}:x: expected a C-ordered array of numbers [N, ...]"),
+        (["index", bits, "--data", tmp_path / "grey.npy", "--out", tmp_path / "x"],
+         f"{tmp_path / 'grey.npy'}: float values must lie in [0, 1], got [0, 2]"),
+        (["index", bits, "--data", "digits:all", "--out", tmp_path / "x", "--batch-size", "0"],
+         "--batch-size must be at least 1"),
+        (["search", index, other_run, "--query", q], f"{index} was built with another run ({bits}), or before "
+         f"{other_run} was trained further; build it again with this run"),
+        (["search", mixed, bits, "--query", q],
+         f"{mixed / 'codes.faiss'} holds codes 128 bits wide; {bits}'s 16-bit codes take 64"),
+        (["search", index, bits, "--query", tmp_path / "small.npy"], f"{tmp_path / 'small.npy'}: items of shape "
+         f"(1, 7, 7) (49 values); {bits} takes images of shape (1, 8, 8) (64 values)"),
+        (["search", index, bits, "--query", tmp_path / "flat60.npy"], f"{tmp_path / 'flat60.npy'}: items of shape "
+         f"(60,) (60 values); {bits} takes images of shape (1, 8, 8) (64 values)"),
+        (["search", index, bits, "--query", tmp_path / "missing.npy"], f"{tmp_path / 'missing.npy'}: no such file"),
+        (["search", tmp_path / "nothing", bits, "--query", q],
+         f"{tmp_path / 'nothing'} is not a discvae index (no index.json)"),
+        (["search", index, cat, "--query", q], f"{cat} has a categorical:10 {one_block}"),
+        (["search", index, bits, "--query", q, "-k", "0"], "--k must be at least 1"),
+        (["search", index, bits, "--query", q, "--format", "xml"], "unknown format 'xml'; choose one of json, csv"),
     ]
-    for argv, match in cases:
+    for argv, message in cases:
         code, _, err = run_cli(capsys, *argv)
-        assert_one_line_error(code, err, match)
+        assert_one_line_error(code, err, message)
+        assert err.strip() == f"discvae {argv[0]}: error: {message}"
     assert not (tmp_path / "x").exists()
