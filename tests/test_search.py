@@ -187,3 +187,43 @@ def test_bad_input_gets_one_line_and_exit_status_2(runs, images, tmp_path, capsy
         assert_one_line_error(code, err, message)
         assert err.strip() == f"discvae {argv[0]}: error: {message}"
     assert not (tmp_path / "x").exists()
+
+
+def json_error(text: str) -> str:
+    """What ``json.loads(text)`` says of ``text`` (the wording is Python's)."""
+    with pytest.raises(json.JSONDecodeError) as caught:
+        json.loads(text)
+    return str(caught.value)
+
+
+def test_a_damaged_index_folder_is_refused_in_full(runs, images, tmp_path, capsys):
+    """What ``search`` says of an index folder whose files were changed or lost, each error in full."""
+    built = tmp_path / "built"
+    assert run_cli(capsys, "index", runs["bits"], "--data", "digits:test", "--out", built)[0] == 0
+    np.save(tmp_path / "q.npy", images[:5])
+    meta = json.loads((built / "index.json").read_text())
+
+    def damaged(name, change):
+        folder = tmp_path / name
+        shutil.copytree(built, folder)
+        change(folder)
+        return folder
+    not_json = damaged("not_json", lambda f: (f / "index.json").write_text("{"))
+    cases = [
+        (not_json, f"cannot read {not_json / 'index.json'}: {json_error('{')}"),
+        *[(damaged(name, lambda f, m=m: (f / "index.json").write_text(json.dumps(m))),
+           f"{tmp_path / name / 'index.json'} is not the metadata of a discvae index (format 1)")
+          for name, m in (("format2", {**meta, "format": 2}), ("no_count", {k: v for k, v in meta.items()
+                                                                           if k != "count"}), ("a_list", [meta]))],
+        (damaged("no_ids", lambda f: (f / "ids.npy").unlink()),
+         f"cannot read the index in {tmp_path / 'no_ids'}: [Errno 2] No such file or directory: "
+         f"'{tmp_path / 'no_ids' / 'ids.npy'}'"),
+        (damaged("pickled", lambda f: np.save(f / "ids.npy", np.array([None] * 297, dtype=object))),
+         f"cannot read the index in {tmp_path / 'pickled'}: Object arrays cannot be loaded when allow_pickle=False"),
+        (damaged("short", lambda f: np.save(f / "ids.npy", np.arange(296))),
+         f"{tmp_path / 'short'} is incomplete or mixed (297 codes, 296 ids, 297 in index.json); build it again"),
+    ]
+    for folder, message in cases:
+        code, _, err = run_cli(capsys, "search", folder, runs["bits"], "--query", tmp_path / "q.npy")
+        assert_one_line_error(code, err, message)
+        assert err.strip() == f"discvae search: error: {message}"
