@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from discvae import load_dataset, load_run
-from discvae.applications.search import HashIndex
+from discvae.applications.search import HashIndex, format_results
 from helpers import assert_one_line_error, run_cli, train_digits
 
 N_DIGITS = 1797
@@ -227,3 +227,13 @@ def test_a_damaged_index_folder_is_refused_in_full(runs, images, tmp_path, capsy
         code, _, err = run_cli(capsys, "search", folder, runs["bits"], "--query", tmp_path / "q.npy")
         assert_one_line_error(code, err, message)
         assert err.strip() == f"discvae search: error: {message}"
+
+
+def test_results_as_text_json_by_default_and_csv_with_unix_lines():
+    """``format_results``: JSON unless told, one query a line; CSV with ``\\n`` line ends (not the csv module's
+    ``\\r\\n``), a row per hit, rank 0 the nearest."""
+    distances, ids = np.array([[0, 3], [1, 1]], np.int32), np.array([[7, 2], [5, 9]], np.int64)
+    assert format_results(distances, ids) == format_results(distances, ids, "json") == (
+        '[\n{"query": 0, "ids": [7, 2], "distances": [0, 3]},\n{"query": 1, "ids": [5, 9], "distances": [1, 1]}\n]\n')
+    assert format_results(distances, ids, "csv") == ("query,rank,id,distance\n0,0,7,0\n0,1,2,3\n1,0,5,1\n"
+                                                     "1,1,9,1\n")
