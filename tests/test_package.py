@@ -166,3 +166,12 @@ def test_the_recheck_places_a_mutant_by_its_context():
     old, new = mutation.hunk(diff)
     assert old == '    if a:\n        raise E(\n                "prior")\n\n    if b:'
     assert new == "    if a:\n        raise E(\n                None)\n\n    if b:"
+
+
+def test_a_method_span_holds_its_decorators():
+    """mutmut's diff of a decorated method shows the decorator as context: the span must hold it too."""
+    mutation = _mutation_tool()
+    source = "class A:\n    @classmethod\n    def f(cls):\n        return 1\n\n    @property\n    def g(self):\n" \
+             "        return 2\n"
+    start, end = mutation.function_span(source, "A.f")
+    assert source[start:end] == "    @classmethod\n    def f(cls):\n        return 1\n"

@@ -81,16 +81,20 @@ QUICK = {  # module -> the tests --recheck runs first (seconds; most survivors d
 
 
 def function_span(source: str, qualname: str) -> tuple[int, int]:
-    """Where ``def f`` (a top-level function) or ``Class.f`` (a method) starts and ends in ``source``; -1 if absent."""
+    """Where ``def f`` (a top-level function) or ``Class.f`` (a method), with its decorators, starts and ends in
+    ``source``; -1 if absent."""
     *owner, name = qualname.split(".")
     found = re.search(rf"^class {owner[0]}\b", source, re.M) if owner else None
     if owner and not found:
         return -1, -1
     indent = "    " if owner else ""
-    start = source.find(f"\n{indent}def {name}(", found.start() if found else 0)
+    start = definition = source.find(f"\n{indent}def {name}(", found.start() if found else 0)
     if start < 0:
         return -1, -1
-    ends = [source.find(marker, start + 1) for marker in (f"\n{indent}def ", f"\n{indent}@", "\nclass ", "\ndef ")]
+    while source.rfind("\n", 0, start) >= 0 and source[source.rfind("\n", 0, start) + 1:].startswith(f"{indent}@"):
+        start = source.rfind("\n", 0, start)  # its decorators belong to it (mutmut's diff shows them as context)
+    ends = [source.find(marker, definition + 1)
+            for marker in (f"\n{indent}def ", f"\n{indent}@", "\nclass ", "\ndef ")]
     return start + 1, min([e for e in ends if e > 0], default=len(source))
 
 
