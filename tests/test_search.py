@@ -132,6 +132,7 @@ def test_bad_input_gets_one_line_and_exit_status_2(runs, images, tmp_path, capsy
     np.save(tmp_path / "grey.npy", images[:5] * 2)
     np.savez(tmp_path / "pair.npz", a=images[:5], b=images[:5])
     np.savez(tmp_path / "empty.npz")
+    (tmp_path / "not_zip.npz").write_bytes(b"not a zip archive")
     np.savez(tmp_path / "fortran.npz", x=np.asfortranarray(images[:5]))
     mixed = tmp_path / "mixed"  # another run's codes under this index's metadata
     shutil.copytree(index, mixed)
@@ -161,6 +162,8 @@ def test_bad_input_gets_one_line_and_exit_status_2(runs, images, tmp_path, capsy
          f"{tmp_path / 'empty.npz'} holds the arrays none: name one as {tmp_path / 'empty.npz'}:KEY"),
         (["index", bits, "--data", f"{tmp_path / 'empty.npz'}:a", "--out", tmp_path / "x"],
          f"{tmp_path / 'empty.npz'} has no array 'a'; it holds none"),
+        (["index", bits, "--data", tmp_path / "not_zip.npz", "--out", tmp_path / "x"],
+         f"{tmp_path / 'not_zip.npz'}: cannot read it as a NumPy .npz file (File is not a zip file)"),
         (["index", bits, "--data", tmp_path / "fortran.npz", "--out", tmp_path / "x"],
          f"{tmp_path / 'fortran.npz'}:x: expected a C-ordered array of numbers [N, ...]"),
         (["index", bits, "--data", tmp_path / "grey.npy", "--out", tmp_path / "x"],
