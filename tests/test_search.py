@@ -133,6 +133,9 @@ def test_bad_input_gets_one_line_and_exit_status_2(runs, images, tmp_path, capsy
     np.savez(tmp_path / "pair.npz", a=images[:5], b=images[:5])
     np.savez(tmp_path / "empty.npz")
     (tmp_path / "not_zip.npz").write_bytes(b"not a zip archive")
+    np.savez(tmp_path / "scalar.npz", x=np.float32(1))
+    with zipfile.ZipFile(tmp_path / "v3.npz", "w") as archive, archive.open("x.npy", "w") as fh:
+        np.lib.format.write_array(fh, images[:5], version=(3, 0))  # a format the reader does not take
     np.savez(tmp_path / "fortran.npz", x=np.asfortranarray(images[:5]))
     mixed = tmp_path / "mixed"  # another run's codes under this index's metadata
     shutil.copytree(index, mixed)
@@ -164,6 +167,10 @@ def test_bad_input_gets_one_line_and_exit_status_2(runs, images, tmp_path, capsy
          f"{tmp_path / 'empty.npz'} has no array 'a'; it holds none"),
         (["index", bits, "--data", tmp_path / "not_zip.npz", "--out", tmp_path / "x"],
          f"{tmp_path / 'not_zip.npz'}: cannot read it as a NumPy .npz file (File is not a zip file)"),
+        (["index", bits, "--data", tmp_path / "v3.npz", "--out", tmp_path / "x"],
+         f"{tmp_path / 'v3.npz'}:x: cannot read its .npy header (unsupported .npy format version (3, 0))"),
+        (["index", bits, "--data", tmp_path / "scalar.npz", "--out", tmp_path / "x"],
+         f"{tmp_path / 'scalar.npz'}:x: expected a C-ordered array of numbers [N, ...]"),
         (["index", bits, "--data", tmp_path / "fortran.npz", "--out", tmp_path / "x"],
          f"{tmp_path / 'fortran.npz'}:x: expected a C-ordered array of numbers [N, ...]"),
         (["index", bits, "--data", tmp_path / "grey.npy", "--out", tmp_path / "x"],
