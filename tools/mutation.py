@@ -98,11 +98,18 @@ def function_span(source: str, qualname: str) -> tuple[int, int]:
     return start + 1, min([e for e in ends if e > 0], default=len(source))
 
 
+MUTMUT = [sys.executable, "-m", "mutmut"]
+
+
+def mutmut_output(out: Path, *args: str) -> str:
+    """What ``mutmut ARGS`` prints in the run directory ``out``."""
+    return subprocess.run([*MUTMUT, *args], cwd=out, capture_output=True, text=True).stdout
+
+
 def survivors(out: Path, pending: bool = False) -> dict[str, str]:
     """The mutants of the run in ``out`` that survived or that no selected test reached (and, with ``pending``,
     those the run has not reached yet), each with that state."""
-    listing = subprocess.run([sys.executable, "-m", "mutmut", "results", "--all", "true"], cwd=out,
-                             capture_output=True, text=True).stdout
+    listing = mutmut_output(out, "results", "--all", "true")
     states = "survived|no tests" + ("|not checked" if pending else "")
     return dict(re.findall(rf"^\s*(\S+): ({states})$", listing, re.M))
 
@@ -117,16 +124,15 @@ def change(diff: str) -> str:
 
 def table(out: Path, verdicts: dict[str, str]) -> None:
     """A Markdown row per survivor of the run in ``out`` -- and per mutant it had not reached that the ``--recheck
-    --pending`` logs say survived --: its short name, its state in the run, what it changes, and its verdict from
-    those logs (``verdicts``: short name -> the log's words) or blank, for the doc's table."""
+    --pending`` logs say survived --: its name below ``discvae.`` (the file's module first, so that functions of
+    the same name in two files stay apart), its state in the run, what it changes, and its verdict from those logs
+    (``verdicts``: mutant name -> the log's words) or blank, for the doc's table."""
     print("| mutant | in the run | the change | recheck |\n|---|---|---|---|")
     for name, state in survivors(out, pending=True).items():
-        short = name.split(".")[-1]
-        if state == "not checked" and not verdicts.get(short, "").startswith("SURVIVED"):
+        if state == "not checked" and not verdicts.get(name, "").startswith("SURVIVED"):
             continue
-        diff = subprocess.run([sys.executable, "-m", "mutmut", "show", name], cwd=out, capture_output=True,
-                              text=True).stdout
-        print(f"| `{short}` | {state} | `{change(diff)}` | {verdicts.get(short, '')} |")
+        print(f"| `{name.removeprefix('discvae.')}` | {state} | `{change(mutmut_output(out, 'show', name))}` | "
+              f"{verdicts.get(name, '')} |")
 
 
 def hunk(diff: list[str]) -> tuple[str, str]:
@@ -144,14 +150,12 @@ def recheck(out: Path, module: str, skip: set[str], pending: bool = False, only:
     (``NOT-APPLIED`` when the function changed since). Faster than a fresh run: no mutant generation, no coverage
     pass, only the survivors. With ``pending``, also the mutants a stopped run had not reached: a run stuck on a
     function every test reaches finishes faster this way, the QUICK tests killing most mutants in seconds."""
-    mutmut = [sys.executable, "-m", "mutmut"]
     copy = out / "recheck"
     shutil.copytree(ROOT / "src", copy / "src", dirs_exist_ok=True, ignore=shutil.ignore_patterns("__pycache__"))
     tests = [str(ROOT / "tests" / t) for t in TESTS[module]]
     names = [n for n in survivors(out, pending) if n.split(".")[-1] not in skip]
     for name in [n for n in names if not only or any(fnmatch.fnmatch(n, pattern) for pattern in only)]:
-        diff = subprocess.run([*mutmut, "show", name], cwd=out, capture_output=True, text=True).stdout.splitlines()
-        old, new = hunk(diff)
+        old, new = hunk(mutmut_output(out, "show", name).splitlines())
         dotted, function = re.match(r"(.*?)\.x[_ǁ](.+?)__mutmut_\d+$", name).groups()
         function = function.replace("ǁ", ".")
         if "." in function:  # mutmut shows a method dedented to the class's level
@@ -194,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.table is not None:
         lines = [line.split(maxsplit=1) for log in args.table for line in log.read_text().splitlines()]
-        table(args.out, {parts[0].split(".")[-1]: parts[1] for parts in lines if len(parts) == 2})
+        table(args.out, {parts[0]: parts[1] for parts in lines if len(parts) == 2})
         return 0
     if args.recheck:
         for module in args.modules:
@@ -217,9 +221,8 @@ def main(argv: list[str] | None = None) -> int:
         # a first pass stopped before it mapped tests to functions: resumed from it, mutmut would run every
         # mutant against no tests ("no tests") or only against tests added since; start the pass again
         stats.unlink()
-    mutmut = [sys.executable, "-m", "mutmut"]
-    subprocess.run([*mutmut, "run", "--max-children", str(args.jobs), *args.only], cwd=args.out, check=False)
-    return subprocess.run([*mutmut, "results"], cwd=args.out, check=False).returncode
+    subprocess.run([*MUTMUT, "run", "--max-children", str(args.jobs), *args.only], cwd=args.out, check=False)
+    return subprocess.run([*MUTMUT, "results"], cwd=args.out, check=False).returncode
 
 
 if __name__ == "__main__":
