@@ -90,9 +90,8 @@ def test_shared_state_decoding_matches_per_row():
         assert torch.allclose(model.log_likelihood(x, z), model.log_likelihood(x, z.expand(5, 4, 5)))
 
 
-@pytest.mark.parametrize("kwargs,match", [({"arch": "mlp"}, "architecture"), ({"latent": "poisson"}, "latent"),
+@pytest.mark.parametrize("kwargs,match", [({"latent": "poisson"}, "latent"),  # unknown arch, init: in full below
                                           ({"latent_dim": 0}, "too small"), ({"likelihood": "beta"}, "likelihood"),
-                                          ({"init": "xavier"}, "init"),
                                           ({"arch": "cnn", "hidden": 64}, "the cnn architecture has no hidden width"),
                                           ({"arch": "linear", "hidden": 64}, "the linear architecture has no hidden"),
                                           ({"hidden": 0}, "hidden must be at least 1"),
