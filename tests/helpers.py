@@ -1,12 +1,17 @@
-"""Tiny enumerable models and the statistics shared by the estimator tests."""
+"""Tiny enumerable models and the statistics shared by the estimator tests; runs and data files for the others."""
 from __future__ import annotations
 
+import gzip
 import math
+import struct
+from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 from torch.func import functional_call, vmap
 
+from discvae.data import IDX_FILES
 from discvae.latents import LatentSpace
 from discvae.models import VAE
 
@@ -179,3 +184,23 @@ def assert_one_line_error(code: int, err: str, match: str) -> None:
     assert code == 2
     assert len(err.strip().splitlines()) == 1, err
     assert match in err and "Traceback" not in err
+
+
+def idx_bytes(array: np.ndarray) -> bytes:
+    """``array`` (uint8) as an IDX file's bytes."""
+    return bytes([0, 0, 0x08, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape) + array.tobytes()
+
+
+def write_gz(path: Path, payload: bytes) -> Path:
+    path.write_bytes(gzip.compress(payload))
+    return path
+
+
+def write_idx_folder(folder: Path, arrays: dict[str, np.ndarray]) -> Path:
+    """An MNIST-layout folder: ``arrays`` (``x_train``, ``y_train``, ``x_test``, ``y_test``; uint8) as its four gzip'd
+    IDX files."""
+    folder.mkdir(parents=True)
+    for key, filename in IDX_FILES.items():
+        write_gz(folder / filename, idx_bytes(arrays[key]))
+    return folder
+

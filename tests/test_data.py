@@ -17,6 +17,7 @@ import torch
 from discvae import data
 from discvae.data import load_dataset, read_idx, resolve_data_dir
 from discvae.errors import InputError
+from helpers import idx_bytes, write_gz, write_idx_folder
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 MNIST_TRAIN_COUNTS = [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
@@ -31,24 +32,13 @@ def shared(name: str) -> Path:
     return folder
 
 
-def idx_bytes(array: np.ndarray) -> bytes:
-    return bytes([0, 0, 0x08, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape) + array.tobytes()
-
-
-def write_gz(path: Path, payload: bytes) -> Path:
-    path.write_bytes(gzip.compress(payload))
-    return path
-
-
 def write_idx_dataset(folder: Path, n_train: int = 6, n_test: int = 3, n_train_labels: int | None = None) -> None:
     """A tiny fake MNIST-layout folder."""
-    folder.mkdir(parents=True)
     rng = np.random.default_rng(0)
     counts = {"x_train": n_train, "y_train": n_train if n_train_labels is None else n_train_labels,
               "x_test": n_test, "y_test": n_test}
-    for key, filename in data.IDX_FILES.items():
-        shape = (counts[key], 4, 5) if key.startswith("x") else (counts[key],)
-        write_gz(folder / filename, idx_bytes(rng.integers(0, 256, shape, dtype=np.uint8)))
+    write_idx_folder(folder, {key: rng.integers(0, 256, (n, 4, 5) if key.startswith("x") else (n,), dtype=np.uint8)
+                              for key, n in counts.items()})
 
 
 def md5(path: Path) -> str:

@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 
 from discvae import load_dataset, load_run
-from discvae.applications.search import HashIndex, format_results
-from helpers import assert_one_line_error, run_cli, train_digits
+from discvae.applications.search import HashIndex, _NpzArray, format_results
+from discvae.errors import InputError
+from helpers import assert_one_line_error, run_cli, train_digits, write_idx_folder
 
 N_DIGITS = 1797
 
@@ -113,6 +114,58 @@ def test_npy_and_npz_collections_in_any_layout_give_the_same_codes(runs, images,
     reference = codes_of(HashIndex(runs["bits"]).fit(as_uint8))
     for spec in specs:  # batches of 100 rows: 18 reads, the last one short
         assert np.array_equal(codes_of(HashIndex(runs["bits"], batch_size=100).fit(spec)), reference), spec
+
+
+def test_named_collections_are_read_from_the_data_dir_given(runs, images, tmp_path, capsys, monkeypatch):
+    """``index`` and ``search`` with ``--data-dir D`` read ``mnist:SPLIT`` from ``D/mnist`` (the run, trained on the
+    digits, has no MNIST folder of its own; the default data directory is empty)."""
+    monkeypatch.setenv("DISCVAE_DATA", str(tmp_path / "empty"))
+    pixels = np.round(images[:, 0] * 255).astype(np.uint8)  # [1797, 8, 8], as MNIST's IDX files hold them
+    labels = np.zeros(N_DIGITS, np.uint8)
+    data = tmp_path / "data"
+    write_idx_folder(data / "mnist", {"x_train": pixels[:1500], "y_train": labels[:1500], "x_test": pixels[1500:],
+                                      "y_test": labels[1500:]})
+    index = tmp_path / "index"
+    code, stdout, _ = run_cli(capsys, "index", runs["bits"], "--data", "mnist:train", "--data-dir", data, "--out",
+                              index)
+    assert code == 0 and stdout.strip() == f"{index}: 1500 codes of 16 bits"
+    code, stdout, _ = run_cli(capsys, "search", index, runs["bits"], "--query", "mnist:test", "--data-dir", data,
+                              "-k", "4")
+    assert code == 0
+    records = json.loads(stdout)
+    direct = brute_force(runs["bits"], *(np.float32(p[:, None] / 255) for p in (pixels[1500:], pixels[:1500])))
+    assert_nearest(np.array([r["distances"] for r in records]), np.array([r["ids"] for r in records]), direct, 4)
+
+
+def test_npz_rows_are_read_as_sliced_and_a_damaged_member_is_refused(images, tmp_path):
+    """An ``.npz`` member read a block of rows at a time: any slice (an empty one, one past the end) as NumPy
+    slices; rows the archive lacks, or bytes that do not decompress, one ``InputError`` naming the file."""
+    rows = np.round(images[:40] * 255).astype(np.uint8)
+    np.savez_compressed(tmp_path / "x.npz", x=rows)
+    with _NpzArray(tmp_path / "x.npz", None) as items:
+        for part in (slice(0, 40), slice(5, 5), slice(7, 3), slice(30, 99), slice(-4, None), slice(39, 40)):
+            assert np.array_equal(items[part], rows[part]), part
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(header, np.lib.format.header_data_from_array_1_0(rows))
+    with zipfile.ZipFile(tmp_path / "short.npz", "w") as archive:  # the header's 40 rows, 25 of them stored
+        archive.writestr("x.npy", header.getvalue() + rows[:25].tobytes())
+    with _NpzArray(tmp_path / "short.npz", None) as items:
+        assert np.array_equal(items[10:20], rows[10:20])
+        with pytest.raises(InputError) as caught:
+            items[20:30]
+    assert str(caught.value) == f"{tmp_path / 'short.npz'}: truncated array (rows 20-30 missing)"
+    noise = np.random.default_rng(0).integers(0, 256, (2000, 64), dtype=np.uint8)  # 128 kB that do not compress
+    np.savez_compressed(tmp_path / "noise.npz", x=noise)
+    damaged = bytearray((tmp_path / "noise.npz").read_bytes())
+    with zipfile.ZipFile(tmp_path / "noise.npz") as archive:
+        info = archive.getinfo("x.npy")
+    start = info.header_offset + 30 + len(info.filename) + len(info.extra)  # the member's compressed bytes
+    damaged[start + 100_000:start + 100_100] = bytes(100)  # past the header and the first rows
+    (tmp_path / "bad.npz").write_bytes(bytes(damaged))
+    with _NpzArray(tmp_path / "bad.npz", None) as items, pytest.raises(InputError) as caught:
+        assert np.array_equal(items[0:100], noise[:100])
+        items[100:2000]
+    assert str(caught.value).startswith(f"{tmp_path / 'bad.npz'}: corrupt archive (")
 
 
 def test_a_run_trained_on_dynamic_binarisation_indexes_thresholded_images(images, tmp_path):
