@@ -4,9 +4,25 @@ import json
 import matplotlib.image as mpimg
 import numpy as np
 import pytest
+import torch
+from matplotlib.colors import to_rgba
+from sklearn.cluster import KMeans
+from sklearn.decomposition import PCA
+from sklearn.metrics.cluster import contingency_matrix
 
-from discvae import Config
-from discvae.applications.clustering import cluster_metrics, cluster_order, seed_groups, summarize
+from discvae import Config, load_run
+from discvae.applications import clustering as clustering_module
+from discvae.applications.clustering import (
+    baseline_features,
+    cluster_metrics,
+    cluster_order,
+    clusters_figure,
+    confusion_figure,
+    kmeans,
+    seed_groups,
+    summarize,
+)
+from discvae.figures import templates
 from helpers import assert_one_line_error, run_cli, train_digits
 
 
@@ -48,6 +64,96 @@ def test_seed_groups_and_their_summary():
     assert s["n"] == 2 and s["acc_one_to_one"] is None
     assert s["nmi"]["mean"] == pytest.approx(0.6) and s["nmi"]["std"] == pytest.approx(0.02 ** 0.5)  # sample std
     assert summarize(rows[:1])["ari"] == {"mean": 0.5, "std": None}
+
+
+def test_kmeans_is_sklearns_seeded_kmeans_with_its_restarts():
+    """``kmeans(x, k, seed, n_init)`` is ``KMeans(k, n_init=n_init, random_state=seed)``; by default seed 0 and one
+    start. Ten clusters of uniform noise: each seed and number of starts ends in another local optimum."""
+    x = np.random.default_rng(0).random((300, 2))
+    for seed, n_init in ((0, 1), (3, 1), (3, 4)):
+        direct = KMeans(10, n_init=n_init, random_state=seed).fit_predict(x)
+        assert np.array_equal(kmeans(x, 10, seed, n_init), direct), (seed, n_init)
+    assert np.array_equal(kmeans(x, 10), KMeans(10, n_init=1, random_state=0).fit_predict(x))
+    assert len({kmeans(x, 10, seed, n_init).tobytes() for seed, n_init in ((0, 1), (3, 1), (3, 4))}) == 3
+
+
+def test_baseline_features_are_the_pixels_their_seeded_pca_and_the_gaussian_means():
+    """600 items of 100 values: scikit-learn's PCA takes its randomised solver, so the seed matters."""
+    pixels = np.random.default_rng(0).random((600, 100)).astype(np.float32)
+    features = baseline_features(pixels, seed=5)
+    assert list(features) == ["pixels", "pca50"] and features["pixels"] is pixels
+    assert np.array_equal(features["pca50"], PCA(50, random_state=5).fit_transform(pixels))
+    assert not np.array_equal(features["pca50"], PCA(50, random_state=6).fit_transform(pixels))
+    means = np.ones((600, 3))
+    assert baseline_features(pixels, 5, means)["gaussvae"] is means
+    assert baseline_features(pixels[:, :20], 5)["pca20"].shape == (600, 20)  # fewer values than PCA_DIMS
+
+
+def drawn(monkeypatch, draw):
+    """The figure ``draw()`` hands to ``save_figure``, kept instead of written."""
+    figures = []
+    monkeypatch.setattr("discvae.figures.save_figure", lambda path, fig: figures.append(fig))
+    draw()
+    (fig,) = figures
+    return fig
+
+
+def test_the_confusion_figure_shows_the_counts_of_the_non_empty_clusters_in_order(monkeypatch):
+    labels = np.array([3, 3, 3, 3, 1, 1, 1, 7, 7, 7, 7, 7, 7, 7])
+    clusters = np.array([4, 4, 4, 0, 0, 0, 2, 2, 2, 2, 2, 2, 4, 2])
+    order = np.array([4, 0, 2, 1, 3])  # clusters 1 and 3 are empty
+    metrics = {"acc_one_to_one": 0.8125, "acc_many_to_one": 0.9, "nmi": 0.5, "ari": 0.25}
+    fig = drawn(monkeypatch, lambda: confusion_figure("x.png", labels, clusters, order, "cat-s0", metrics))
+    ax, colorbar = fig.axes
+    shown = contingency_matrix(labels, clusters)[:, [2, 0, 1]]  # the columns of clusters 4, 0, 2
+    assert shown.tolist() == [[0, 2, 1], [3, 1, 0], [1, 0, 6]]
+    assert np.array_equal(ax.images[0].get_array(), shown)
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["4", "0", "2"]
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["1", "3", "7"]
+    numbers = {(t.get_position(), t.get_text()): to_rgba(t.get_color()) for t in ax.texts}
+    white, black = to_rgba("white"), to_rgba("black")  # white on the cells above half the largest count (3 is not)
+    assert numbers == {((1, 0), "2"): black, ((2, 0), "1"): black, ((0, 1), "3"): black, ((1, 1), "1"): black,
+                       ((0, 2), "1"): black, ((2, 2), "6"): white}
+    assert colorbar.get_ylabel() == "images"
+    assert (ax.get_xlabel(), ax.get_ylabel()) == ("cluster (ordered by assigned class)", "class")
+    assert ax.get_title() == "cat-s0: accuracy 0.812 (one-to-one), NMI 0.500, ARI 0.250"
+    many = {**metrics, "acc_one_to_one": None}
+    fig = drawn(monkeypatch, lambda: confusion_figure("x.png", labels, clusters, order, "cat12", many))
+    assert fig.axes[0].get_title() == "cat12: accuracy 0.900 (many-to-one), NMI 0.500, ARI 0.250"
+
+
+@pytest.mark.parametrize("n", [30, 31])
+def test_the_confusion_figure_numbers_at_most_30_clusters(monkeypatch, n):
+    clusters = np.arange(2 * n) % n
+    labels = clusters % 2
+    metrics = {"acc_one_to_one": None, "acc_many_to_one": 1.0, "nmi": 1.0, "ari": 1.0}
+    fig = drawn(monkeypatch, lambda: confusion_figure("x.png", labels, clusters, np.arange(n), "c", metrics))
+    ax = fig.axes[0]
+    assert [t.get_text() for t in ax.texts] == ([] if n > 30 else ["2"] * n)
+    assert [t.get_text() for t in ax.get_xticklabels()] == ([] if n > 30 else [str(c) for c in range(n)])
+
+
+def test_the_clusters_figure_shows_each_template_then_its_most_typical_members(runs, monkeypatch):
+    """A row per cluster in ``order``: the decoded one-hot state, then the members of highest q(z = k|x), ties in
+    index order; an empty cluster shows its template alone."""
+    model = load_run(runs["cat-s0"])[1]
+    rng = np.random.default_rng(0)
+    x = torch.rand(300, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    clusters = np.where(np.arange(300) < 250, 6, 2)
+    probs = np.round(rng.random((300, 10)), 1)  # many ties among the 250 members of cluster 6
+    captured = {}
+    monkeypatch.setattr(clustering_module, "framed_grid",
+                        lambda path, rows, frames, title: captured.update(rows=rows, frames=frames, title=title))
+    clusters_figure("x.png", model, x, clusters, probs, np.array([6, 2, 9]), members=4)
+    members = [sorted(np.flatnonzero(clusters == k), key=lambda i: (-probs[i, k], i))[:4] for k in (6, 2)]
+    assert probs[members[0], 6].tolist() == [1.0] * 4
+    decoded = templates(model, (1, 8, 8))
+    expected = [torch.cat([decoded[6:7], x[members[0]]]), torch.cat([decoded[2:3], x[members[1]]]), decoded[9:10]]
+    assert len(captured["rows"]) == 3
+    for row, want in zip(captured["rows"], expected, strict=True):
+        assert torch.equal(row, want)
+    assert [(i, j, to_rgba(c)) for i, j, c in captured["frames"]] == [(i, 0, to_rgba("tab:blue")) for i in range(3)]
+    assert captured["title"] == "cluster template (decoded e_k) | its 4 most typical members"
 
 
 @pytest.fixture(scope="module")

@@ -185,6 +185,8 @@ def confusion_figure(path, labels: np.ndarray, clusters: np.ndarray, order: np.n
             if count:
                 ax.text(j, i, str(count), ha="center", va="center", fontsize=6,
                         color="white" if count > table.max() / 2 else "black")
+    else:  # too many to number: no ticks (matplotlib's would number positions, not clusters)
+        ax.set_xticks([])
     ax.set_yticks(range(len(classes)), [str(c) for c in classes])
     acc = metrics["acc_one_to_one"] if metrics["acc_one_to_one"] is not None else metrics["acc_many_to_one"]
     kind = "one-to-one" if metrics["acc_one_to_one"] is not None else "many-to-one"
