@@ -6,8 +6,11 @@ import shutil
 import matplotlib.image as mpimg
 import numpy as np
 import pytest
+import torch
+from matplotlib.colors import to_rgba
 from sklearn.base import clone
 
+from discvae.applications import retrieval as retrieval_module
 from discvae.applications.retrieval import (
     ITQ,
     LSH,
@@ -16,7 +19,10 @@ from discvae.applications.retrieval import (
     hamming,
     hamming_knn,
     pack,
+    pr_figure,
+    query_grid,
     select_queries,
+    write_report,
 )
 from helpers import assert_one_line_error, run_cli, train_digits
 
@@ -131,6 +137,33 @@ def test_retrieval_end_to_end(runs, tmp_path, capsys):
     assert not list(out.glob(".*.tmp"))
 
 
+def test_the_query_grid_shows_evenly_spaced_queries_and_the_nearest_items_of_the_best_run(runs, tmp_path,
+                                                                                          monkeypatch):
+    """``retrieval`` draws 8 queries evenly spaced among its 200, with the 10 database images nearest to each by
+    the codes of the run of highest mAP, and whether each is of the query's class."""
+    from discvae import load_run
+    from discvae.evaluation import fixed_binarization
+
+    captured = {}
+    monkeypatch.setattr(retrieval_module, "query_grid", lambda path, queries, correct, retrieved: captured.update(
+        queries=queries, correct=correct, retrieved=retrieved))
+    retrieval_module.retrieval([runs["bits"], runs["bits12"]], tmp_path, per_class=20)
+    results = json.loads((tmp_path / "retrieval.json").read_text())["results"]
+    best = runs[max(("bits", "bits12"), key=lambda n: results[n]["8" if n == "bits" else "12"]["mAP"])]
+    cfg, model, data = load_run(best)
+    queries = select_queries(data.y_test.numpy(), 20, 0)[np.linspace(0, 199, 8).astype(int)]
+    assert torch.equal(captured["queries"], data.x_test[queries])
+    codes = model.codes(fixed_binarization(torch.cat([data.x_train, data.x_test[queries]]), cfg.binarize)).numpy()
+    db_codes, q_codes = codes[:len(data.x_train)], codes[len(data.x_train):]
+    row_of = {image.numpy().tobytes(): i for i, image in enumerate(data.x_train)}
+    assert captured["retrieved"].shape == (8, 10, 1, 8, 8)
+    rows = np.array([[row_of[image.numpy().tobytes()] for image in r] for r in captured["retrieved"]])  # [8, 10]
+    for q, shown in zip(q_codes, rows, strict=True):
+        distances = (db_codes != q).sum(1)
+        assert sorted(distances[shown]) == sorted(distances)[:10]
+    assert np.array_equal(captured["correct"], data.y_train.numpy()[rows] == data.y_test.numpy()[queries, None])
+
+
 def test_the_best_epochs_of_several_runs_are_labelled_by_their_runs(runs, tmp_path, capsys):
     for name in ("seed0", "seed1"):  # as --keep-best keeps them: RUN/best, a run inside the run
         shutil.copytree(runs["bits"], tmp_path / name / "best")
@@ -202,3 +235,81 @@ def test_metrics_over_many_queries_in_many_blocks_match_a_direct_computation(mon
     assert m["pr"]["recall"] == pytest.approx((hits / hits[:, -1:]).mean(0).tolist(), abs=1e-12)
     for k in top_k:
         assert low[k] / (k * len(queries)) - 1e-12 <= m[f"P@{k}"] <= high[k] / (k * len(queries)) + 1e-12, k
+
+
+def metrics_of(m_ap: float, n_bits: int) -> dict:
+    """Metrics as ``evaluate_codes`` gives them, with made-up values."""
+    curve = {"radius": list(range(n_bits + 1)), "precision": np.linspace(1, m_ap, n_bits + 1).tolist(),
+             "recall": np.linspace(0.1, 1, n_bits + 1).tolist()}
+    return {"mAP": m_ap, "P@500": m_ap + 0.01, "P@1000": m_ap + 0.002, "P@r<=2": m_ap / 2, "pr": curve}
+
+
+RESULTS = {"run-a": {"8": metrics_of(0.4, 8)}, "run-b": {"12": metrics_of(0.5, 12)},
+           "lsh": {"8": metrics_of(0.2, 8), "12": metrics_of(0.25, 12)}, "itq": {"8": metrics_of(0.45, 8)}}
+
+
+def test_the_pr_figure_has_a_panel_per_code_length_and_a_curve_per_method(monkeypatch):
+    """Runs solid with dots, baselines dashed; a method keeps its colour across panels, methods differ."""
+    figures = []
+    monkeypatch.setattr("discvae.figures.save_figure", lambda path, fig: figures.append(fig))
+    pr_figure("x.png", RESULTS, ["run-a", "run-b"])
+    (fig,) = figures
+    panels = {8: ["run-a", "lsh", "itq"], 12: ["run-b", "lsh"]}
+    colours = {}
+    for ax, (n_bits, names) in zip(fig.axes, panels.items(), strict=True):
+        assert ax.get_title() == f"{n_bits} bits: Hamming radius 0..{n_bits}"
+        assert (ax.get_xlabel(), ax.get_ylabel()) == ("recall", "precision")
+        assert ax.get_xlim() == ax.get_ylim() == (0, 1.02)
+        assert [t.get_text() for t in ax.get_legend().get_texts()] == names
+        for line, name in zip(ax.get_lines(), names, strict=True):
+            curve = RESULTS[name][str(n_bits)]["pr"]
+            assert line.get_label() == name
+            assert line.get_xdata().tolist() == curve["recall"] and line.get_ydata().tolist() == curve["precision"]
+            run = name.startswith("run")
+            assert (line.get_linestyle(), line.get_marker()) == (("-", "o") if run else ("--", "None"))
+            assert colours.setdefault(name, to_rgba(line.get_color())) == to_rgba(line.get_color())
+    assert len(set(colours.values())) == 4
+
+
+def test_the_query_grid_frames_each_query_blue_and_each_hit_of_another_class_red(monkeypatch):
+    captured = {}
+    monkeypatch.setattr(retrieval_module, "framed_grid",
+                        lambda path, rows, frames, title: captured.update(rows=rows, frames=frames, title=title))
+    queries, retrieved = torch.rand(2, 1, 4, 4), torch.rand(2, 3, 1, 4, 4)
+    correct = np.array([[True, False, True], [False, False, True]])
+    query_grid("x.png", queries, correct, retrieved)
+    for row, q, r in zip(captured["rows"], queries, retrieved, strict=True):
+        assert torch.equal(row, torch.cat([q[None], r]))
+    assert [(i, j, to_rgba(c)) for i, j, c in captured["frames"]] == [
+        (0, 0, to_rgba("tab:blue")), (1, 0, to_rgba("tab:blue")), (0, 2, to_rgba("red")), (1, 1, to_rgba("red")),
+        (1, 2, to_rgba("red"))]
+    assert captured["title"] == "query | its 3 nearest database images by Hamming distance (red: another class)"
+
+
+def test_the_report_states_the_protocol_and_ranks_methods_by_bits_then_map(tmp_path):
+    protocol = {"dataset": "mnist", "queries": 1000, "per_class": 100, "database": 60000, "seed": 3}
+    path = write_report(tmp_path, protocol, RESULTS, ["run-a", "run-b"], "run-b")
+    assert path == tmp_path / "report.md"
+    assert path.read_text() == """# Retrieval with binary codes: mnist
+
+Queries: 1000 test images (up to 100 per class, drawn with seed 3); database: the 60000 training images; \
+relevant: the same label; ranking by Hamming distance. mAP over the whole database (items at equal distance form \
+one threshold), precision of the k nearest (500, 1000; ties as faiss returns them) and within Hamming radius 2 (0 \
+where nothing lies within it). Baselines fitted on the database pixels: `lsh` (random projections), `pcah` (PCA), \
+`itq` (PCA-ITQ, 50 iterations); discvae runs: `run-a`, `run-b`.
+
+| method | bits | mAP | P@500 | P@1000 | P@r<=2 |
+|---|---:|---:|---:|---:|---:|
+| itq | 8 | 0.4500 | 0.4600 | 0.4520 | 0.2250 |
+| run-a | 8 | 0.4000 | 0.4100 | 0.4020 | 0.2000 |
+| lsh | 8 | 0.2000 | 0.2100 | 0.2020 | 0.1000 |
+| run-b | 12 | 0.5000 | 0.5100 | 0.5020 | 0.2500 |
+| lsh | 12 | 0.2500 | 0.2600 | 0.2520 | 0.1250 |
+
+![precision-recall](pr_curves.png)
+
+Nearest database images of 8 queries for `run-b`, the run with the highest mAP:
+
+![queries](query_grid.png)
+"""
+

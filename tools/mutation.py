@@ -76,8 +76,7 @@ QUICK = {  # module -> the tests --recheck runs first (seconds; most survivors d
     "evaluation": ["test_evaluation.py"],
     "latents": ["test_latents.py"],
     "models": ["test_models.py"],
-    "applications/*": ["test_retrieval.py", "test_search.py"],
-}
+}  # else the test file of the mutant's source file (test_search.py for applications/search.py), if any
 
 
 def function_span(source: str, qualname: str) -> tuple[int, int]:
@@ -146,7 +145,7 @@ def recheck(out: Path, module: str, skip: set[str], pending: bool = False, only:
     """Each survivor of the finished run in ``out`` (and each mutant no selected test reached) against the current
     code and tests: mutmut's diff of it (one function's lines) applied to that function in a copy of today's source
     file (the one the mutant's name gives, e.g. ``discvae.applications.search.x_f__mutmut_3``), then the module's
-    test files with ``-x`` (its ``QUICK`` tests first); prints ``NAME KILLED TEST`` or ``NAME SURVIVED``
+    test files with ``-x`` (its ``QUICK`` tests, or the test file named after the source file, first); prints ``NAME KILLED TEST`` or ``NAME SURVIVED``
     (``NOT-APPLIED`` when the function changed since). Faster than a fresh run: no mutant generation, no coverage
     pass, only the survivors. With ``pending``, also the mutants a stopped run had not reached: a run stuck on a
     function every test reaches finishes faster this way, the QUICK tests killing most mutants in seconds."""
@@ -167,7 +166,8 @@ def recheck(out: Path, module: str, skip: set[str], pending: bool = False, only:
             print(name, "NOT-APPLIED", flush=True)
             continue
         target.write_text(source[:start] + source[start:end].replace(old, new) + source[end:])
-        for selection in ([str(ROOT / "tests" / t) for t in QUICK.get(module, [])], tests):
+        quick = QUICK.get(module) or [t for t in [f"test_{relative.stem}.py"] if (ROOT / "tests" / t).is_file()]
+        for selection in ([str(ROOT / "tests" / t) for t in quick], tests):
             run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *selection],
                                  cwd=ROOT, env={**os.environ, "PYTHONPATH": str(copy / "src")}, capture_output=True,
                                  text=True)
