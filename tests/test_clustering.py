@@ -55,10 +55,27 @@ def test_many_to_one_and_one_to_one_accuracy_by_hand():
     assert list(cluster_order(labels, np.array([2, 2, 2, 0, 0, 1]), 4)) == [2, 0, 1, 3]  # by class, size; empty
 
 
+def test_clusters_are_ordered_by_their_one_to_one_match_only_when_there_are_as_many_as_classes():
+    """Class 0 is the majority of every cluster below. With 2 clusters for 2 classes the matching gives cluster 0 to
+    class 0 and cluster 1 to class 1; with 3 clusters (one of them empty, or not) each takes its majority class 0,
+    so they are ordered by size."""
+    def labelled(table):  # (labels, clusters) with table[class][cluster] items of each pair
+        pairs = [(c, k) for c, row in enumerate(table) for k, n in enumerate(row) for _ in range(n)]
+        return tuple(np.array(a) for a in zip(*pairs, strict=True))
+    two = labelled([[5, 4], [0, 2]])
+    assert list(cluster_order(*two, 2)) == [0, 1]
+    assert list(cluster_order(*two, 3)) == [1, 0, 2]  # sizes 6, 5; cluster 2 empty
+    assert list(cluster_order(*labelled([[5, 4, 1], [0, 2, 0]]), 3)) == [1, 0, 2]
+
+
 def test_seed_groups_and_their_summary():
     configs = {"a": Config(seed=0, out="a"), "b": Config(lr=0.01, out="b"), "c": Config(seed=1, out="c",
                                                                                         device="cpu")}
     assert seed_groups(configs) == [["a", "c"], ["b"]]
+    augment = {"rotation": 10.0, "shift": 1.0, "scale": 0.0, "shear": 0.0, "flip": 0.0}
+    reordered = {  # a setting's dict written in another key order (config.json of another version) is the same
+        "d": Config(seed=0, augment=augment), "e": Config(seed=1, augment=dict(reversed(list(augment.items()))))}
+    assert seed_groups(reordered) == [["d", "e"]]
     rows = [{"acc_one_to_one": None, "acc_many_to_one": a, "nmi": a, "ari": a} for a in (0.5, 0.7)]
     s = summarize(rows)
     assert s["n"] == 2 and s["acc_one_to_one"] is None
