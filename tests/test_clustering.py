@@ -21,6 +21,7 @@ from discvae.applications.clustering import (
     kmeans,
     seed_groups,
     summarize,
+    write_report,
 )
 from discvae.figures import templates
 from helpers import assert_one_line_error, run_cli, train_digits
@@ -52,6 +53,7 @@ def test_many_to_one_and_one_to_one_accuracy_by_hand():
     assert m["acc_one_to_one"] is None and m["acc_many_to_one"] == pytest.approx(5 / 6)
     assert m["clusters"] == 3 and m["used_clusters"] == 2
     assert m["counts"] == [[1, 0, 0], [2, 3, 0]]  # class x cluster, the empty cluster 2 a column of zeros
+    assert json.dumps(m["counts"]) == "[[1, 0, 0], [2, 3, 0]]"  # counts, not floats, in clustering.json
     assert list(cluster_order(labels, np.array([2, 2, 2, 0, 0, 1]), 4)) == [2, 0, 1, 3]  # by class, size; empty
 
 
@@ -171,6 +173,40 @@ def test_the_clusters_figure_shows_each_template_then_its_most_typical_members(r
         assert torch.equal(row, want)
     assert [(i, j, to_rgba(c)) for i, j, c in captured["frames"]] == [(i, 0, to_rgba("tab:blue")) for i in range(3)]
     assert captured["title"] == "cluster template (decoded e_k) | its 4 most typical members"
+
+
+def test_the_report_has_a_row_per_seed_group_and_baseline(tmp_path):
+    def metrics(acc, nmi, clusters=10, used=10):
+        return {"clusters": clusters, "used_clusters": used, "acc_one_to_one": acc, "acc_many_to_one": 0.9,
+                "nmi": nmi, "ari": 0.5}
+    results = {"cat-s0": metrics(0.8, 0.7), "cat-s1": metrics(0.6, 0.75, used=9), "cat12": metrics(None, 0.72, 12)}
+    groups = [{"runs": ["cat-s0", "cat-s1"], **summarize([results["cat-s0"], results["cat-s1"]])},
+              {"runs": ["cat12"], **summarize([results["cat12"]])}]
+    baselines = {"kmeans_pixels_k10": metrics(0.55, 0.5)}
+    path = write_report(tmp_path, "digits", 1797, groups, results, baselines, "cat-s1")
+    assert path == tmp_path / "report.md"
+    assert path.read_text() == """# Clustering with a categorical latent: digits
+
+All 1797 training and test images; a run's cluster is argmax_k q(z = k|x). Accuracy one-to-one: best one-to-one \
+matching of clusters to classes (Hungarian algorithm; only when there are as many clusters as classes); \
+many-to-one: each cluster takes its majority label. Runs that differ only by seed are one row: mean ± sample \
+standard deviation. Baselines: k-means (k-means++, seeded) on the pixels, on their principal components and on a \
+Gaussian VAE's posterior means.
+
+| method | runs | clusters (used) | acc one-to-one | acc many-to-one | NMI | ARI |
+|---|---:|---:|---:|---:|---:|---:|
+| cat-s0, cat-s1 | 2 | 10 (10/9) | 0.7000 ± 0.1414 | 0.9000 ± 0.0000 | 0.7250 ± 0.0354 | 0.5000 ± 0.0000 |
+| cat12 | 1 | 12 (10) | - | 0.9000 | 0.7200 | 0.5000 |
+| kmeans_pixels_k10 | - | 10 (10) | 0.5500 | 0.9000 | 0.5000 | 0.5000 |
+
+Class x cluster counts of `cat-s1` (the run with the highest NMI), clusters ordered by their matched class:
+
+![confusion](confusion.png)
+
+Its clusters: the decoded template and the most typical members:
+
+![clusters](clusters.png)
+"""
 
 
 @pytest.fixture(scope="module")
