@@ -157,6 +157,17 @@ def test_the_survivor_table_shows_the_line_a_mutant_adds():
     assert mutation.change("--- a.py\n+++ a.py\n-    y = 1\n") == "(a line removed)"
 
 
+def test_a_survivors_verdict_comes_from_the_hand_first_then_the_recheck():
+    mutation = _mutation_tool()
+    killed = "KILLED tests/test_a.py::test_b"
+    assert mutation.verdict("survived", killed) == ("killed now", "test_a.py::test_b")
+    assert mutation.verdict("survived", killed, "equivalent: a default") == ("equivalent", "a default")
+    assert mutation.verdict("survived", "SURVIVED", "cosmetic: a figure's size") == ("cosmetic", "a figure's size")
+    assert mutation.verdict("survived", "SURVIVED") == ("**survives**", "SURVIVED")
+    assert mutation.verdict("survived", "") == ("**survives**", "not rechecked")
+    assert mutation.verdict("timeout", "") == ("detected", "timeout")
+
+
 def test_the_recheck_places_a_mutant_by_its_context():
     """``--recheck`` applies a mutant as the hunk's text with its context lines, so a changed line that occurs twice
     in the function (the ``"prior")`` of two refusals) is changed in the one place the mutant changed it."""

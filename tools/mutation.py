@@ -121,17 +121,37 @@ def change(diff: str) -> str:
     return (text if len(text) <= 90 else text[:87] + "...").replace("|", "\\|")
 
 
-def table(out: Path, verdicts: dict[str, str]) -> None:
+def verdict(state: str, logged: str, given: str = "") -> tuple[str, str]:
+    """(verdict, the test that kills it or why it stands) of one survivor: ``given`` first (the verdicts file's
+    ``equivalent: WHY``, ``cosmetic: WHY`` or ``killed now: TEST``, a verdict reached by hand), else its
+    ``--recheck`` log's words (``KILLED TEST``: killed now), else it survives."""
+    if given:
+        kind, _, why = given.partition(": ")
+        return kind, why
+    if logged.startswith("KILLED"):
+        return "killed now", logged.removeprefix("KILLED").strip().removeprefix("tests/") or "(recheck)"
+    if "timeout" in state:
+        return "detected", "timeout"
+    return "**survives**", logged or "not rechecked"
+
+
+def table(out: Path, logged: dict[str, str], given: dict[str, str]) -> None:
     """A Markdown row per survivor of the run in ``out`` -- and per mutant it had not reached that the ``--recheck
     --pending`` logs say survived --: its name below ``discvae.`` (the file's module first, so that functions of
-    the same name in two files stay apart), its state in the run, what it changes, and its verdict from those logs
-    (``verdicts``: mutant name -> the log's words) or blank, for the doc's table."""
-    print("| mutant | in the run | the change | recheck |\n|---|---|---|---|")
+    the same name in two files stay apart), its state in the run, what it changes, and its ``verdict`` from the
+    ``--recheck`` logs (``logged``: mutant name -> the log's words) and the verdicts file (``given``: name below
+    ``discvae.`` -> verdict); then the count of each verdict."""
+    print("| mutant | in the run | the change | verdict | the test that kills it, or why it stands |\n"
+          "|---|---|---|---|---|")
+    counts = {}
     for name, state in survivors(out, pending=True).items():
-        if state == "not checked" and not verdicts.get(name, "").startswith("SURVIVED"):
+        if state == "not checked" and not logged.get(name, "").startswith("SURVIVED"):
             continue
-        print(f"| `{name.removeprefix('discvae.')}` | {state} | `{change(mutmut_output(out, 'show', name))}` | "
-              f"{verdicts.get(name, '')} |")
+        short = name.removeprefix("discvae.")
+        kind, why = verdict(state, logged.get(name, ""), given.get(short, ""))
+        counts[kind] = counts.get(kind, 0) + 1
+        print(f"| `{short}` | {state} | `{change(mutmut_output(out, 'show', name))}` | {kind} | {why} |")
+    print("\n" + ", ".join(f"{kind}: {n}" for kind, n in counts.items()))
 
 
 def hunk(diff: list[str]) -> tuple[str, str]:
@@ -145,10 +165,11 @@ def recheck(out: Path, module: str, skip: set[str], pending: bool = False, only:
     """Each survivor of the finished run in ``out`` (and each mutant no selected test reached) against the current
     code and tests: mutmut's diff of it (one function's lines) applied to that function in a copy of today's source
     file (the one the mutant's name gives, e.g. ``discvae.applications.search.x_f__mutmut_3``), then the module's
-    test files with ``-x`` (its ``QUICK`` tests, or the test file named after the source file, first); prints ``NAME KILLED TEST`` or ``NAME SURVIVED``
-    (``NOT-APPLIED`` when the function changed since). Faster than a fresh run: no mutant generation, no coverage
-    pass, only the survivors. With ``pending``, also the mutants a stopped run had not reached: a run stuck on a
-    function every test reaches finishes faster this way, the QUICK tests killing most mutants in seconds."""
+    test files with ``-x`` (its ``QUICK`` tests first, else the test file named after the source file); prints
+    ``NAME KILLED TEST`` or ``NAME SURVIVED`` (``NOT-APPLIED`` when the function changed since). Faster than a
+    fresh run: no mutant generation, no coverage pass, only the survivors. With ``pending``, also the mutants a
+    stopped run had not reached: a run stuck on a function every test reaches finishes faster this way, the QUICK
+    tests killing most mutants in seconds."""
     copy = out / "recheck"
     shutil.copytree(ROOT / "src", copy / "src", dirs_exist_ok=True, ignore=shutil.ignore_patterns("__pycache__"))
     tests = [str(ROOT / "tests" / t) for t in TESTS[module]]
@@ -195,10 +216,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--table", nargs="*", type=Path, metavar="RECHECK_LOG", help="instead of running mutmut: "
                         "a Markdown row per survivor of the finished run in --out, with its verdict from these "
                         "--recheck logs (see table)")
+    parser.add_argument("--verdicts", type=Path, help="with --table: a JSON file of verdicts reached by hand, "
+                        "mutant name below discvae. -> 'equivalent: WHY', 'cosmetic: WHY' or 'killed now: TEST' "
+                        "(tools/mutation_verdicts.json)")
     args = parser.parse_args(argv)
     if args.table is not None:
         lines = [line.split(maxsplit=1) for log in args.table for line in log.read_text().splitlines()]
-        table(args.out, {parts[0]: parts[1] for parts in lines if len(parts) == 2})
+        given = json.loads(args.verdicts.read_text()) if args.verdicts else {}
+        table(args.out, {parts[0]: parts[1] for parts in lines if len(parts) == 2}, given)
         return 0
     if args.recheck:
         for module in args.modules:
