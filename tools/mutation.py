@@ -161,7 +161,8 @@ def hunk(diff: list[str]) -> tuple[str, str]:
     return tuple("\n".join(line[1:] for line in body if line[:1] in ("", " ", sign)) for sign in ("-", "+"))
 
 
-def recheck(out: Path, module: str, skip: set[str], pending: bool = False, only: list[str] = ()) -> None:
+def recheck(out: Path, module: str, skip: set[str], pending: bool = False, only: list[str] = (),
+            quick_only: bool = False) -> None:
     """Each survivor of the finished run in ``out`` (and each mutant no selected test reached) against the current
     code and tests: mutmut's diff of it (one function's lines) applied to that function in a copy of today's source
     file (the one the mutant's name gives, e.g. ``discvae.applications.search.x_f__mutmut_3``), then the module's
@@ -169,7 +170,8 @@ def recheck(out: Path, module: str, skip: set[str], pending: bool = False, only:
     ``NAME KILLED TEST`` or ``NAME SURVIVED`` (``NOT-APPLIED`` when the function changed since). Faster than a
     fresh run: no mutant generation, no coverage pass, only the survivors. With ``pending``, also the mutants a
     stopped run had not reached: a run stuck on a function every test reaches finishes faster this way, the QUICK
-    tests killing most mutants in seconds."""
+    tests killing most mutants in seconds. With ``quick_only``, only those first tests: SURVIVED then means that
+    they do not kill it (enough when the tests added since the run are all there)."""
     copy = out / "recheck"
     shutil.copytree(ROOT / "src", copy / "src", dirs_exist_ok=True, ignore=shutil.ignore_patterns("__pycache__"))
     tests = [str(ROOT / "tests" / t) for t in TESTS[module]]
@@ -188,7 +190,8 @@ def recheck(out: Path, module: str, skip: set[str], pending: bool = False, only:
             continue
         target.write_text(source[:start] + source[start:end].replace(old, new) + source[end:])
         quick = QUICK.get(module) or [t for t in [f"test_{relative.stem}.py"] if (ROOT / "tests" / t).is_file()]
-        for selection in ([str(ROOT / "tests" / t) for t in quick], tests):
+        first = [str(ROOT / "tests" / t) for t in quick] or tests
+        for selection in [first] if quick_only or first == tests else [first, tests]:
             run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *selection],
                                  cwd=ROOT, env={**os.environ, "PYTHONPATH": str(copy / "src")}, capture_output=True,
                                  text=True)
@@ -211,6 +214,8 @@ def main(argv: list[str] | None = None) -> int:
                         "finished run in --out against today's code and tests (see recheck)")
     parser.add_argument("--skip", nargs="*", default=[], help="with --recheck: survivors not to rerun (e.g. the "
                         "equivalent ones), by their short name x_..._mutmut_N")
+    parser.add_argument("--quick-only", action="store_true", help="with --recheck: only the QUICK tests (or the "
+                        "test file named after the mutant's source file), not the whole selection")
     parser.add_argument("--pending", action="store_true", help="with --recheck: also the mutants a stopped run had "
                         "not reached")
     parser.add_argument("--table", nargs="*", type=Path, metavar="RECHECK_LOG", help="instead of running mutmut: "
@@ -227,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.recheck:
         for module in args.modules:
-            recheck(args.out, module, set(args.skip), args.pending, args.only)
+            recheck(args.out, module, set(args.skip), args.pending, args.only, args.quick_only)
         return 0
     args.out.mkdir(parents=True, exist_ok=True)
     for name in ("src", "tests"):
