@@ -3,6 +3,7 @@ every way of giving a collection, and one line and exit status 2 for each kind o
 import csv
 import io
 import json
+import pickle
 import shutil
 import zipfile
 
@@ -22,7 +23,7 @@ N_DIGITS = 1797
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("search")
     return {"bits": train_digits(root / "bits", "--latent-dim", "16", "--epochs", "2"),
-            "other": train_digits(root / "other", "--latent-dim", "72", "--seed", "1"),
+            "other": train_digits(root / "other", "--latent-dim", "65", "--seed", "1"),  # 2 words of 64 bits
             "cat": train_digits(root / "cat", "--latent", "categorical", "--latent-dim", "10"),
             "gauss": train_digits(root / "gauss", "--latent", "gaussian", "--estimator", "reparam")}
 
@@ -91,6 +92,10 @@ def test_python_api_fits_searches_saves_and_loads(runs, images, tmp_path):
     assert distances.dtype == np.int32 and ids.dtype == np.int64
     assert_nearest(distances, ids, brute_force(runs["bits"], queries, collection), 7)
     assert fitted.search(queries, k=5000)[0].shape == (40, 1000)  # k clipped to the collection
+    assert fitted.search(queries)[0].shape == (40, 10)  # k = 10 by default
+    assert np.array_equal(fitted.search(queries, k=1)[0], distances[:, :1])
+    one_by_one = HashIndex(runs["bits"], batch_size=1).fit(collection[:50])
+    assert np.array_equal(codes_of(one_by_one), codes_of(fitted)[:50 * 8])
 
     loaded = HashIndex.load(fitted.save(tmp_path / "index"), runs["bits"])
     assert loaded.data_ == "array of shape (1000, 1, 8, 8)"
@@ -118,7 +123,8 @@ def test_npy_and_npz_collections_in_any_layout_give_the_same_codes(runs, images,
 
 def test_named_collections_are_read_from_the_data_dir_given(runs, images, tmp_path, capsys, monkeypatch):
     """``index`` and ``search`` with ``--data-dir D`` read ``mnist:SPLIT`` from ``D/mnist`` (the run, trained on the
-    digits, has no MNIST folder of its own; the default data directory is empty)."""
+    digits, has no MNIST folder of its own; the default data directory is empty); without it, from the data directory
+    of the run."""
     monkeypatch.setenv("DISCVAE_DATA", str(tmp_path / "empty"))
     pixels = np.round(images[:, 0] * 255).astype(np.uint8)  # [1797, 8, 8], as MNIST's IDX files hold them
     labels = np.zeros(N_DIGITS, np.uint8)
@@ -135,6 +141,9 @@ def test_named_collections_are_read_from_the_data_dir_given(runs, images, tmp_pa
     records = json.loads(stdout)
     direct = brute_force(runs["bits"], *(np.float32(p[:, None] / 255) for p in (pixels[1500:], pixels[:1500])))
     assert_nearest(np.array([r["distances"] for r in records]), np.array([r["ids"] for r in records]), direct, 4)
+    trained_here = train_digits(tmp_path / "run", "--dataset", "mnist", "--data-dir", data)
+    code, stdout, _ = run_cli(capsys, "index", trained_here, "--data", "mnist:test", "--out", tmp_path / "own")
+    assert code == 0 and stdout.strip() == f"{tmp_path / 'own'}: 297 codes of 8 bits"  # the run's data directory
 
 
 def test_npz_rows_are_read_as_sliced_and_a_damaged_member_is_refused(images, tmp_path):
@@ -183,6 +192,12 @@ def test_bad_input_gets_one_line_and_exit_status_2(runs, images, tmp_path, capsy
     np.save(tmp_path / "small.npy", images[:5, :, :7, :7])
     np.save(tmp_path / "flat60.npy", images[:5].reshape(5, 64)[:, :60])
     np.save(tmp_path / "grey.npy", images[:5] * 2)
+    np.save(tmp_path / "flat5.npy", images[:5, 0, 0, 0])  # [5]: no item axis
+    np.save(tmp_path / "none.npy", images[:0])
+    with open(tmp_path / "pickled.npy", "wb") as fh:  # a pickle, not an .npy: never unpickled
+        pickle.dump(images[:5], fh)
+    pickled = ("cannot read it as a NumPy .npy file (This file contains pickled (object) data. If you trust the file "
+               "you can load it unsafely using the `allow_pickle=` keyword argument or `pickle.load()`.)")
     np.savez(tmp_path / "pair.npz", a=images[:5], b=images[:5])
     np.savez(tmp_path / "empty.npz")
     (tmp_path / "not_zip.npz").write_bytes(b"not a zip archive")
@@ -228,6 +243,14 @@ def test_bad_input_gets_one_line_and_exit_status_2(runs, images, tmp_path, capsy
          f"{tmp_path / 'fortran.npz'}:x: expected a C-ordered array of numbers [N, ...]"),
         (["index", bits, "--data", tmp_path / "grey.npy", "--out", tmp_path / "x"],
          f"{tmp_path / 'grey.npy'}: float values must lie in [0, 1], got [0, 2]"),
+        (["index", bits, "--data", tmp_path / "small.npy", "--out", tmp_path / "x"], f"{tmp_path / 'small.npy'}: "
+         f"items of shape (1, 7, 7) (49 values); {bits} takes images of shape (1, 8, 8) (64 values)"),
+        (["index", bits, "--data", tmp_path / "flat5.npy", "--out", tmp_path / "x"],
+         f"{tmp_path / 'flat5.npy'}: expected a non-empty array of items [N, ...], got shape (5,)"),
+        (["index", bits, "--data", tmp_path / "none.npy", "--out", tmp_path / "x"],
+         f"{tmp_path / 'none.npy'}: expected a non-empty array of items [N, ...], got shape (0, 1, 8, 8)"),
+        (["index", bits, "--data", tmp_path / "pickled.npy", "--out", tmp_path / "x"],
+         f"{tmp_path / 'pickled.npy'}: {pickled}"),
         (["index", bits, "--data", "digits:all", "--out", tmp_path / "x", "--batch-size", "0"],
          "--batch-size must be at least 1"),
         (["search", index, other_run, "--query", q], f"{index} was built with another run ({bits}), or before "
@@ -239,6 +262,8 @@ def test_bad_input_gets_one_line_and_exit_status_2(runs, images, tmp_path, capsy
         (["search", index, bits, "--query", tmp_path / "flat60.npy"], f"{tmp_path / 'flat60.npy'}: items of shape "
          f"(60,) (60 values); {bits} takes images of shape (1, 8, 8) (64 values)"),
         (["search", index, bits, "--query", tmp_path / "missing.npy"], f"{tmp_path / 'missing.npy'}: no such file"),
+        (["search", index, bits, "--query", tmp_path / "grey.npy"],
+         f"{tmp_path / 'grey.npy'}: float values must lie in [0, 1], got [0, 2]"),
         (["search", tmp_path / "nothing", bits, "--query", q],
          f"{tmp_path / 'nothing'} is not a discvae index (no index.json)"),
         (["search", index, cat, "--query", q], f"{cat} has a categorical:10 {one_block}"),
