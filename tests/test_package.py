@@ -169,14 +169,20 @@ def test_a_survivors_verdict_comes_from_the_hand_first_then_the_recheck():
 
 
 def test_the_recheck_places_a_mutant_by_its_context():
-    """``--recheck`` applies a mutant as the hunk's text with its context lines, so a changed line that occurs twice
-    in the function (the ``"prior")`` of two refusals) is changed in the one place the mutant changed it."""
+    """``--recheck`` applies a mutant as the hunk's text with as many of its context lines as make it unique in the
+    function today: a changed line that occurs twice (the ``"prior")`` of two refusals) is changed in the one place
+    the mutant changed it, and a function edited since the run still takes its mutants."""
     mutation = _mutation_tool()
     diff = ["# name: not checked", "--- a.py", "+++ a.py", "@@ -1,5 +1,5 @@", "     if a:", "         raise E(",
             '-                "prior")', '+                None)', "", "     if b:"]
     old, new = mutation.hunk(diff)
     assert old == '    if a:\n        raise E(\n                "prior")\n\n    if b:'
     assert new == "    if a:\n        raise E(\n                None)\n\n    if b:"
+    edited = ('    x = 0\n    if a:\n        raise E(\n                "prior")\n\n    y = 1\n    if b:\n'
+              '        raise E("other")\n')  # lines added since the run; "prior" once
+    assert mutation.hunk(diff, within=edited) == ('                "prior")', "                None)")
+    indented = tuple("\n".join("    " + line if line else "" for line in text.split("\n")) for text in (old, new))
+    assert mutation.hunk(diff, "    ", within="") == indented  # not found: the whole hunk, a method's (indented)
 
 
 def test_a_method_span_holds_its_decorators():

@@ -154,11 +154,20 @@ def table(out: Path, logged: dict[str, str], given: dict[str, str]) -> None:
     print("\n" + ", ".join(f"{kind}: {n}" for kind, n in counts.items()))
 
 
-def hunk(diff: list[str]) -> tuple[str, str]:
-    """The text before and after a mutant, from the lines of ``mutmut show``'s one-hunk diff, each with the hunk's
-    context lines: a line that occurs twice in the function (``"prior")``) still has one place."""
+def hunk(diff: list[str], indent: str = "", within: str | None = None) -> tuple[str, str]:
+    """The text before and after a mutant, from the lines of ``mutmut show``'s one-hunk diff (each line prefixed by
+    ``indent``), with the fewest context lines around the change that make it occur once in ``within`` (the
+    function as it is today: a line that occurs twice in it, ``"prior")``, still has one place, and edits elsewhere
+    in the function since the run do not matter); with all the hunk's context lines when ``within`` is None."""
     body = diff[next(i for i, line in enumerate(diff) if line.startswith("@@")) + 1:]
-    return tuple("\n".join(line[1:] for line in body if line[:1] in ("", " ", sign)) for sign in ("-", "+"))
+    changed = [i for i, line in enumerate(body) if line[:1] in ("-", "+")]
+    lo, hi = (changed[0], changed[-1] + 1) if within is not None else (0, len(body))
+    while True:
+        old, new = ("\n".join(indent + line[1:] if line[1:] else "" for line in body[lo:hi]
+                              if line[:1] in ("", " ", sign)) for sign in ("-", "+"))
+        if within is None or within.count(old) == 1 or (lo, hi) == (0, len(body)):
+            return old, new
+        lo, hi = max(lo - 1, 0), min(hi + 1, len(body))
 
 
 def recheck(out: Path, module: str, skip: set[str], pending: bool = False, only: list[str] = (),
@@ -177,14 +186,13 @@ def recheck(out: Path, module: str, skip: set[str], pending: bool = False, only:
     tests = [str(ROOT / "tests" / t) for t in TESTS[module]]
     names = [n for n in survivors(out, pending) if n.split(".")[-1] not in skip]
     for name in [n for n in names if not only or any(fnmatch.fnmatch(n, pattern) for pattern in only)]:
-        old, new = hunk(mutmut_output(out, "show", name).splitlines())
         dotted, function = re.match(r"(.*?)\.x[_ǁ](.+?)__mutmut_\d+$", name).groups()
         function = function.replace("ǁ", ".")
-        if "." in function:  # mutmut shows a method dedented to the class's level
-            old, new = ("\n".join("    " + line if line else line for line in text.split("\n")) for text in (old, new))
         relative = Path(*dotted.split(".")).with_suffix(".py")
         source, target = (ROOT / "src" / relative).read_text(), copy / "src" / relative
         start, end = function_span(source, function)
+        indent = "    " if "." in function else ""  # mutmut shows a method dedented to the class's level
+        old, new = hunk(mutmut_output(out, "show", name).splitlines(), indent, source[start:end])
         if start < 0 or source[start:end].count(old) != 1:
             print(name, "NOT-APPLIED", flush=True)
             continue
