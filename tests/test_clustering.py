@@ -1,5 +1,6 @@
 """Clustering evaluation: the metrics on hand-computed cases, grouping by seed, ``discvae clustering`` end to end."""
 import json
+import shutil
 
 import matplotlib.image as mpimg
 import numpy as np
@@ -10,7 +11,7 @@ from sklearn.cluster import KMeans
 from sklearn.decomposition import PCA
 from sklearn.metrics.cluster import contingency_matrix
 
-from discvae import Config, load_run
+from discvae import Config, load_dataset, load_run
 from discvae.applications import clustering as clustering_module
 from discvae.applications.clustering import (
     baseline_features,
@@ -23,6 +24,7 @@ from discvae.applications.clustering import (
     summarize,
     write_report,
 )
+from discvae.evaluation import fixed_binarization
 from discvae.figures import templates
 from helpers import assert_one_line_error, run_cli, train_digits
 
@@ -245,14 +247,62 @@ def test_clustering_end_to_end(runs, tmp_path, capsys):
 
 
 def test_clustering_rejects_bad_input(runs, tmp_path, capsys):
+    """Each refusal in full (what follows "error: "), and no result written."""
     unlabelled = tmp_path / "unlabelled.npz"
     np.savez(unlabelled, x_train=np.random.default_rng(0).random((60, 8, 8)))
-    train_digits(tmp_path / "nolabels", "--dataset", unlabelled, "--latent", "categorical", "--latent-dim", "4")
-    for argv, match in (([runs["gauss"]], "gaussian:8 latent; this needs one categorical block"),
-                        ([runs["bits"]], "bernoulli:8 latent; this needs one categorical block"),
-                        ([runs["groups"]], "2 categorical groups"), ([tmp_path / "none"], "not a run directory"),
-                        ([runs["cat-s0"], "--gaussian", runs["cat12"]], "needs one gaussian block"),
-                        ([tmp_path / "nolabels"], "labels")):
+    nolabels = train_digits(tmp_path / "nolabels", "--dataset", unlabelled, "--latent", "categorical", "--latent-dim",
+                            "4")
+    elsewhere = train_digits(tmp_path / "elsewhere", "--dataset", unlabelled, "--latent", "gaussian", "--estimator",
+                             "reparam")
+    cat, gauss, bits, groups = (runs[name] for name in ("cat-s0", "gauss", "bits", "groups"))
+    one_block = "latent; this needs one categorical block (beside Gaussian ones at most)"
+    for argv, message in (
+            ([gauss], f"{gauss} has a gaussian:8 {one_block}"), ([bits], f"{bits} has a bernoulli:8 {one_block}"),
+            ([groups], "groups has 2 categorical groups; clustering needs one"),
+            ([tmp_path / "none"], f"{tmp_path / 'none'} is not a run directory (no config.json)"),
+            ([cat, "--gaussian", runs["cat12"]], f"{runs['cat12']} has a categorical:12 latent; this needs one "
+                                                 "gaussian block (beside Gaussian ones at most)"),
+            ([cat, "--gaussian", elsewhere], f"the runs must share one dataset, got {unlabelled}, digits"),
+            ([nolabels], f"clustering needs class labels, and dataset {str(unlabelled)!r} has none for its all split"),
+            ([cat, "--n-init", "0"], "--n-init and --batch-size must be at least 1"),
+            ([cat, "--batch-size", "0"], "--n-init and --batch-size must be at least 1"),
+            ([cat, "--seed", str(2 ** 32)], f"--seed must be between 0 and 2^32 - 1 = {2 ** 32 - 1}, got {2 ** 32}")):
         code, _, err = run_cli(capsys, "clustering", *argv, "--out", tmp_path / "out")
-        assert_one_line_error(code, err, match)
+        assert_one_line_error(code, err, message)
+        assert err.strip() == f"discvae clustering: error: {message}"
     assert not (tmp_path / "out" / "clustering.json").exists()
+
+
+def test_clustering_reports_seeded_baselines_and_draws_the_run_of_highest_nmi(runs, tmp_path, monkeypatch):
+    """``clustering`` from Python, without a Gaussian run: the baselines are ``kmeans`` with the seed and restarts
+    given, and the figures show the clusters, order and typical members of the run of highest NMI."""
+    drawn = {}
+    monkeypatch.setattr(clustering_module, "confusion_figure", lambda path, labels, clusters, order, name, metrics:
+                        drawn.update(confusion=(clusters, order, name, metrics)))
+    monkeypatch.setattr(clustering_module, "clusters_figure", lambda path, model, x, clusters, probs, order:
+                        drawn.update(clusters=(clusters, probs, order)))
+    shutil.copytree(runs["cat12"], tmp_path / "a-cat12")  # the highest NMI of the three, under the first name
+    dirs = {"cat-s0": runs["cat-s0"], "cat-s1": runs["cat-s1"], "a-cat12": tmp_path / "a-cat12"}
+    names = list(dirs)
+    out = tmp_path / "out"
+    assert clustering_module.clustering(list(dirs.values()), out, seed=3, n_init=2) == out / "report.md"
+    result = json.loads((out / "clustering.json").read_text())
+    assert (result["dataset"], result["images"], result["classes"]) == ("digits", 1797, 10)
+    assert (result["seed"], result["n_init"], result["gaussian"]) == (3, 2, None)
+    data = load_dataset("digits")
+    x, labels = torch.cat([data.x_train, data.x_test]), torch.cat([data.y_train, data.y_test]).numpy()
+    pixels = x.flatten(1).numpy()
+    pca = PCA(50, random_state=3).fit_transform(pixels)
+    for name, features, k in (("kmeans_pixels_k10", pixels, 10), ("kmeans_pca50_k12", pca, 12)):
+        assert result["baselines"][name] == cluster_metrics(labels, kmeans(features, k, 3, 2), k), name
+    best = max(names, key=lambda n: result["runs"][n]["nmi"])
+    assert best != max(names)  # the run of highest NMI, not the last name
+    clusters, order, name, metrics = drawn["confusion"]
+    assert (name, metrics) == (best, result["runs"][best])
+    cfg, model, _ = load_run(dirs[best])
+    inputs = fixed_binarization(x, cfg.binarize)
+    codes = model.codes(inputs).numpy()[:, 0]
+    assert np.array_equal(clusters, codes)
+    assert np.array_equal(order, cluster_order(labels, codes, metrics["clusters"]))
+    assert np.array_equal(drawn["clusters"][0], codes) and np.array_equal(drawn["clusters"][2], order)
+    assert np.allclose(drawn["clusters"][1], model.encode(inputs).numpy()[:, 0])
