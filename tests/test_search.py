@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from discvae import load_dataset, load_run
-from discvae.applications.search import HashIndex, _NpzArray, format_results
+from discvae.applications.search import HashIndex, _NpzArray, format_results, open_collection
 from discvae.errors import InputError
 from helpers import assert_one_line_error, run_cli, train_digits, write_idx_folder
 
@@ -117,6 +117,8 @@ def test_npy_and_npz_collections_in_any_layout_give_the_same_codes(runs, images,
     specs = [tmp_path / "flat.npy", f"{tmp_path / 'one.npz'}", f"{tmp_path / 'two.npz'}:x_train",
              tmp_path / "v2.npz"]
     reference = codes_of(HashIndex(runs["bits"]).fit(as_uint8))
+    with open_collection(tmp_path / "flat.npy") as (items, _):
+        assert isinstance(items, np.memmap)  # read a block at a time, never whole
     for spec in specs:  # batches of 100 rows: 18 reads, the last one short
         assert np.array_equal(codes_of(HashIndex(runs["bits"], batch_size=100).fit(spec)), reference), spec
 
