@@ -109,134 +109,6 @@ def test_itq_rotation_beats_plain_pca_directions():
     assert maps[ITQ] > maps[PCAH] + 0.3
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("retrieval")
-    return {"bits": train_digits(root / "bits"), "bits12": train_digits(root / "bits12", "--latent-dim", "12"),
-            "cat": train_digits(root / "cat", "--latent", "categorical", "--latent-dim", "10")}
-
-
-def test_retrieval_end_to_end(runs, tmp_path, capsys):
-    out = tmp_path / "report"
-    code, stdout, _ = run_cli(capsys, "retrieval", runs["bits"], runs["bits12"], "--out", out, "--per-class", "20")
-    assert code == 0 and stdout.strip() == str(out / "report.md")
-    result = json.loads((out / "retrieval.json").read_text())
-    assert result["protocol"]["queries"] == 200 and result["protocol"]["database"] == 1500
-    assert result["runs"] == ["bits", "bits12"]
-    assert {name: sorted(by_bits) for name, by_bits in result["results"].items()} == {
-        "bits": ["8"], "bits12": ["12"], "lsh": ["12", "8"], "pcah": ["12", "8"], "itq": ["12", "8"]}
-    for by_bits in result["results"].values():
-        for n_bits, m in by_bits.items():
-            assert all(0 <= m[k] <= 1 for k in ("mAP", "P@500", "P@1000", "P@r<=2"))
-            assert len(m["pr"]["precision"]) == int(n_bits) + 1 and m["pr"]["recall"][-1] == pytest.approx(1)
-    assert result["results"]["itq"]["8"]["mAP"] > 0.15  # above chance (about 0.1 for ten classes)
-    report = (out / "report.md").read_text()
-    assert "| itq | 8 |" in report and "pr_curves.png" in report and "query_grid.png" in report
-    assert mpimg.imread(out / "pr_curves.png").shape[1] > mpimg.imread(out / "pr_curves.png").shape[0]  # 2 panels
-    assert mpimg.imread(out / "query_grid.png").ndim == 3
-    assert not list(out.glob(".*.tmp"))
-
-
-def test_the_query_grid_shows_evenly_spaced_queries_and_the_nearest_items_of_the_best_run(runs, tmp_path,
-                                                                                          monkeypatch):
-    """``retrieval`` draws 8 queries evenly spaced among its 200, with the 10 database images nearest to each by
-    the codes of the run of highest mAP, and whether each is of the query's class."""
-    from discvae import load_run
-    from discvae.evaluation import fixed_binarization
-
-    captured = {}
-    monkeypatch.setattr(retrieval_module, "query_grid", lambda path, queries, correct, retrieved: captured.update(
-        queries=queries, correct=correct, retrieved=retrieved))
-    retrieval_module.retrieval([runs["bits"], runs["bits12"]], tmp_path, per_class=20)
-    results = json.loads((tmp_path / "retrieval.json").read_text())["results"]
-    best = runs[max(("bits", "bits12"), key=lambda n: results[n]["8" if n == "bits" else "12"]["mAP"])]
-    cfg, model, data = load_run(best)
-    queries = select_queries(data.y_test.numpy(), 20, 0)[np.linspace(0, 199, 8).astype(int)]
-    assert torch.equal(captured["queries"], data.x_test[queries])
-    codes = model.codes(fixed_binarization(torch.cat([data.x_train, data.x_test[queries]]), cfg.binarize)).numpy()
-    db_codes, q_codes = codes[:len(data.x_train)], codes[len(data.x_train):]
-    row_of = {image.numpy().tobytes(): i for i, image in enumerate(data.x_train)}
-    assert captured["retrieved"].shape == (8, 10, 1, 8, 8)
-    rows = np.array([[row_of[image.numpy().tobytes()] for image in r] for r in captured["retrieved"]])  # [8, 10]
-    for q, shown in zip(q_codes, rows, strict=True):
-        distances = (db_codes != q).sum(1)
-        assert sorted(distances[shown]) == sorted(distances)[:10]
-    assert np.array_equal(captured["correct"], data.y_train.numpy()[rows] == data.y_test.numpy()[queries, None])
-
-
-def test_the_best_epochs_of_several_runs_are_labelled_by_their_runs(runs, tmp_path, capsys):
-    for name in ("seed0", "seed1"):  # as --keep-best keeps them: RUN/best, a run inside the run
-        shutil.copytree(runs["bits"], tmp_path / name / "best")
-    code, _, _ = run_cli(capsys, "retrieval", tmp_path / "seed0" / "best", tmp_path / "seed1" / "best", "--out",
-                         tmp_path / "out", "--per-class", "5")
-    result = json.loads((tmp_path / "out" / "retrieval.json").read_text())
-    assert code == 0 and result["runs"] == ["seed0/best", "seed1/best"]
-    assert result["results"]["seed0/best"]["8"]["mAP"] == result["results"]["seed1/best"]["8"]["mAP"]  # same weights
-
-
-def test_retrieval_rejects_bad_input(runs, tmp_path, capsys):
-    unlabelled = tmp_path / "unlabelled.npz"
-    np.savez(unlabelled, x_train=np.random.default_rng(0).random((60, 8, 8)))
-    train_digits(tmp_path / "nolabels", "--dataset", unlabelled)
-    for argv, match in (([runs["cat"]], "latent; this needs one bernoulli block"),
-                        ([tmp_path / "none"], "not a run directory"),
-                        ([tmp_path / "nolabels"], "labels"), ([runs["bits"], runs["bits"]], "distinct names")):
-        code, _, err = run_cli(capsys, "retrieval", *argv, "--out", tmp_path / "out")
-        assert_one_line_error(code, err, match)
-    assert not (tmp_path / "out" / "retrieval.json").exists()
-
-
-def hashed_classes(n: int, rng, prototypes: np.ndarray, weights, flips) -> tuple[np.ndarray, np.ndarray]:
-    """``n`` codes: a class drawn with probabilities ``weights``, its prototype with each bit flipped with a
-    probability drawn per code from ``flips`` (so the codes range from clean to nearly random)."""
-    labels = rng.choice(len(prototypes), n, p=weights)
-    noise = rng.random((n, prototypes.shape[1])) < rng.uniform(*flips, (n, 1))
-    return (prototypes[labels] ^ noise).astype(np.uint8), labels
-
-
-def test_metrics_over_many_queries_in_many_blocks_match_a_direct_computation(monkeypatch):
-    """evaluate_codes with blocks of 7 queries (18 blocks, the last partial, as MNIST's 60000-item database takes
-    15) against a per-query computation written here: AP over the distinct distances as thresholds, P@r<=2 and the
-    precision-recall curve from counts within each radius, and P@k between the fewest and most relevant items any
-    order of the items tied at the k-th distance can give."""
-    from discvae.applications import retrieval
-
-    rng = np.random.default_rng(5)
-    prototypes = rng.integers(0, 2, (5, 16), dtype=np.uint8)
-    weights = [0.4, 0.25, 0.2, 0.1, 0.05]  # from 5 % to 40 % of the database relevant
-    db, db_labels = hashed_classes(600, rng, prototypes, weights, (0.0, 0.45))
-    queries, q_labels = hashed_classes(120, rng, prototypes, weights, (0.0, 0.45))
-    monkeypatch.setattr(retrieval, "BLOCK_ITEMS", 7 * len(db))
-    top_k = (1, 10, 50, 200)
-    m = evaluate_codes(queries, q_labels, db, db_labels, top_k=top_k)
-
-    dist = (queries[:, None, :] != db[None]).sum(-1)  # [Q, N]
-    relevant = q_labels[:, None] == db_labels[None]
-    aps, low, high = [], {k: 0 for k in top_k}, {k: 0 for k in top_k}
-    found = np.stack([(dist <= r).sum(1) for r in range(17)], 1)  # [Q, 17]
-    hits = np.stack([((dist <= r) & relevant).sum(1) for r in range(17)], 1)
-    for d, rel, f, h in zip(dist, relevant, found, hits, strict=True):
-        ap, previous = 0.0, 0
-        for r in np.unique(d):
-            ap += (h[r] - previous) / h[-1] * h[r] / f[r]
-            previous = h[r]
-        aps.append(ap)
-        for k in top_k:
-            kth = np.sort(d)[k - 1]
-            sure, tied = rel[d < kth].sum(), rel[d == kth]
-            slots = k - (d < kth).sum()
-            low[k] += sure + max(0, slots - (~tied).sum())
-            high[k] += sure + min(slots, tied.sum())
-    precision = np.where(found > 0, hits / np.maximum(found, 1), 0).mean(0)
-    assert len(set(np.round(aps, 3))) > 80 and min(aps) < 0.1 and max(aps) > 0.9  # many different APs
-    assert m["mAP"] == pytest.approx(np.mean(aps), abs=1e-12)
-    assert m["P@r<=2"] == pytest.approx(precision[2], abs=1e-12)
-    assert m["pr"]["precision"] == pytest.approx(precision.tolist(), abs=1e-12)
-    assert m["pr"]["recall"] == pytest.approx((hits / hits[:, -1:]).mean(0).tolist(), abs=1e-12)
-    for k in top_k:
-        assert low[k] / (k * len(queries)) - 1e-12 <= m[f"P@{k}"] <= high[k] / (k * len(queries)) + 1e-12, k
-
-
 def metrics_of(m_ap: float, n_bits: int) -> dict:
     """Metrics as ``evaluate_codes`` gives them, with made-up values."""
     curve = {"radius": list(range(n_bits + 1)), "precision": np.linspace(1, m_ap, n_bits + 1).tolist(),
@@ -313,3 +185,130 @@ Nearest database images of 8 queries for `run-b`, the run with the highest mAP:
 ![queries](query_grid.png)
 """
 
+
+def hashed_classes(n: int, rng, prototypes: np.ndarray, weights, flips) -> tuple[np.ndarray, np.ndarray]:
+    """``n`` codes: a class drawn with probabilities ``weights``, its prototype with each bit flipped with a
+    probability drawn per code from ``flips`` (so the codes range from clean to nearly random)."""
+    labels = rng.choice(len(prototypes), n, p=weights)
+    noise = rng.random((n, prototypes.shape[1])) < rng.uniform(*flips, (n, 1))
+    return (prototypes[labels] ^ noise).astype(np.uint8), labels
+
+
+def test_metrics_over_many_queries_in_many_blocks_match_a_direct_computation(monkeypatch):
+    """evaluate_codes with blocks of 7 queries (18 blocks, the last partial, as MNIST's 60000-item database takes
+    15) against a per-query computation written here: AP over the distinct distances as thresholds, P@r<=2 and the
+    precision-recall curve from counts within each radius, and P@k between the fewest and most relevant items any
+    order of the items tied at the k-th distance can give."""
+    from discvae.applications import retrieval
+
+    rng = np.random.default_rng(5)
+    prototypes = rng.integers(0, 2, (5, 16), dtype=np.uint8)
+    weights = [0.4, 0.25, 0.2, 0.1, 0.05]  # from 5 % to 40 % of the database relevant
+    db, db_labels = hashed_classes(600, rng, prototypes, weights, (0.0, 0.45))
+    queries, q_labels = hashed_classes(120, rng, prototypes, weights, (0.0, 0.45))
+    monkeypatch.setattr(retrieval, "BLOCK_ITEMS", 7 * len(db))
+    top_k = (1, 10, 50, 200)
+    m = evaluate_codes(queries, q_labels, db, db_labels, top_k=top_k)
+
+    dist = (queries[:, None, :] != db[None]).sum(-1)  # [Q, N]
+    relevant = q_labels[:, None] == db_labels[None]
+    aps, low, high = [], {k: 0 for k in top_k}, {k: 0 for k in top_k}
+    found = np.stack([(dist <= r).sum(1) for r in range(17)], 1)  # [Q, 17]
+    hits = np.stack([((dist <= r) & relevant).sum(1) for r in range(17)], 1)
+    for d, rel, f, h in zip(dist, relevant, found, hits, strict=True):
+        ap, previous = 0.0, 0
+        for r in np.unique(d):
+            ap += (h[r] - previous) / h[-1] * h[r] / f[r]
+            previous = h[r]
+        aps.append(ap)
+        for k in top_k:
+            kth = np.sort(d)[k - 1]
+            sure, tied = rel[d < kth].sum(), rel[d == kth]
+            slots = k - (d < kth).sum()
+            low[k] += sure + max(0, slots - (~tied).sum())
+            high[k] += sure + min(slots, tied.sum())
+    precision = np.where(found > 0, hits / np.maximum(found, 1), 0).mean(0)
+    assert len(set(np.round(aps, 3))) > 80 and min(aps) < 0.1 and max(aps) > 0.9  # many different APs
+    assert m["mAP"] == pytest.approx(np.mean(aps), abs=1e-12)
+    assert m["P@r<=2"] == pytest.approx(precision[2], abs=1e-12)
+    assert m["pr"]["precision"] == pytest.approx(precision.tolist(), abs=1e-12)
+    assert m["pr"]["recall"] == pytest.approx((hits / hits[:, -1:]).mean(0).tolist(), abs=1e-12)
+    for k in top_k:
+        assert low[k] / (k * len(queries)) - 1e-12 <= m[f"P@{k}"] <= high[k] / (k * len(queries)) + 1e-12, k
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("retrieval")
+    return {"bits": train_digits(root / "bits"), "bits12": train_digits(root / "bits12", "--latent-dim", "12"),
+            "cat": train_digits(root / "cat", "--latent", "categorical", "--latent-dim", "10")}
+
+
+def test_retrieval_end_to_end(runs, tmp_path, capsys):
+    out = tmp_path / "report"
+    code, stdout, _ = run_cli(capsys, "retrieval", runs["bits"], runs["bits12"], "--out", out, "--per-class", "20")
+    assert code == 0 and stdout.strip() == str(out / "report.md")
+    result = json.loads((out / "retrieval.json").read_text())
+    assert result["protocol"]["queries"] == 200 and result["protocol"]["database"] == 1500
+    assert result["runs"] == ["bits", "bits12"]
+    assert {name: sorted(by_bits) for name, by_bits in result["results"].items()} == {
+        "bits": ["8"], "bits12": ["12"], "lsh": ["12", "8"], "pcah": ["12", "8"], "itq": ["12", "8"]}
+    for by_bits in result["results"].values():
+        for n_bits, m in by_bits.items():
+            assert all(0 <= m[k] <= 1 for k in ("mAP", "P@500", "P@1000", "P@r<=2"))
+            assert len(m["pr"]["precision"]) == int(n_bits) + 1 and m["pr"]["recall"][-1] == pytest.approx(1)
+    assert result["results"]["itq"]["8"]["mAP"] > 0.15  # above chance (about 0.1 for ten classes)
+    report = (out / "report.md").read_text()
+    assert "| itq | 8 |" in report and "pr_curves.png" in report and "query_grid.png" in report
+    assert mpimg.imread(out / "pr_curves.png").shape[1] > mpimg.imread(out / "pr_curves.png").shape[0]  # 2 panels
+    assert mpimg.imread(out / "query_grid.png").ndim == 3
+    assert not list(out.glob(".*.tmp"))
+
+
+def test_the_query_grid_shows_evenly_spaced_queries_and_the_nearest_items_of_the_best_run(runs, tmp_path,
+                                                                                          monkeypatch):
+    """``retrieval`` draws 8 queries evenly spaced among its 200, with the 10 database images nearest to each by
+    the codes of the run of highest mAP, and whether each is of the query's class."""
+    from discvae import load_run
+    from discvae.evaluation import fixed_binarization
+
+    captured = {}
+    monkeypatch.setattr(retrieval_module, "query_grid", lambda path, queries, correct, retrieved: captured.update(
+        queries=queries, correct=correct, retrieved=retrieved))
+    retrieval_module.retrieval([runs["bits"], runs["bits12"]], tmp_path, per_class=20)
+    results = json.loads((tmp_path / "retrieval.json").read_text())["results"]
+    best = runs[max(("bits", "bits12"), key=lambda n: results[n]["8" if n == "bits" else "12"]["mAP"])]
+    cfg, model, data = load_run(best)
+    queries = select_queries(data.y_test.numpy(), 20, 0)[np.linspace(0, 199, 8).astype(int)]
+    assert torch.equal(captured["queries"], data.x_test[queries])
+    codes = model.codes(fixed_binarization(torch.cat([data.x_train, data.x_test[queries]]), cfg.binarize)).numpy()
+    db_codes, q_codes = codes[:len(data.x_train)], codes[len(data.x_train):]
+    row_of = {image.numpy().tobytes(): i for i, image in enumerate(data.x_train)}
+    assert captured["retrieved"].shape == (8, 10, 1, 8, 8)
+    rows = np.array([[row_of[image.numpy().tobytes()] for image in r] for r in captured["retrieved"]])  # [8, 10]
+    for q, shown in zip(q_codes, rows, strict=True):
+        distances = (db_codes != q).sum(1)
+        assert sorted(distances[shown]) == sorted(distances)[:10]
+    assert np.array_equal(captured["correct"], data.y_train.numpy()[rows] == data.y_test.numpy()[queries, None])
+
+
+def test_the_best_epochs_of_several_runs_are_labelled_by_their_runs(runs, tmp_path, capsys):
+    for name in ("seed0", "seed1"):  # as --keep-best keeps them: RUN/best, a run inside the run
+        shutil.copytree(runs["bits"], tmp_path / name / "best")
+    code, _, _ = run_cli(capsys, "retrieval", tmp_path / "seed0" / "best", tmp_path / "seed1" / "best", "--out",
+                         tmp_path / "out", "--per-class", "5")
+    result = json.loads((tmp_path / "out" / "retrieval.json").read_text())
+    assert code == 0 and result["runs"] == ["seed0/best", "seed1/best"]
+    assert result["results"]["seed0/best"]["8"]["mAP"] == result["results"]["seed1/best"]["8"]["mAP"]  # same weights
+
+
+def test_retrieval_rejects_bad_input(runs, tmp_path, capsys):
+    unlabelled = tmp_path / "unlabelled.npz"
+    np.savez(unlabelled, x_train=np.random.default_rng(0).random((60, 8, 8)))
+    train_digits(tmp_path / "nolabels", "--dataset", unlabelled)
+    for argv, match in (([runs["cat"]], "latent; this needs one bernoulli block"),
+                        ([tmp_path / "none"], "not a run directory"),
+                        ([tmp_path / "nolabels"], "labels"), ([runs["bits"], runs["bits"]], "distinct names")):
+        code, _, err = run_cli(capsys, "retrieval", *argv, "--out", tmp_path / "out")
+        assert_one_line_error(code, err, match)
+    assert not (tmp_path / "out" / "retrieval.json").exists()
