@@ -244,6 +244,33 @@ def runs(tmp_path_factory):
             "cat": train_digits(root / "cat", "--latent", "categorical", "--latent-dim", "10")}
 
 
+def test_baselines_are_seeded_and_pca_based_ones_stop_at_the_pixel_dimension(tmp_path):
+    """``method_codes``: each run's codes and, at its code length, LSH, PCAH and ITQ fitted on the database with the
+    seed given -- PCAH and ITQ only up to as many bits as an image has pixels (64 for the digits)."""
+    from discvae import load_dataset, load_run
+    from discvae.applications.retrieval import BASELINES, baseline_codes, method_codes
+    from discvae.evaluation import fixed_binarization
+
+    data = load_dataset("digits")
+    x_db, x_q = data.x_train[:300], data.x_test[:20]
+    pixels_db, pixels_q = x_db.flatten(1).numpy(), x_q.flatten(1).numpy()
+    for name, method in BASELINES.items():
+        fitted = method(8, 3).fit(pixels_db)
+        codes = baseline_codes(name, 8, 3, pixels_db, pixels_q)
+        assert np.array_equal(codes[0], fitted.transform(pixels_db)) and np.array_equal(codes[1],
+                                                                                        fitted.transform(pixels_q))
+    assert not np.array_equal(baseline_codes("lsh", 8, 3, pixels_db, pixels_q)[0],
+                              baseline_codes("lsh", 8, 0, pixels_db, pixels_q)[0])
+    runs = {f"r{n}": load_run(train_digits(tmp_path / f"r{n}", "--latent-dim", n)) for n in ("64", "65")}
+    codes = method_codes(runs, x_db, x_q, seed=3, batch_size=100)
+    assert sorted(codes) == [("itq", 64), ("lsh", 64), ("lsh", 65), ("pcah", 64), ("r64", 64), ("r65", 65)]
+    for key in [("lsh", 65), ("itq", 64)]:
+        for got, want in zip(codes[key], baseline_codes(*key, 3, pixels_db, pixels_q), strict=True):
+            assert np.array_equal(got, want), key
+    cfg, model, _ = runs["r65"]
+    assert np.array_equal(codes["r65", 65][1], model.codes(fixed_binarization(x_q, cfg.binarize)).numpy())
+
+
 def test_retrieval_end_to_end(runs, tmp_path, capsys):
     out = tmp_path / "report"
     code, stdout, _ = run_cli(capsys, "retrieval", runs["bits"], runs["bits12"], "--out", out, "--per-class", "20")
