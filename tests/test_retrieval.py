@@ -117,7 +117,8 @@ def metrics_of(m_ap: float, n_bits: int) -> dict:
 
 
 RESULTS = {"run-a": {"8": metrics_of(0.4, 8)}, "run-b": {"12": metrics_of(0.5, 12)},
-           "lsh": {"8": metrics_of(0.2, 8), "12": metrics_of(0.25, 12)}, "itq": {"8": metrics_of(0.45, 8)}}
+           "pcah": {"12": metrics_of(0.25, 12)}, "lsh": {"8": metrics_of(0.2, 8), "12": metrics_of(0.25, 12)},
+           "itq": {"8": metrics_of(0.45, 8)}}
 
 
 def test_the_pr_figure_has_a_panel_per_code_length_and_a_curve_per_method(monkeypatch):
@@ -126,7 +127,7 @@ def test_the_pr_figure_has_a_panel_per_code_length_and_a_curve_per_method(monkey
     monkeypatch.setattr("discvae.figures.save_figure", lambda path, fig: figures.append(fig))
     pr_figure("x.png", RESULTS, ["run-a", "run-b"])
     (fig,) = figures
-    panels = {8: ["run-a", "lsh", "itq"], 12: ["run-b", "lsh"]}
+    panels = {8: ["run-a", "lsh", "itq"], 12: ["run-b", "pcah", "lsh"]}
     colours = {}
     for ax, (n_bits, names) in zip(fig.axes, panels.items(), strict=True):
         assert ax.get_title() == f"{n_bits} bits: Hamming radius 0..{n_bits}"
@@ -140,7 +141,7 @@ def test_the_pr_figure_has_a_panel_per_code_length_and_a_curve_per_method(monkey
             run = name.startswith("run")
             assert (line.get_linestyle(), line.get_marker()) == (("-", "o") if run else ("--", "None"))
             assert colours.setdefault(name, to_rgba(line.get_color())) == to_rgba(line.get_color())
-    assert len(set(colours.values())) == 4
+    assert len(set(colours.values())) == 5
 
 
 def test_the_query_grid_frames_each_query_blue_and_each_hit_of_another_class_red(monkeypatch):
@@ -159,6 +160,7 @@ def test_the_query_grid_frames_each_query_blue_and_each_hit_of_another_class_red
 
 
 def test_the_report_states_the_protocol_and_ranks_methods_by_bits_then_map(tmp_path):
+    """Rows by code length, then mAP (ties in the order of ``results``: pcah before lsh at 12 bits)."""
     protocol = {"dataset": "mnist", "queries": 1000, "per_class": 100, "database": 60000, "seed": 3}
     path = write_report(tmp_path, protocol, RESULTS, ["run-a", "run-b"], "run-b")
     assert path == tmp_path / "report.md"
@@ -176,6 +178,7 @@ where nothing lies within it). Baselines fitted on the database pixels: `lsh` (r
 | run-a | 8 | 0.4000 | 0.4100 | 0.4020 | 0.2000 |
 | lsh | 8 | 0.2000 | 0.2100 | 0.2020 | 0.1000 |
 | run-b | 12 | 0.5000 | 0.5100 | 0.5020 | 0.2500 |
+| pcah | 12 | 0.2500 | 0.2600 | 0.2520 | 0.1250 |
 | lsh | 12 | 0.2500 | 0.2600 | 0.2520 | 0.1250 |
 
 ![precision-recall](pr_curves.png)
