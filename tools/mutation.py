@@ -22,6 +22,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -181,33 +182,36 @@ def recheck(out: Path, module: str, skip: set[str], pending: bool = False, only:
     stopped run had not reached: a run stuck on a function every test reaches finishes faster this way, the QUICK
     tests killing most mutants in seconds. With ``quick_only``, only those first tests: SURVIVED then means that
     they do not kill it (enough when the tests added since the run are all there)."""
-    copy = out / "recheck"
-    shutil.copytree(ROOT / "src", copy / "src", dirs_exist_ok=True, ignore=shutil.ignore_patterns("__pycache__"))
+    copy = Path(tempfile.mkdtemp(prefix="recheck-", dir=out))  # its own: rechecks side by side do not mix mutants
+    shutil.copytree(ROOT / "src", copy / "src", ignore=shutil.ignore_patterns("__pycache__"))
     tests = [str(ROOT / "tests" / t) for t in TESTS[module]]
     names = [n for n in survivors(out, pending) if n.split(".")[-1] not in skip]
-    for name in [n for n in names if not only or any(fnmatch.fnmatch(n, pattern) for pattern in only)]:
-        dotted, function = re.match(r"(.*?)\.x[_ǁ](.+?)__mutmut_\d+$", name).groups()
-        function = function.replace("ǁ", ".")
-        relative = Path(*dotted.split(".")).with_suffix(".py")
-        source, target = (ROOT / "src" / relative).read_text(), copy / "src" / relative
-        start, end = function_span(source, function)
-        indent = "    " if "." in function else ""  # mutmut shows a method dedented to the class's level
-        old, new = hunk(mutmut_output(out, "show", name).splitlines(), indent, source[start:end])
-        if start < 0 or source[start:end].count(old) != 1:
-            print(name, "NOT-APPLIED", flush=True)
-            continue
-        target.write_text(source[:start] + source[start:end].replace(old, new) + source[end:])
-        quick = QUICK.get(module) or [t for t in [f"test_{relative.stem}.py"] if (ROOT / "tests" / t).is_file()]
-        first = [str(ROOT / "tests" / t) for t in quick] or tests
-        for selection in [first] if quick_only or first == tests else [first, tests]:
-            run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *selection],
-                                 cwd=ROOT, env={**os.environ, "PYTHONPATH": str(copy / "src")}, capture_output=True,
-                                 text=True)
-            if run.returncode:
-                break
-        target.write_text(source)
-        failed = re.findall(r"^FAILED (\S+)", run.stdout, re.M)
-        print(name, *(["KILLED", *failed[:1]] if run.returncode else ["SURVIVED"]), flush=True)
+    try:
+        for name in [n for n in names if not only or any(fnmatch.fnmatch(n, pattern) for pattern in only)]:
+            dotted, function = re.match(r"(.*?)\.x[_ǁ](.+?)__mutmut_\d+$", name).groups()
+            function = function.replace("ǁ", ".")
+            relative = Path(*dotted.split(".")).with_suffix(".py")
+            source, target = (ROOT / "src" / relative).read_text(), copy / "src" / relative
+            start, end = function_span(source, function)
+            indent = "    " if "." in function else ""  # mutmut shows a method dedented to the class's level
+            old, new = hunk(mutmut_output(out, "show", name).splitlines(), indent, source[start:end])
+            if start < 0 or source[start:end].count(old) != 1:
+                print(name, "NOT-APPLIED", flush=True)
+                continue
+            target.write_text(source[:start] + source[start:end].replace(old, new) + source[end:])
+            quick = QUICK.get(module) or [t for t in [f"test_{relative.stem}.py"] if (ROOT / "tests" / t).is_file()]
+            first = [str(ROOT / "tests" / t) for t in quick] or tests
+            for selection in [first] if quick_only or first == tests else [first, tests]:
+                run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *selection],
+                                     cwd=ROOT, env={**os.environ, "PYTHONPATH": str(copy / "src")}, capture_output=True,
+                                     text=True)
+                if run.returncode:
+                    break
+            target.write_text(source)
+            failed = re.findall(r"^FAILED (\S+)", run.stdout, re.M)
+            print(name, *(["KILLED", *failed[:1]] if run.returncode else ["SURVIVED"]), flush=True)
+    finally:
+        shutil.rmtree(copy)
 
 
 def main(argv: list[str] | None = None) -> int:
