@@ -31,6 +31,34 @@ def test_codes_are_the_posterior_modes_in_any_batching(latent, classes, groups):
         assert torch.allclose(codes, q.loc) and torch.equal(codes, probs)
 
 
+@pytest.mark.parametrize("n_rows, scale", [(2, 7), (150, 1)])
+def test_framed_grid_shows_the_images_at_their_scale_with_frames_and_a_title(monkeypatch, n_rows, scale):
+    """Rows of 8x8 images, 2-pixel gaps, shown about 56 pixels high (7 screen pixels per image pixel), or smaller
+    so the grid stays under 2000 pixels; a frame (i, j, colour) centred on the gap around image j of row i; the
+    title in a 30-pixel strip above."""
+    from matplotlib.colors import to_rgba
+
+    figures = []
+    monkeypatch.setattr("discvae.figures.save_figure", lambda path, fig: figures.append(fig))
+    rows = [torch.rand(3 if i % 2 == 0 else 2, 1, 8, 8, generator=torch.Generator().manual_seed(i))
+            for i in range(n_rows)]
+    framed_grid("x.png", rows, [(1, 2, "red"), (0, 0, "tab:blue")], "a title")
+    (fig,) = figures
+    grid_h, grid_w = 10 * n_rows + 2, 32  # 2 + 10 per image and gap
+    assert fig.dpi == 100 and tuple(fig.get_size_inches() * 100) == pytest.approx((grid_w * scale,
+                                                                                    grid_h * scale + 30))
+    (ax,) = fig.axes
+    assert np.array_equal(ax.images[0].get_array(), image_grid(rows, 2))
+    assert ax.images[0].get_clim() == (0, 1) and not ax.axison
+    assert tuple(ax.get_position().bounds) == pytest.approx((0, 0, 1, grid_h * scale / (grid_h * scale + 30)))
+    frames = [(p.get_xy(), p.get_width(), p.get_height(), to_rgba(p.get_edgecolor()), p.get_fill()) for p in
+              ax.patches]
+    assert frames == [((20.5, 10.5), 10, 10, to_rgba("red"), False), ((0.5, 0.5), 10, 10, to_rgba("tab:blue"), False)]
+    (title,) = fig.texts
+    assert title.get_text() == "a title"
+    assert title.get_position() == pytest.approx((0.5, 1 - 15 / (grid_h * scale + 30)))
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("codes")
@@ -86,32 +114,3 @@ def test_encode_run_defaults_batches_of_one_and_unlabelled_data(runs, tmp_path):
     assert "labels" not in written and len(written["codes"]) == 60
     with np.load(tmp_path / "nolabels.npz", allow_pickle=False) as f:
         assert sorted(f.files) == sorted(written)
-
-
-@pytest.mark.parametrize("n_rows, scale", [(2, 7), (150, 1)])
-def test_framed_grid_shows_the_images_at_their_scale_with_frames_and_a_title(monkeypatch, n_rows, scale):
-    """Rows of 8x8 images, 2-pixel gaps, shown about 56 pixels high (7 screen pixels per image pixel), or smaller
-    so the grid stays under 2000 pixels; a frame (i, j, colour) centred on the gap around image j of row i; the
-    title in a 30-pixel strip above."""
-    from matplotlib.colors import to_rgba
-
-    figures = []
-    monkeypatch.setattr("discvae.figures.save_figure", lambda path, fig: figures.append(fig))
-    rows = [torch.rand(3 if i % 2 == 0 else 2, 1, 8, 8, generator=torch.Generator().manual_seed(i))
-            for i in range(n_rows)]
-    framed_grid("x.png", rows, [(1, 2, "red"), (0, 0, "tab:blue")], "a title")
-    (fig,) = figures
-    grid_h, grid_w = 10 * n_rows + 2, 32  # 2 + 10 per image and gap
-    assert fig.dpi == 100 and tuple(fig.get_size_inches() * 100) == pytest.approx((grid_w * scale,
-                                                                                    grid_h * scale + 30))
-    (ax,) = fig.axes
-    assert np.array_equal(ax.images[0].get_array(), image_grid(rows, 2))
-    assert ax.images[0].get_clim() == (0, 1) and not ax.axison
-    assert tuple(ax.get_position().bounds) == pytest.approx((0, 0, 1, grid_h * scale / (grid_h * scale + 30)))
-    frames = [(p.get_xy(), p.get_width(), p.get_height(), to_rgba(p.get_edgecolor()), p.get_fill()) for p in
-              ax.patches]
-    assert frames == [((20.5, 10.5), 10, 10, to_rgba("red"), False), ((0.5, 0.5), 10, 10, to_rgba("tab:blue"), False)]
-    (title,) = fig.texts
-    assert title.get_text() == "a title"
-    assert title.get_position() == pytest.approx((0.5, 1 - 15 / (grid_h * scale + 30)))
-
