@@ -1,10 +1,16 @@
 """``VAE.codes`` / ``VAE.encode`` and ``discvae encode``: deterministic codes, posterior probabilities, the .npz."""
+import shutil
+
 import numpy as np
 import pytest
 import torch
 
 from discvae import load_dataset
+from discvae.applications import codes as codes_module
 from discvae.applications.codes import encode_run, framed_grid
+from discvae.data import Dataset
+from discvae.distributions import Bernoulli, Categorical
+from discvae.errors import InputError
 from discvae.figures import image_grid
 from helpers import assert_one_line_error, run_cli, tiny_data, tiny_model, train_digits
 
@@ -57,6 +63,47 @@ def test_framed_grid_shows_the_images_at_their_scale_with_frames_and_a_title(mon
     (title,) = fig.texts
     assert title.get_text() == "a title"
     assert title.get_position() == pytest.approx((0.5, 1 - 15 / (grid_h * scale + 30)))
+
+
+def test_split_images_and_labels_of_each_split():
+    data = load_dataset("digits")
+    for split, x, y in (("train", data.x_train, data.y_train), ("test", data.x_test, data.y_test),
+                        ("all", torch.cat([data.x_train, data.x_test]), torch.cat([data.y_train, data.y_test]))):
+        images, labels = codes_module.split_images(data, split)
+        assert torch.equal(images, x) and np.array_equal(labels, y.numpy()), split
+        assert np.array_equal(codes_module.labels_of(data, split, "retrieval"), y.numpy())
+    with pytest.raises(InputError) as caught:
+        codes_module.split_images(data, "val")
+    assert str(caught.value) == "unknown split 'val'; choose one of train, test, all"
+    half = Dataset("half", data.x_train, data.y_train, data.x_test, None)  # the test split unlabelled
+    assert codes_module.split_images(half, "train")[1] is not None and codes_module.split_images(half, "all")[1] is None
+    with pytest.raises(InputError) as caught:
+        codes_module.labels_of(half, "all", "clustering")
+    assert str(caught.value) == "clustering needs class labels, and dataset 'half' has none for its all split"
+
+
+def test_coded_runs_are_labelled_by_directory_and_share_a_dataset_and_a_family(tmp_path):
+    """``load_coded_runs``: name -> (config, model, data) in the order given; refused, in full, when two runs go by
+    one name or by a reserved one, when the code is of another family, and when the datasets differ."""
+    bits = train_digits(tmp_path / "bits")
+    cat = train_digits(tmp_path / "cat", "--latent", "categorical", "--latent-dim", "4")
+    np.savez(tmp_path / "other.npz", x_train=np.random.default_rng(0).random((60, 8, 8)))
+    other = train_digits(tmp_path / "other", "--dataset", tmp_path / "other.npz")
+    runs = codes_module.load_coded_runs([cat, tmp_path / "bits"], None)
+    assert list(runs) == ["cat", "bits"] and runs["cat"][0].latent == "categorical"
+    assert codes_module.code_block(runs["cat"][1]).family is Categorical
+    assert codes_module.load_coded_run(bits, Bernoulli)[2].name == "digits"
+    shutil.copytree(bits, tmp_path / "lsh")
+    for args, message in (
+            (([bits, bits], Bernoulli), "run directories need distinct names to label them: bits, bits"),
+            (([bits, tmp_path / "lsh"], Bernoulli, ("lsh", "itq")),
+             "run directories need distinct names, other than lsh, itq, to label them: bits, lsh"),
+            (([bits, cat], Bernoulli), f"{cat} has a categorical:4 latent; this needs one bernoulli block (beside "
+                                       "Gaussian ones at most)"),
+            (([bits, other], Bernoulli), f"the runs must share one dataset, got {tmp_path / 'other.npz'}, digits")):
+        with pytest.raises(InputError) as caught:
+            codes_module.load_coded_runs(*args)
+        assert str(caught.value) == message
 
 
 @pytest.fixture(scope="module")
