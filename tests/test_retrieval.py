@@ -326,19 +326,29 @@ def test_the_best_epochs_of_several_runs_are_labelled_by_their_runs(runs, tmp_pa
     for name in ("seed0", "seed1"):  # as --keep-best keeps them: RUN/best, a run inside the run
         shutil.copytree(runs["bits"], tmp_path / name / "best")
     code, _, _ = run_cli(capsys, "retrieval", tmp_path / "seed0" / "best", tmp_path / "seed1" / "best", "--out",
-                         tmp_path / "out", "--per-class", "5")
+                         tmp_path / "out", "--per-class", "1")
     result = json.loads((tmp_path / "out" / "retrieval.json").read_text())
     assert code == 0 and result["runs"] == ["seed0/best", "seed1/best"]
+    assert result["protocol"]["queries"] == 10  # one per class
     assert result["results"]["seed0/best"]["8"]["mAP"] == result["results"]["seed1/best"]["8"]["mAP"]  # same weights
 
 
 def test_retrieval_rejects_bad_input(runs, tmp_path, capsys):
+    """Each refusal in full (what follows "error: "), and no result written."""
     unlabelled = tmp_path / "unlabelled.npz"
     np.savez(unlabelled, x_train=np.random.default_rng(0).random((60, 8, 8)))
-    train_digits(tmp_path / "nolabels", "--dataset", unlabelled)
-    for argv, match in (([runs["cat"]], "latent; this needs one bernoulli block"),
-                        ([tmp_path / "none"], "not a run directory"),
-                        ([tmp_path / "nolabels"], "labels"), ([runs["bits"], runs["bits"]], "distinct names")):
+    nolabels = train_digits(tmp_path / "nolabels", "--dataset", unlabelled)
+    bits, cat = runs["bits"], runs["cat"]
+    for argv, message in (
+            ([cat], f"{cat} has a categorical:10 latent; this needs one bernoulli block (beside Gaussian ones at "
+                    "most)"),
+            ([tmp_path / "none"], f"{tmp_path / 'none'} is not a run directory (no config.json)"),
+            ([nolabels], f"retrieval needs class labels, and dataset {str(unlabelled)!r} has none for its train split"),
+            ([bits, bits], "run directories need distinct names, other than lsh, pcah, itq, to label them: bits, bits"),
+            ([bits, "--per-class", "0"], "--per-class and --batch-size must be at least 1"),
+            ([bits, "--batch-size", "0"], "--per-class and --batch-size must be at least 1"),
+            ([bits, "--seed", str(2 ** 32)], f"--seed must be between 0 and 2^32 - 1 = {2 ** 32 - 1}, got {2 ** 32}")):
         code, _, err = run_cli(capsys, "retrieval", *argv, "--out", tmp_path / "out")
-        assert_one_line_error(code, err, match)
+        assert_one_line_error(code, err, message)
+        assert err.strip() == f"discvae retrieval: error: {message}"
     assert not (tmp_path / "out" / "retrieval.json").exists()
