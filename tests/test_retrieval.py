@@ -297,19 +297,20 @@ def test_retrieval_end_to_end(runs, tmp_path, capsys):
 
 def test_the_query_grid_shows_evenly_spaced_queries_and_the_nearest_items_of_the_best_run(runs, tmp_path,
                                                                                           monkeypatch):
-    """``retrieval`` draws 8 queries evenly spaced among its 200, with the 10 database images nearest to each by
-    the codes of the run of highest mAP, and whether each is of the query's class."""
+    """``retrieval`` (seed 5, images encoded one at a time) draws 8 queries evenly spaced among its 200, with the 10
+    database images nearest to each by the codes of the run of highest mAP, and whether each is of the query's
+    class."""
     from discvae import load_run
     from discvae.evaluation import fixed_binarization
 
     captured = {}
     monkeypatch.setattr(retrieval_module, "query_grid", lambda path, queries, correct, retrieved: captured.update(
         queries=queries, correct=correct, retrieved=retrieved))
-    retrieval_module.retrieval([runs["bits"], runs["bits12"]], tmp_path, per_class=20)
+    retrieval_module.retrieval([runs["bits"], runs["bits12"]], tmp_path, seed=5, per_class=20, batch_size=1)
     results = json.loads((tmp_path / "retrieval.json").read_text())["results"]
     best = runs[max(("bits", "bits12"), key=lambda n: results[n]["8" if n == "bits" else "12"]["mAP"])]
     cfg, model, data = load_run(best)
-    queries = select_queries(data.y_test.numpy(), 20, 0)[np.linspace(0, 199, 8).astype(int)]
+    queries = select_queries(data.y_test.numpy(), 20, 5)[np.linspace(0, 199, 8).astype(int)]
     assert torch.equal(captured["queries"], data.x_test[queries])
     codes = model.codes(fixed_binarization(torch.cat([data.x_train, data.x_test[queries]]), cfg.binarize)).numpy()
     db_codes, q_codes = codes[:len(data.x_train)], codes[len(data.x_train):]
@@ -338,12 +339,18 @@ def test_retrieval_rejects_bad_input(runs, tmp_path, capsys):
     unlabelled = tmp_path / "unlabelled.npz"
     np.savez(unlabelled, x_train=np.random.default_rng(0).random((60, 8, 8)))
     nolabels = train_digits(tmp_path / "nolabels", "--dataset", unlabelled)
+    untested = tmp_path / "untested.npz"  # labels for the training images only
+    np.savez(untested, x_train=np.random.default_rng(0).random((60, 8, 8)), y_train=np.arange(60) % 3,
+             x_test=np.random.default_rng(1).random((20, 8, 8)))
+    no_test_labels = train_digits(tmp_path / "untested", "--dataset", untested)
     bits, cat = runs["bits"], runs["cat"]
     for argv, message in (
             ([cat], f"{cat} has a categorical:10 latent; this needs one bernoulli block (beside Gaussian ones at "
                     "most)"),
             ([tmp_path / "none"], f"{tmp_path / 'none'} is not a run directory (no config.json)"),
             ([nolabels], f"retrieval needs class labels, and dataset {str(unlabelled)!r} has none for its train split"),
+            ([no_test_labels], f"retrieval needs class labels, and dataset {str(untested)!r} has none for its test "
+                               "split"),
             ([bits, bits], "run directories need distinct names, other than lsh, pcah, itq, to label them: bits, bits"),
             ([bits, "--per-class", "0"], "--per-class and --batch-size must be at least 1"),
             ([bits, "--batch-size", "0"], "--per-class and --batch-size must be at least 1"),
