@@ -279,13 +279,16 @@ def test_retrieval_end_to_end(runs, tmp_path, capsys):
     code, stdout, _ = run_cli(capsys, "retrieval", runs["bits"], runs["bits12"], "--out", out, "--per-class", "20")
     assert code == 0 and stdout.strip() == str(out / "report.md")
     result = json.loads((out / "retrieval.json").read_text())
-    assert result["protocol"]["queries"] == 200 and result["protocol"]["database"] == 1500
+    assert result["protocol"] == {"dataset": "digits", "queries": 200, "per_class": 20, "database": 1500, "seed": 0,
+                                  "relevant": "same label", "top_k": [500, 1000], "radius": 2}
     assert result["runs"] == ["bits", "bits12"]
     assert {name: sorted(by_bits) for name, by_bits in result["results"].items()} == {
         "bits": ["8"], "bits12": ["12"], "lsh": ["12", "8"], "pcah": ["12", "8"], "itq": ["12", "8"]}
     for by_bits in result["results"].values():
         for n_bits, m in by_bits.items():
             assert all(0 <= m[k] <= 1 for k in ("mAP", "P@500", "P@1000", "P@r<=2"))
+            assert set(m) == {"mAP", "P@500", "P@1000", "P@r<=2", "pr", "seconds"}
+            assert isinstance(m["seconds"], float) and 0 <= m["seconds"] < 60 and round(m["seconds"], 2) == m["seconds"]
             assert len(m["pr"]["precision"]) == int(n_bits) + 1 and m["pr"]["recall"][-1] == pytest.approx(1)
     assert result["results"]["itq"]["8"]["mAP"] > 0.15  # above chance (about 0.1 for ten classes)
     report = (out / "report.md").read_text()
@@ -301,6 +304,7 @@ def test_the_query_grid_shows_evenly_spaced_queries_and_the_nearest_items_of_the
     database images nearest to each by the codes of the run of highest mAP, and whether each is of the query's
     class."""
     from discvae import load_run
+    from discvae.applications.retrieval import baseline_codes
     from discvae.evaluation import fixed_binarization
 
     captured = {}
@@ -310,7 +314,10 @@ def test_the_query_grid_shows_evenly_spaced_queries_and_the_nearest_items_of_the
     results = json.loads((tmp_path / "retrieval.json").read_text())["results"]
     best = runs[max(("bits", "bits12"), key=lambda n: results[n]["8" if n == "bits" else "12"]["mAP"])]
     cfg, model, data = load_run(best)
-    queries = select_queries(data.y_test.numpy(), 20, 5)[np.linspace(0, 199, 8).astype(int)]
+    drawn = select_queries(data.y_test.numpy(), 20, 5)
+    queries = drawn[np.linspace(0, 199, 8).astype(int)]
+    db, q = baseline_codes("lsh", 8, 5, data.x_train.flatten(1).numpy(), data.x_test[drawn].flatten(1).numpy())
+    assert results["lsh"]["8"]["mAP"] == evaluate_codes(q, data.y_test.numpy()[drawn], db, data.y_train.numpy())["mAP"]
     assert torch.equal(captured["queries"], data.x_test[queries])
     codes = model.codes(fixed_binarization(torch.cat([data.x_train, data.x_test[queries]]), cfg.binarize)).numpy()
     db_codes, q_codes = codes[:len(data.x_train)], codes[len(data.x_train):]
