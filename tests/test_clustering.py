@@ -307,6 +307,6 @@ def test_clustering_reports_seeded_baselines_and_draws_the_run_of_highest_nmi(ru
     assert np.array_equal(order, cluster_order(labels, codes, metrics["clusters"]))
     assert np.array_equal(drawn["clusters"][0], codes) and np.array_equal(drawn["clusters"][2], order)
     assert np.allclose(drawn["clusters"][1], model.encode(inputs).numpy()[:, 0])
-    clustering_module.clustering([runs["cat-s0"]], tmp_path / "defaults")
+    clustering_module.clustering([runs["cat-s0"]], tmp_path / "defaults", batch_size=1)  # one image a call
     defaults = json.loads((tmp_path / "defaults" / "clustering.json").read_text())
     assert (defaults["seed"], defaults["n_init"]) == (0, 1)
