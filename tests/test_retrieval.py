@@ -53,6 +53,15 @@ def test_precision_within_radius_is_zero_when_nothing_is_inside():
     assert m["mAP"] == 1.0 and m["P@1"] == 1.0
 
 
+def test_a_ratio_is_zero_where_its_denominator_is():
+    from discvae.applications.retrieval import _ratio
+
+    for _ in range(3):  # memory just freed and full of 7s: a result not written where b = 0 would show them
+        np.full((40, 25), 7.0).sum()
+        assert np.array_equal(_ratio(np.ones((40, 25)), np.zeros((40, 1))), np.zeros((40, 25)))
+    assert np.array_equal(_ratio(np.array([1.0, 3.0]), np.array([0.0, 4.0])), [0.0, 0.75])
+
+
 @pytest.mark.parametrize("n_bits", [3, 8, 50, 64, 100])
 def test_packed_unpacked_and_faiss_hamming_distances_agree(n_bits):
     rng = np.random.default_rng(n_bits)
@@ -94,7 +103,9 @@ def test_itq_quantisation_loss_never_increases():
 @pytest.mark.parametrize("method", [LSH, PCAH, ITQ])
 def test_baselines_give_seeded_binary_codes_that_hash_neighbours(method):
     x, labels = blobs()
-    codes = method(4, seed=2).fit(x).transform(x)
+    fitted = method(4, seed=2).fit(x)
+    codes = fitted.transform(x)
+    assert fitted.projection_.dtype == np.float32 and fitted.projection_.shape == (x.shape[1], 4)
     assert codes.shape == (600, 4) and codes.dtype == np.uint8 and set(np.unique(codes)) == {0, 1}
     assert np.array_equal(codes, clone(method(4, seed=2)).fit_transform(x))
     m = evaluate_codes(codes[:40], labels[:40], codes[40:], labels[40:], top_k=(10,))
@@ -292,6 +303,8 @@ def test_retrieval_end_to_end(runs, tmp_path, capsys):
             assert len(m["pr"]["precision"]) == int(n_bits) + 1 and m["pr"]["recall"][-1] == pytest.approx(1)
     assert result["results"]["itq"]["8"]["mAP"] > 0.15  # above chance (about 0.1 for ten classes)
     report = (out / "report.md").read_text()
+    best = max(("bits", "bits12"), key=lambda n: result["results"][n]["8" if n == "bits" else "12"]["mAP"])
+    assert f"8 queries for `{best}`, the run with the highest mAP" in report
     assert "| itq | 8 |" in report and "pr_curves.png" in report and "query_grid.png" in report
     assert mpimg.imread(out / "pr_curves.png").shape[1] > mpimg.imread(out / "pr_curves.png").shape[0]  # 2 panels
     assert mpimg.imread(out / "query_grid.png").ndim == 3
