@@ -288,6 +288,8 @@ def test_clustering_reports_seeded_baselines_and_draws_the_run_of_highest_nmi(ru
     assert clustering_module.clustering(list(dirs.values()), out, seed=3, n_init=2) == out / "report.md"
     result = json.loads((out / "clustering.json").read_text())
     assert (result["dataset"], result["images"], result["classes"]) == ("digits", 1797, 10)
+    report = (out / "report.md").read_text()
+    assert report.startswith("# Clustering with a categorical latent: digits\n\nAll 1797 training and test images;")
     assert (result["seed"], result["n_init"], result["gaussian"]) == (3, 2, None)
     data = load_dataset("digits")
     x, labels = torch.cat([data.x_train, data.x_test]), torch.cat([data.y_train, data.y_test]).numpy()
@@ -300,6 +302,7 @@ def test_clustering_reports_seeded_baselines_and_draws_the_run_of_highest_nmi(ru
     assert best != max(names)  # the run of highest NMI, not the last name
     clusters, order, name, metrics = drawn["confusion"]
     assert (name, metrics) == (best, result["runs"][best])
+    assert f"Class x cluster counts of `{best}` (the run with the highest NMI)" in report
     cfg, model, _ = load_run(dirs[best])
     inputs = fixed_binarization(x, cfg.binarize)
     codes = model.codes(inputs).numpy()[:, 0]

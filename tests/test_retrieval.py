@@ -69,6 +69,7 @@ def test_packed_unpacked_and_faiss_hamming_distances_agree(n_bits):
     direct = (q[:, None, :] != db[None]).sum(-1)
     packed_q, packed_db = pack(q), pack(db)
     assert packed_q.shape == (7, 8 * -(-n_bits // 64))
+    assert np.array_equal(pack(q.astype(np.float32)), packed_q) and np.array_equal(pack(q == 1), packed_q)  # any 0/1
     assert np.array_equal(hamming(packed_q, packed_db), direct)
     dist, idx = hamming_knn(packed_q, packed_db, 20)
     assert np.array_equal(dist, np.sort(direct, 1)[:, :20])
@@ -81,6 +82,7 @@ def test_select_queries_draws_per_class_by_seed():
     assert np.array_equal(np.bincount(labels[chosen]), [5, 100, 100]) and len(set(chosen)) == 205
     assert np.array_equal(chosen, select_queries(labels, 100, seed=3))
     assert not np.array_equal(chosen, select_queries(labels, 100, seed=4))
+    assert np.array_equal(select_queries(labels), select_queries(labels, 100, 0))  # 100 per class, seed 0
 
 
 def blobs(n=600, dim=20, seed=0):
