@@ -93,6 +93,11 @@ def test_coded_runs_are_labelled_by_directory_and_share_a_dataset_and_a_family(t
     assert list(runs) == ["cat", "bits"] and runs["cat"][0].latent == "categorical"
     assert codes_module.code_block(runs["cat"][1]).family is Categorical
     assert codes_module.load_coded_run(bits, Bernoulli)[2].name == "digits"
+    hybrid = codes_module.load_coded_run(train_digits(tmp_path / "hybrid", "--latent", "gaussian:2+bernoulli:4"))[1]
+    assert codes_module.code_block(hybrid) is hybrid.space.blocks[1]  # the discrete block, not the first
+    gauss = codes_module.load_coded_run(train_digits(tmp_path / "gauss", "--latent", "gaussian", "--estimator",
+                                                     "reparam"))[1]
+    assert codes_module.code_block(gauss) is gauss.space.blocks[0]  # no discrete block: the only one
     shutil.copytree(bits, tmp_path / "lsh")
     for args, message in (
             (([bits, bits], Bernoulli), "run directories need distinct names to label them: bits, bits"),
