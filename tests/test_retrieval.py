@@ -111,6 +111,7 @@ def test_baselines_give_seeded_binary_codes_that_hash_neighbours(method):
     assert codes.shape == (600, 4) and codes.dtype == np.uint8 and set(np.unique(codes)) == {0, 1}
     assert np.array_equal(codes, clone(method(4, seed=2)).fit_transform(x))
     assert method().get_params() == {"n_bits": 64, "seed": 0, **({"n_iter": 50} if method is ITQ else {})}
+    assert method(4, seed=2).get_params()["seed"] == 2
     m = evaluate_codes(codes[:40], labels[:40], codes[40:], labels[40:], top_k=(10,))
     assert m["mAP"] > 0.5 and m["P@10"] > 0.75  # well separated blobs: 4 classes, chance 0.25
 
