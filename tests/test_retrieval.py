@@ -108,6 +108,9 @@ def test_baselines_give_seeded_binary_codes_that_hash_neighbours(method):
     fitted = method(4, seed=2).fit(x)
     codes = fitted.transform(x)
     assert fitted.projection_.dtype == np.float32 and fitted.projection_.shape == (x.shape[1], 4)
+    centred = x.astype(np.float32) - x.astype(np.float32).mean(0)  # the projection is fitted on centred data
+    assert fitted.mean_.dtype == np.float32
+    assert np.array_equal(fitted.projection_, method(4, seed=2)._projection(centred))
     assert codes.shape == (600, 4) and codes.dtype == np.uint8 and set(np.unique(codes)) == {0, 1}
     assert np.array_equal(codes, clone(method(4, seed=2)).fit_transform(x))
     assert method().get_params() == {"n_bits": 64, "seed": 0, **({"n_iter": 50} if method is ITQ else {})}
