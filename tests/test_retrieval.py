@@ -119,6 +119,22 @@ def test_baselines_give_seeded_binary_codes_that_hash_neighbours(method):
     assert m["mAP"] > 0.5 and m["P@10"] > 0.75  # well separated blobs: 4 classes, chance 0.25
 
 
+def test_itq_is_gong_and_lazebniks_iteration_from_a_seeded_orthogonal_start():
+    """ITQ's projection against the algorithm written out here: W_pca R, R from the Q of a seeded Gaussian matrix,
+    then 50 times B = sgn(V R) in {-1, 1} and R = U W^T for the SVD V^T B = U S W^T."""
+    from sklearn.decomposition import PCA
+
+    x = blobs()[0].astype(np.float32)
+    xc = x - x.mean(0)
+    w = PCA(4, random_state=0).fit(xc).components_.T.astype(np.float32)
+    v = (xc @ w).astype(np.float64)
+    r = np.linalg.qr(np.random.default_rng(3).standard_normal((4, 4)))[0]
+    for _ in range(50):
+        u, _, vt = np.linalg.svd(v.T @ np.where(v @ r > 0, 1.0, -1.0))
+        r = u @ vt
+    assert np.allclose(ITQ(4, seed=3).fit(x).projection_, (w @ r).astype(np.float32), atol=1e-5)
+
+
 def test_itq_rotation_beats_plain_pca_directions():
     """With more bits than informative directions PCAH spends bits on noise; ITQ's rotation spreads the variance."""
     x, labels = blobs()
