@@ -204,3 +204,21 @@ def write_idx_folder(folder: Path, arrays: dict[str, np.ndarray]) -> Path:
         write_gz(folder / filename, idx_bytes(arrays[key]))
     return folder
 
+
+def drawn(monkeypatch, draw):
+    """The figure ``draw()`` hands to ``figures.save_figure``, kept instead of written."""
+    figures = []
+    monkeypatch.setattr("discvae.figures.save_figure", lambda path, fig: figures.append(fig))
+    draw()
+    (fig,) = figures
+    return fig
+
+
+def framed(monkeypatch, module, draw) -> dict:
+    """What ``draw()`` hands to ``module.framed_grid`` (``rows``, ``frames``, ``title``), kept instead of drawn."""
+    captured = {}
+    monkeypatch.setattr(module, "framed_grid",
+                        lambda path, rows, frames, title: captured.update(rows=rows, frames=frames, title=title))
+    draw()
+    return captured
+

@@ -26,7 +26,7 @@ from discvae.applications.clustering import (
 )
 from discvae.evaluation import fixed_binarization
 from discvae.figures import templates
-from helpers import assert_one_line_error, run_cli, train_digits
+from helpers import assert_one_line_error, drawn, framed, run_cli, train_digits
 
 
 def test_a_permuted_clustering_is_perfect():
@@ -110,15 +110,6 @@ def test_baseline_features_are_the_pixels_their_seeded_pca_and_the_gaussian_mean
     assert baseline_features(pixels[:, :20], 5)["pca20"].shape == (600, 20)  # fewer values than PCA_DIMS
 
 
-def drawn(monkeypatch, draw):
-    """The figure ``draw()`` hands to ``save_figure``, kept instead of written."""
-    figures = []
-    monkeypatch.setattr("discvae.figures.save_figure", lambda path, fig: figures.append(fig))
-    draw()
-    (fig,) = figures
-    return fig
-
-
 def test_the_confusion_figure_shows_the_counts_of_the_non_empty_clusters_in_order(monkeypatch):
     labels = np.array([3, 3, 3, 3, 1, 1, 1, 7, 7, 7, 7, 7, 7, 7])
     clusters = np.array([4, 4, 4, 0, 0, 0, 2, 2, 2, 2, 2, 2, 4, 2])
@@ -162,10 +153,8 @@ def test_the_clusters_figure_shows_each_template_then_its_most_typical_members(r
     x = torch.rand(300, 1, 8, 8, generator=torch.Generator().manual_seed(0))
     clusters = np.where(np.arange(300) < 250, 6, 2)
     probs = np.round(rng.random((300, 10)), 1)  # many ties among the 250 members of cluster 6
-    captured = {}
-    monkeypatch.setattr(clustering_module, "framed_grid",
-                        lambda path, rows, frames, title: captured.update(rows=rows, frames=frames, title=title))
-    clusters_figure("x.png", model, x, clusters, probs, np.array([6, 2, 9]), members=4)
+    captured = framed(monkeypatch, clustering_module,
+                      lambda: clusters_figure("x.png", model, x, clusters, probs, np.array([6, 2, 9]), members=4))
     members = [sorted(np.flatnonzero(clusters == k), key=lambda i: (-probs[i, k], i))[:4] for k in (6, 2)]
     assert probs[members[0], 6].tolist() == [1.0] * 4
     decoded = templates(model, (1, 8, 8))

@@ -12,7 +12,7 @@ from discvae.data import Dataset
 from discvae.distributions import Bernoulli, Categorical
 from discvae.errors import InputError
 from discvae.figures import image_grid
-from helpers import assert_one_line_error, run_cli, tiny_data, tiny_model, train_digits
+from helpers import assert_one_line_error, drawn, run_cli, tiny_data, tiny_model, train_digits
 
 N_DIGITS, N_TEST = 1797, 297
 
@@ -44,12 +44,9 @@ def test_framed_grid_shows_the_images_at_their_scale_with_frames_and_a_title(mon
     title in a 30-pixel strip above."""
     from matplotlib.colors import to_rgba
 
-    figures = []
-    monkeypatch.setattr("discvae.figures.save_figure", lambda path, fig: figures.append(fig))
     rows = [torch.rand(3 if i % 2 == 0 else 2, 1, 8, 8, generator=torch.Generator().manual_seed(i))
             for i in range(n_rows)]
-    framed_grid("x.png", rows, [(1, 2, "red"), (0, 0, "tab:blue")], "a title")
-    (fig,) = figures
+    fig = drawn(monkeypatch, lambda: framed_grid("x.png", rows, [(1, 2, "red"), (0, 0, "tab:blue")], "a title"))
     grid_h, grid_w = 10 * n_rows + 2, 32  # 2 + 10 per image and gap
     assert fig.dpi == 100 and tuple(fig.get_size_inches() * 100) == pytest.approx((grid_w * scale,
                                                                                     grid_h * scale + 30))

@@ -24,7 +24,7 @@ from discvae.applications.retrieval import (
     select_queries,
     write_report,
 )
-from helpers import assert_one_line_error, run_cli, train_digits
+from helpers import assert_one_line_error, drawn, framed, run_cli, train_digits
 
 # a 3-bit query 000 of class 1 against five items: distances 0, 1, 1, 1, 3; classes 0, 1, 1, 0, 1
 QUERY = np.array([[0, 0, 0]], np.uint8)
@@ -157,10 +157,7 @@ RESULTS = {"run-a": {"8": metrics_of(0.4, 8)}, "run-b": {"12": metrics_of(0.5, 1
 
 def test_the_pr_figure_has_a_panel_per_code_length_and_a_curve_per_method(monkeypatch):
     """Runs solid with dots, baselines dashed; a method keeps its colour across panels, methods differ."""
-    figures = []
-    monkeypatch.setattr("discvae.figures.save_figure", lambda path, fig: figures.append(fig))
-    pr_figure("x.png", RESULTS, ["run-a", "run-b"])
-    (fig,) = figures
+    fig = drawn(monkeypatch, lambda: pr_figure("x.png", RESULTS, ["run-a", "run-b"]))
     panels = {8: ["run-a", "lsh", "itq"], 12: ["run-b", "pcah", "lsh"]}
     colours = {}
     for ax, (n_bits, names) in zip(fig.axes, panels.items(), strict=True):
@@ -179,12 +176,9 @@ def test_the_pr_figure_has_a_panel_per_code_length_and_a_curve_per_method(monkey
 
 
 def test_the_query_grid_frames_each_query_blue_and_each_hit_of_another_class_red(monkeypatch):
-    captured = {}
-    monkeypatch.setattr(retrieval_module, "framed_grid",
-                        lambda path, rows, frames, title: captured.update(rows=rows, frames=frames, title=title))
     queries, retrieved = torch.rand(2, 1, 4, 4), torch.rand(2, 3, 1, 4, 4)
     correct = np.array([[True, False, True], [False, False, True]])
-    query_grid("x.png", queries, correct, retrieved)
+    captured = framed(monkeypatch, retrieval_module, lambda: query_grid("x.png", queries, correct, retrieved))
     for row, q, r in zip(captured["rows"], queries, retrieved, strict=True):
         assert torch.equal(row, torch.cat([q[None], r]))
     assert [(i, j, to_rgba(c)) for i, j, c in captured["frames"]] == [
