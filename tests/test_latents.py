@@ -66,8 +66,8 @@ def test_posterior_splits_the_parameters_among_the_blocks():
 
 
 @pytest.mark.parametrize("args, kwargs, message, params", [
-    (("bernoulli", 3), {"prior": "vamp"}, "unknown prior 'vamp'; choose one of standard, learned, mixture",
-     ("prior",)),
+    (("bernoulli", 3), {"prior": "vamp"},
+     "unknown prior 'vamp'; choose one of standard, learned, mixture, mixture-var", ("prior",)),
     ((3,), {}, "latent must be a string such as bernoulli or categorical:10+gaussian:10, not 3", ()),
     (("categorical:10+gaussian:4", 10), {}, "latent 'categorical:10+gaussian:4' gives its own sizes; leave out "
      "latent_dim and groups", ("latent_dim", "groups")),

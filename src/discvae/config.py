@@ -85,7 +85,8 @@ class Config:
         "learned, a factorised prior as in the ARM / DisARM benchmark; Gaussian blocks N(0, I)); or mixture, for a "
         "latent categorical:C+gaussian:K: "
         "p(y) p(z|y) = (1/C) N(z; mu_y, I) with learned means, the decoder reading z alone, y summed out exactly "
-        "(GMVAE / VaDE clustering; train with --estimator reparam)", choices=PRIORS), section="latent and prior")
+        "(GMVAE / VaDE clustering; train with --estimator reparam); or mixture-var, the same with learned variances, "
+        "N(z; mu_y, diag sigma_y^2) (VaDE's prior)", choices=PRIORS), section="latent and prior")
 
     # -- objective
     estimator: str = setting("importance", Flag("gradient estimator", choices=list(ESTIMATORS)), section="objective")

@@ -8,8 +8,8 @@ latent vectors ``z`` of shape ``[..., dim]`` (what the decoder reads):
 * :class:`Gaussian`    -- N(mu, diag sigma^2) from (mu, log sigma^2), the reparameterised baseline (section II).
 * :class:`Joint`       -- independent blocks of the above, z their concatenation (hybrid latents such as
   ``categorical:10+gaussian:10``).
-* :class:`Mixture`     -- a categorical y and a Gaussian z with the prior (1/c) N(z; mu_y, I), the decoder reading z
-  (the ``mixture`` prior: clustering, GMVAE / VaDE).
+* :class:`Mixture`     -- a categorical y and a Gaussian z with the prior (1/c) N(z; mu_y, diag sigma_y^2), the
+  decoder reading z (the ``mixture`` prior, sigma_y = 1, and ``mixture-var``: clustering, GMVAE / VaDE).
 
 Every family is a :class:`Family` and answers what callers need (they never branch on a family's name).
 
@@ -614,23 +614,26 @@ class Joint(Family):
 
 
 class Mixture(Joint):
-    """A categorical y beside a Gaussian z under the prior p(y) p(z|y) = (1/c) N(z; mu_y, I) with learned means
-    ``means`` ``[c, K]`` (GMVAE / VaDE): q(y, z|x) = q(y|x) q(z|x), the decoder reads z alone, and the cluster of x
-    is argmax_y q(y|x). Its parts, means, codes and usage are those of the :class:`Joint` of the two blocks; what
-    differs is z (the Gaussian block only) and the prior:
+    """A categorical y beside a Gaussian z under the prior p(y) p(z|y) = (1/c) N(z; mu_y, diag sigma_y^2) with
+    learned means ``means`` ``[c, K]`` and log-variances ``logvars`` ln sigma_y^2 ``[c, K]`` (GMVAE / VaDE; None:
+    sigma_y = 1): q(y, z|x) = q(y|x) q(z|x), the decoder reads z alone, and the cluster of x is argmax_y q(y|x). Its
+    parts, means, codes and usage are those of the :class:`Joint` of the two blocks; what differs is z (the Gaussian
+    block only) and the prior:
 
-        KL(q || p) = KL(q(y) || 1/c) + sum_y q(y) KL(N(m, s^2) || N(mu_y, I)),
-        KL(N(m, s^2) || N(mu, I)) = 1/2 sum(s^2 + (m - mu)^2 - 1 - ln s^2),
+        KL(q || p) = KL(q(y) || 1/c) + sum_y q(y) KL(N(m, s^2) || N(mu_y, sigma_y^2)),
+        KL(N(m, s^2) || N(mu, sigma^2)) = 1/2 sum(s^2 / sigma^2 + (m - mu)^2 / sigma^2 - 1 - ln s^2 + ln sigma^2),
 
-    both in closed form (the second is the Gaussian's own KL to N(0, I) of z - mu_y), so y is summed out exactly (no
-    estimator variance from the discrete part): an estimator is given the Gaussian block (``estimand``) and
-    reparameterises it. ln p(z) = logsumexp_y [ln N(z; mu_y, I)] -
-    ln c, the marginal of the mixture (for the IWAE bound). ``join(y, u)`` = mu_y + u: the class's prior mean plus
-    an offset, what the figures decode."""
+    both in closed form (the second is the Gaussian's own KL to N(0, I) of (z - mu_y) / sigma_y), so y is summed out
+    exactly (no estimator variance from the discrete part): an estimator is given the Gaussian block (``estimand``)
+    and reparameterises it. ln p(z) = logsumexp_y [ln N(z; mu_y, sigma_y^2)] - ln c, the marginal of the mixture
+    (for the IWAE bound). ``join(y, u)`` = mu_y + sigma_y u: the class's prior mean plus an offset in its prior's
+    standard deviations, what the figures decode."""
 
-    def __init__(self, category: Categorical, gaussian: Gaussian, means: torch.Tensor):
+    def __init__(self, category: Categorical, gaussian: Gaussian, means: torch.Tensor,
+                 logvars: torch.Tensor | None = None):
         super().__init__([(category.name, category), (gaussian.name, gaussian)])
         self.category, self.gaussian, self.means = category, gaussian, means
+        self.logvars = torch.zeros_like(means) if logvars is None else logvars
 
     @property
     def dim(self) -> int:
@@ -640,11 +643,16 @@ class Mixture(Joint):
         return self.gaussian, f
 
     def join(self, z_d: torch.Tensor, z_c: torch.Tensor) -> torch.Tensor:
-        return z_d @ self.means.to(z_d.dtype) + z_c
+        return z_d @ self.means.to(z_d.dtype) + (z_d @ (0.5 * self.logvars).exp().to(z_d.dtype)) * z_c
+
+    def _standardised(self, z: torch.Tensor) -> torch.Tensor:
+        """(z - mu_y) / sigma_y for every class y: ``[..., c, K]``."""
+        return (z[..., None, :] - self.means) * (-0.5 * self.logvars).exp()
 
     def kl_parts(self) -> dict[str, torch.Tensor]:
-        g = self.gaussian  # KL(N(m, s^2) || N(mu_y, I)) = KL(N(m - mu_y, s^2) || N(0, I)), for every y: [B, c]
-        each = Gaussian.of(g.loc[..., None, :] - self.means, g.logvar[..., None, :]).kl_to_prior()
+        # KL(N(m, s^2) || N(mu_y, sigma_y^2)) = KL(N((m - mu_y) / sigma_y, s^2 / sigma_y^2) || N(0, I)) for every y
+        g = self.gaussian
+        each = Gaussian.of(self._standardised(g.loc), g.logvar[..., None, :] - self.logvars).kl_to_prior()  # [B, c]
         return {self.category.name: self.category.kl_to_prior(),
                 self.gaussian.name: (self.category.mean * each).sum(-1)}  # mean: q(y) [B, c], one group
 
@@ -664,12 +672,14 @@ class Mixture(Joint):
         return self.gaussian.entropy()
 
     def prior_log_prob(self, z: torch.Tensor) -> torch.Tensor:
-        each = self.gaussian.prior_log_prob(z[..., None, :] - self.means)  # ln N(z; mu_y, I) for every y: [..., c]
+        # ln N(z; mu_y, sigma_y^2) = ln N((z - mu_y) / sigma_y; 0, I) - sum ln sigma_y, for every y: [..., c]
+        each = self.gaussian.prior_log_prob(self._standardised(z)) - 0.5 * self.logvars.sum(-1)
         return torch.logsumexp(each, -1) - math.log(len(self.means))
 
     def prior_sample(self, sample_shape=()) -> torch.Tensor:
         y = torch.randint(len(self.means), _shape(sample_shape), device=self.means.device)
-        return self.means[y] + torch.randn(*y.shape, self.dim, dtype=self.means.dtype, device=self.means.device)
+        noise = torch.randn(*y.shape, self.dim, dtype=self.means.dtype, device=self.means.device)
+        return self.means[y] + (0.5 * self.logvars[y]).exp() * noise
 
 
 def _from_one_hot(d: td.OneHotCategorical) -> Categorical:

@@ -3,7 +3,8 @@
 A :class:`LatentSpace` is one or more :class:`Block` s -- a family of :mod:`discvae.distributions` with its size --
 concatenated in z (``LatentSpace.parse("categorical:10+gaussian:10")``), and its prior: each block's own
 (``standard``), a factorised prior with ``learned`` logits for the discrete blocks (:class:`LearnedPrior`) or, for a
-categorical beside a Gaussian, the ``mixture`` p(y) p(z|y) with learned means (:class:`MixturePrior`). It sizes the
+categorical beside a Gaussian, the ``mixture`` p(y) p(z|y) with learned means (``mixture-var``: and variances;
+:class:`MixturePrior`). It sizes the
 encoder's output and the decoder's input, counts the latent states, and builds q(z|x) from an encoder's output: the
 block's family, a :class:`~discvae.distributions.Joint` of the blocks, or a :class:`~discvae.distributions.Mixture`.
 """
@@ -21,7 +22,7 @@ from .errors import InputError
 
 FAMILIES = {family.name: family for family in (Bernoulli, Categorical, Gaussian)}
 DEFAULT_SIZE = 50
-PRIORS = ("standard", "learned", "mixture")
+PRIORS = ("standard", "learned", "mixture", "mixture-var")
 MAX_WIDTH = 2**31 - 1  # the most coordinates of a latent block or units of a layer (a tensor's dimension in int32)
 _BLOCK = re.compile(r"(?P<family>[a-z]+)(?::(?P<size>\d+)(?:x(?P<groups>\d+))?)?")
 
@@ -70,7 +71,8 @@ class LatentSpace:
         ``categorical:cxG`` (G groups), e.g. ``categorical:10+gaussian:10``; then ``size`` and ``groups`` must be
         left out. At most one block per family. ``prior``: ``standard`` (each block's own: uniform, N(0, I)),
         ``learned`` (the discrete blocks' bits and classes with learned probabilities, :class:`LearnedPrior`) or
-        ``mixture`` (``categorical:c+gaussian:K`` only: p(y) p(z|y) = (1/c) N(z; mu_y, I), the decoder reading z).
+        ``mixture`` (``categorical:c+gaussian:K`` only: p(y) p(z|y) = (1/c) N(z; mu_y, I), the decoder reading z) or
+        ``mixture-var`` (the same with learned variances, N(z; mu_y, diag sigma_y^2): VaDE's prior).
         InputError on anything else."""
         if prior not in PRIORS:
             raise InputError(f"unknown prior {prior!r}; choose one of {', '.join(PRIORS)}", "prior")
@@ -103,8 +105,9 @@ class LatentSpace:
         if len(set(names)) < len(names):
             raise InputError(f"latent {spec!r} repeats a family; give each family once (a categorical with several "
                              f"groups is categorical:CxG)", "latent")
-        if prior == "mixture" and [(b.family, b.groups) for b in blocks] != [(Categorical, 1), (Gaussian, 1)]:
-            raise InputError(f"prior mixture needs a latent categorical:C+gaussian:K (one group), not {spec!r}",
+        shape = [(b.family, b.groups) for b in blocks]
+        if prior.startswith("mixture") and shape != [(Categorical, 1), (Gaussian, 1)]:
+            raise InputError(f"prior {prior} needs a latent categorical:C+gaussian:K (one group), not {spec!r}",
                              "prior")
         if prior == "learned" and all(b.num_states is None for b in blocks):
             raise InputError(f"prior learned needs a latent with a discrete block (bits or classes), not {spec!r}",
@@ -115,13 +118,18 @@ class LatentSpace:
         return "+".join(map(str, self.blocks))
 
     @property
+    def mixture(self) -> bool:
+        """Whether the prior is a mixture p(y) p(z|y) (``mixture`` or ``mixture-var``)."""
+        return self.prior.startswith("mixture")
+
+    @property
     def param_dim(self) -> int:
         return sum(b.param_dim for b in self.blocks)
 
     @property
     def dim(self) -> int:
         """The length of z, what the decoder reads: the blocks side by side; with the mixture prior, z alone."""
-        return self.blocks[-1].dim if self.prior == "mixture" else sum(b.dim for b in self.blocks)
+        return self.blocks[-1].dim if self.mixture else sum(b.dim for b in self.blocks)
 
     @property
     def discrete(self) -> bool:
@@ -140,8 +148,8 @@ class LatentSpace:
 
     def prior_module(self) -> "MixturePrior | LearnedPrior | None":
         """The prior's learned parameters as a module for the VAE to hold, None for the standard priors."""
-        if self.prior == "mixture":
-            return MixturePrior(self.blocks[0].size, self.blocks[1].size)
+        if self.mixture:
+            return MixturePrior(self.blocks[0].size, self.blocks[1].size, variances=self.prior == "mixture-var")
         return LearnedPrior(self.blocks) if self.prior == "learned" else None
 
     def posterior(self, params: torch.Tensor, prior: "MixturePrior | LearnedPrior | None" = None) -> Family:
@@ -155,18 +163,24 @@ class LatentSpace:
                  for b, c in zip(self.blocks, chunks, strict=True)]
         if len(parts) == 1:
             return parts[0]
-        if self.prior == "mixture":
-            return Mixture(*parts, prior.means)
+        if self.mixture:
+            return Mixture(*parts, prior.means, prior.logvars)
         return Joint([(b.name, part) for b, part in zip(self.blocks, parts, strict=True)])
 
 
 class MixturePrior(nn.Module):
-    """The learned means mu_y ``[c, K]`` of the mixture prior p(z|y) = N(mu_y, I), drawn from N(0, I) at the start
-    (zeros would leave every class the same prior and nothing to tell them apart)."""
+    """The learned means mu_y ``[c, K]`` of the mixture prior p(z|y) = N(mu_y, diag sigma_y^2), drawn from N(0, I)
+    at the start (zeros would leave every class the same prior and nothing to tell them apart), and its log-variances
+    ln sigma_y^2 ``[c, K]``: learned from 0 with ``variances`` (VaDE's prior), else fixed at 0 (sigma_y = 1) and not
+    saved (a buffer outside the state dict)."""
 
-    def __init__(self, classes: int, dim: int):
+    def __init__(self, classes: int, dim: int, variances: bool = False):
         super().__init__()
         self.means = nn.Parameter(torch.randn(classes, dim))
+        if variances:
+            self.logvars = nn.Parameter(torch.zeros(classes, dim))
+        else:
+            self.register_buffer("logvars", torch.zeros(classes, dim), persistent=False)
 
 
 class LearnedPrior(nn.Module):

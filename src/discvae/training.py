@@ -87,9 +87,9 @@ def check_estimator(model: VAE, x: torch.Tensor, estimator: Estimator) -> None:
 def check_estimand(space: LatentSpace, estimator: Estimator) -> None:
     """Refuse a registered estimator other than ``reparam`` where what it is given (``Family.estimand``) is
     Gaussian: a latent without a discrete block, or the mixture prior (which sums its categorical out)."""
-    gaussian = space.prior == "mixture" or all(block.num_states is None for block in space.blocks)
+    gaussian = space.mixture or all(block.num_states is None for block in space.blocks)
     if gaussian and estimator.function in ESTIMATORS.values() and estimator.name != "reparam":
-        given = "prior mixture sums its categorical out" if space.prior == "mixture" else \
+        given = f"prior {space.prior} sums its categorical out" if space.mixture else \
             f"the latent {space} has no discrete block"
         raise InputError(f"estimator {estimator.name} is for discrete latents, and {given}: train the Gaussian "
                          "with estimator reparam", "estimator", "prior")
