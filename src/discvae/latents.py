@@ -4,9 +4,9 @@ A :class:`LatentSpace` is one or more :class:`Block` s -- a family of :mod:`disc
 concatenated in z (``LatentSpace.parse("categorical:10+gaussian:10")``), and its prior: each block's own
 (``standard``), a factorised prior with ``learned`` logits for the discrete blocks (:class:`LearnedPrior`) or, for a
 categorical beside a Gaussian, the ``mixture`` p(y) p(z|y) with learned means (``mixture-var``: and variances;
-:class:`MixturePrior`). It sizes the
-encoder's output and the decoder's input, counts the latent states, and builds q(z|x) from an encoder's output: the
-block's family, a :class:`~discvae.distributions.Joint` of the blocks, or a :class:`~discvae.distributions.Mixture`.
+:class:`MixturePrior`). It sizes the encoder's output and the decoder's input, counts the latent states, and builds
+q(z|x) from an encoder's output: the block's family, a :class:`~discvae.distributions.Joint` of the blocks, or a
+:class:`~discvae.distributions.Mixture`.
 """
 from __future__ import annotations
 
@@ -22,7 +22,8 @@ from .errors import InputError
 
 FAMILIES = {family.name: family for family in (Bernoulli, Categorical, Gaussian)}
 DEFAULT_SIZE = 50
-PRIORS = ("standard", "learned", "mixture", "mixture-var")
+MIXTURES = ("mixture", "mixture-var")  # the priors p(y) p(z|y): unit variances, learned variances
+PRIORS = ("standard", "learned", *MIXTURES)
 MAX_WIDTH = 2**31 - 1  # the most coordinates of a latent block or units of a layer (a tensor's dimension in int32)
 _BLOCK = re.compile(r"(?P<family>[a-z]+)(?::(?P<size>\d+)(?:x(?P<groups>\d+))?)?")
 
@@ -106,7 +107,7 @@ class LatentSpace:
             raise InputError(f"latent {spec!r} repeats a family; give each family once (a categorical with several "
                              f"groups is categorical:CxG)", "latent")
         shape = [(b.family, b.groups) for b in blocks]
-        if prior.startswith("mixture") and shape != [(Categorical, 1), (Gaussian, 1)]:
+        if prior in MIXTURES and shape != [(Categorical, 1), (Gaussian, 1)]:
             raise InputError(f"prior {prior} needs a latent categorical:C+gaussian:K (one group), not {spec!r}",
                              "prior")
         if prior == "learned" and all(b.num_states is None for b in blocks):
@@ -120,7 +121,7 @@ class LatentSpace:
     @property
     def mixture(self) -> bool:
         """Whether the prior is a mixture p(y) p(z|y) (``mixture`` or ``mixture-var``)."""
-        return self.prior.startswith("mixture")
+        return self.prior in MIXTURES
 
     @property
     def param_dim(self) -> int:
