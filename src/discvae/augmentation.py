@@ -1,4 +1,5 @@
-"""Random transformations of image batches: the views t(x) of the consistency term (``Config.consistency``)."""
+"""Random transformations of image batches: the views t(x) of the consistency and contrastive terms
+(``Config.consistency``, ``Config.contrastive``)."""
 from __future__ import annotations
 
 import math

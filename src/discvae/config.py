@@ -120,15 +120,21 @@ class Config:
         "batch's mean of q(y|x) -- the part of the KL term that measures how unevenly the codes or clusters are "
         "used (Hoffman & Johnson 2016; IMSAT's marginal entropy) -- against one cluster taking several classes; "
         "0: the ELBO alone"), section="objective")
+    contrastive: float = setting(0.0, Flag(
+        "weight of a contrastive term for the discrete blocks (InfoNCE; SimCLR, Chen et al. 2020): each image's code "
+        "must agree with its view t(x)'s (--rotation, --shift, --scale, --shear, --flip) more than with the other "
+        "images' views in the batch (under torchrun, in each process's share of it); the codes' expected agreement, "
+        "over --contrastive-tau, as the logits; images only; 0: none"), section="objective")
+    contrastive_tau: float = setting(0.2, Flag("temperature of --contrastive"), section="objective")
     augment: dict = setting(
         MISSING,
-        Flag("t of --consistency: largest rotation, degrees", type=float, key="rotation"),
-        Flag("t of --consistency: largest shift, pixels", type=float, key="shift"),
-        Flag("t of --consistency: largest relative change of size", type=float, key="scale"),
-        Flag("t of --consistency: largest horizontal shear (slant), a point h pixels above the centre moving up to "
-             "SHEAR h pixels sideways", type=float, key="shear"),
-        Flag("t of --consistency: probability of a left-right mirror (for garments, not digits)", type=float,
-             key="flip"),
+        Flag("t of --consistency and --contrastive: largest rotation, degrees", type=float, key="rotation"),
+        Flag("t of --consistency and --contrastive: largest shift, pixels", type=float, key="shift"),
+        Flag("t of --consistency and --contrastive: largest relative change of size", type=float, key="scale"),
+        Flag("t of --consistency and --contrastive: largest horizontal shear (slant), a point h pixels above the "
+             "centre moving up to SHEAR h pixels sideways", type=float, key="shear"),
+        Flag("t of --consistency and --contrastive: probability of a left-right mirror (for garments, not digits)",
+             type=float, key="flip"),
         factory=lambda: dict(AUGMENT), section="objective")
 
     # -- optimiser
@@ -181,7 +187,8 @@ class Config:
         """Fail on any setting that cannot train, before anything is loaded or written."""
         for name, ok, need in [("epochs", self.epochs >= 1, "at least 1"), ("batch_size", self.batch_size >= 1,
                                "at least 1"), ("lr", 0 < self.lr < math.inf, "a positive finite number"),
-                               ("capacity_gamma", 0 < self.capacity_gamma < math.inf, "a positive finite number")]:
+                               ("capacity_gamma", 0 < self.capacity_gamma < math.inf, "a positive finite number"),
+                               ("contrastive_tau", 0 < self.contrastive_tau < math.inf, "a positive finite number")]:
             if not ok:
                 raise InputError(f"{name} must be {need}, got {getattr(self, name)}", name)
         check_seed(self.seed)
@@ -195,7 +202,7 @@ class Config:
                     and isinstance(value[1], int) and not isinstance(value[1], bool) and value[1] >= 1):
                 raise InputError(f"the capacity of {name} must be [C_max >= 0 nats, steps >= 1], got {value!r}",
                                  "capacity")
-        for name in ("consistency", "balance"):
+        for name in ("consistency", "balance", "contrastive"):
             if not 0 <= getattr(self, name) < math.inf:
                 raise InputError(f"{name} must be a finite number >= 0, got {getattr(self, name)}", name)
             if getattr(self, name) and not any(block.family.discrete for block in self.space.blocks):
@@ -248,6 +255,11 @@ class Config:
     def space(self) -> LatentSpace:
         """The latent: ``LatentSpace.parse(latent, latent_dim, groups, prior)``."""
         return LatentSpace.parse(self.latent, self.latent_dim, self.groups, self.prior)
+
+    @property
+    def views(self) -> bool:
+        """Whether training draws a view t(x) of each batch: a consistency or contrastive term weighs it."""
+        return bool(self.consistency or self.contrastive)
 
     def capacities(self, step: int) -> dict[str, float]:
         """Block name -> its capacity C(t) = C_max min(1, t / steps) at training step ``step``."""

@@ -170,6 +170,13 @@ class Bernoulli(Family):
         """The deterministic binary code: the mode [q(z_i = 1) > 1/2] as uint8 ``[..., c]``."""
         return (self.logits > 0).to(torch.uint8)
 
+    def agreement(self, other: "Bernoulli") -> torch.Tensor:
+        """``[B, B']``: the expected share of the c bits in which z ~ q_i and z' ~ q'_j agree, for every row i of
+        this batch and j of ``other``'s (1 - their expected Hamming distance / c): (p p'^T + (1 - p)(1 - p')^T) / c,
+        p = q(z = 1). A discrete family's ``agreement`` is what ``Terms.contrastive`` compares codes by."""
+        p, r = self.probs, other.probs
+        return (p @ r.T + (1 - p) @ (1 - r).T) / self.dim
+
     @property
     def num_states(self) -> int:
         return 2**self.dim
@@ -314,6 +321,11 @@ class Categorical(Family):
     def code(self) -> torch.Tensor:
         """The most probable class of each group, int64 ``[..., G]``."""
         return self._grouped.argmax(-1)
+
+    def agreement(self, other: "Categorical") -> torch.Tensor:
+        """``[B, B']``: the expected share of the G groups in which z ~ q_i and z' ~ q'_j pick the same class,
+        sum_g q_g . q'_g / G."""
+        return self.mean @ other.mean.T / self.groups
 
     @property
     def num_states(self) -> int:
@@ -505,6 +517,11 @@ class Joint(Family):
     def aggregate(self) -> "Joint":
         """Each block's ``aggregate()``."""
         return Joint([(name, part.aggregate()) for name, part in self._parts])
+
+    def agreement(self, other: "Joint") -> torch.Tensor:
+        """The mean of the (discrete) blocks' ``agreement``."""
+        return self._sum([part.agreement(theirs) for (_, part), (_, theirs)
+                          in zip(self._parts, other._parts, strict=True)]) / len(self._parts)
 
     def kl(self, other: "Joint") -> torch.Tensor:
         """KL(q || other) for the same blocks: the sum of the blocks' KLs."""

@@ -7,6 +7,7 @@ from typing import Callable, NamedTuple
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from .distributions import Family
 from .errors import InputError
@@ -32,6 +33,7 @@ class Terms(NamedTuple):
     kl_blocks: dict
     consistency: torch.Tensor | None = None
     discrete: Family | None = None
+    view: Family | None = None
 
     @property
     def marginal_kl(self) -> torch.Tensor | None:
@@ -40,11 +42,26 @@ class Terms(NamedTuple):
         & Johnson 2016). Computed on each access (the training loop asks only when ``--balance`` weighs it)."""
         return None if self.discrete is None else self.discrete.aggregate().kl_to_prior()
 
-    def values(self) -> dict[str, torch.Tensor]:
+    def contrastive(self, tau: float) -> torch.Tensor | None:
+        """The InfoNCE loss (van den Oord et al. 2018; SimCLR's, Chen et al. 2020) of the discrete codes of the
+        batch against those of its view, None without a view: with a_ij = ``agreement`` of q(y|x_i) and
+        q(y|t(x_j)), the mean over i of -ln softmax_j(a_ij / tau)_i, both ways round: each image's code must agree
+        with its own view's more than with the other images' views. ln B minus it is the InfoNCE lower bound on the
+        mutual information of an image and its view, the codes' agreement the critic. Gradient through both
+        sides."""
+        if self.view is None:
+            return None
+        logits = self.discrete.agreement(self.view) / tau
+        target = torch.arange(len(logits), device=logits.device)
+        return (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
+
+    def values(self, tau: float | None = None) -> dict[str, torch.Tensor]:
         """What is logged of a batch: ``neg_elbo``, ``expected_ll``, ``kl``, for a hybrid latent ``kl_<block>`` per
-        block and, with a view, ``consistency`` (no gradient)."""
+        block and, with a view, ``consistency`` and, given a temperature ``tau``, ``contrastive`` (no gradient)."""
         blocks = {f"kl_{name}": kl.detach() for name, kl in self.kl_blocks.items()} if len(self.kl_blocks) > 1 else {}
         view = {} if self.consistency is None else {"consistency": self.consistency.detach()}
+        if self.view is not None and tau is not None:
+            view["contrastive"] = self.contrastive(tau).detach()
         return {"neg_elbo": self.neg_elbo, "expected_ll": self.expected_ll, "kl": self.kl, **blocks, **view}
 
 
@@ -158,9 +175,11 @@ class VAE(nn.Module):
             if q_d is None:
                 raise InputError(f"a consistency view needs a latent with a discrete block, not {self.space}")
             target = self.space.posterior(params.detach(), self.prior).discrete_part
-            consistency = target.kl(self.posterior(view).discrete_part).mean()
+            q_view = self.posterior(view).discrete_part
+            consistency = target.kl(q_view).mean()
         neg_elbo = kl - ell
-        return Terms(neg_elbo, neg_elbo.detach(), ell.detach(), kl.detach(), kl_blocks, consistency, q_d)
+        return Terms(neg_elbo, neg_elbo.detach(), ell.detach(), kl.detach(), kl_blocks, consistency, q_d,
+                     None if view is None else q_view)
 
 
 def _conv_plan(size: int, layers: int) -> list[int]:

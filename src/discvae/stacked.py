@@ -184,7 +184,8 @@ def check_stack(cfgs: list[Config]) -> None:
     if len({c.out for c in cfgs}) < len(cfgs):
         raise InputError("each stacked run needs its own out", "out")
     cfg = cfgs[0]
-    for name, unsupported in (("consistency", cfg.consistency), ("keep_best", cfg.keep_best),
+    for name, unsupported in (("consistency", cfg.consistency), ("contrastive", cfg.contrastive),
+                              ("keep_best", cfg.keep_best),
                               ("compile", cfg.compile), ("device", resolve_device(cfg.device).type != "cpu")):
         if unsupported:
             raise InputError(f"stacked runs train on the CPU without {name}", name)

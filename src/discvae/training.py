@@ -149,7 +149,7 @@ def train(cfg: Config, resume: bool = False, progress: bool = True, data: Datase
             for group in state.optimizer.param_groups:
                 group["lr"] = cfg.lr
         check_estimator(model, x_train[:2], estimator)
-        if cfg.consistency:  # fails here, before training, unless the data are images (torch's stream untouched)
+        if cfg.views:  # fails here, before training, unless the data are images (torch's stream untouched)
             random_affine(x_train[:1], **cfg.augment, generator=torch.Generator(device))
         if ranks.main:
             write_json(out / CONFIG, dataclasses.asdict(cfg))
@@ -173,13 +173,14 @@ def train(cfg: Config, resume: bool = False, progress: bool = True, data: Datase
                 rows, share = ranks.share(order[i:i + cfg.batch_size])
                 images = x_train.index_select(0, rows)
                 x = binarize(images, cfg.binarize)
-                view = binarize(random_affine(images, **cfg.augment), cfg.binarize) if cfg.consistency else None
+                view = binarize(random_affine(images, **cfg.augment), cfg.binarize) if cfg.views else None
                 def loss_of(terms, step=state.step, share=share):
                     return scaled(objective(terms, cfg, step), share)
                 terms, health = train_step(state.optimizer, forward, x, estimator_options(cfg, state.step),
                                            loss_of, view)
                 state.step += 1
-                values = terms.values()  # neg_elbo, expected_ll, kl (a hybrid's kl per block): summed on the device
+                # neg_elbo, expected_ll, kl (a hybrid's kl per block), the view's terms: summed on the device
+                values = terms.values(cfg.contrastive_tau if cfg.contrastive else None)
                 sums = sums + torch.stack([*values.values(), one]).double() * len(x)
                 if guard.record(health):
                     guard.check(epoch + 1, state.step, state.epoch)

@@ -1,0 +1,134 @@
+"""The contrastive term (``--contrastive``): the families' expected agreement against enumeration of every pair of
+states, the InfoNCE term and its gradient against a direct computation, the objective, the checks, and a run."""
+import csv
+import itertools
+import math
+
+import pytest
+import torch
+
+from discvae import Config, Dataset, load_dataset, train
+from discvae.distributions import Bernoulli, Categorical, Joint
+from discvae.errors import InputError
+from discvae.estimators import make_estimator
+from discvae.models import Terms
+from discvae.training import objective
+from helpers import tiny_data, tiny_model
+
+
+def enumerated_agreement(q, other) -> torch.Tensor:
+    """sum over every pair of states (z, z') of q_i(z) q'_j(z') times the share of units in which they agree."""
+    states = q.enumerate()
+    p, r = q.log_prob(states[:, None]).exp(), other.log_prob(states[:, None]).exp()  # [S, B], [S, B']
+    return sum(p[a][:, None] * r[b][None, :] * share_agreeing(q, states[a], states[b])
+               for a, b in itertools.product(range(len(states)), repeat=2))
+
+
+def share_agreeing(q, z, z2) -> float:
+    """The share of units in which the states z and z2 of q agree (a Joint: the mean over its blocks)."""
+    if isinstance(q, Joint):
+        pieces = zip(q.parts, q.part_slices, strict=True)
+        return sum(share_agreeing(part, z[s], z2[s]) for (_, part), s in pieces) / len(q.parts)
+    if isinstance(q, Categorical):
+        same = (z.reshape(q.groups, -1) == z2.reshape(q.groups, -1)).all(-1)
+        return same.double().mean().item()
+    return (z == z2).double().mean().item()
+
+
+def test_agreement_is_the_expected_share_of_agreeing_units():
+    torch.manual_seed(0)
+    a, b = torch.randn(2, 6, dtype=torch.float64) * 2, torch.randn(3, 6, dtype=torch.float64) * 2
+    for q, other in ((Bernoulli(a[:, :3]), Bernoulli(b[:, :3])),
+                     (Categorical(a, groups=2), Categorical(b, groups=2)),  # two groups of 3 classes
+                     (Joint([("bernoulli", Bernoulli(a[:, :2])), ("categorical", Categorical(a[:, 2:5]))]),
+                      Joint([("bernoulli", Bernoulli(b[:, :2])), ("categorical", Categorical(b[:, 2:5]))]))):
+        got = q.agreement(other)
+        assert got.shape == (2, 3)
+        assert torch.allclose(got, enumerated_agreement(q, other), rtol=1e-10, atol=1e-12)
+    sure = Bernoulli(torch.tensor([[50.0, -50.0, 50.0]], dtype=torch.float64))
+    assert torch.allclose(sure.agreement(sure), torch.ones(1, 1, dtype=torch.float64))  # the same confident code
+    assert torch.allclose(sure.agreement(Bernoulli(-sure.logits)), torch.zeros(1, 1, dtype=torch.float64))
+    assert torch.allclose(Bernoulli(torch.zeros(1, 4)).agreement(Bernoulli(torch.randn(1, 4))),
+                          torch.full((1, 1), 0.5))  # a fair coin agrees with anything half the time
+
+
+def direct_infonce(q, view, tau):
+    """The symmetric InfoNCE written out row by row."""
+    a = torch.stack([torch.stack([q_row.agreement(v_row)[0, 0] for v_row in rows(view)])
+                     for q_row in rows(q)]) / tau
+    n = len(a)
+    one_way = -sum(a[i, i] - torch.logsumexp(a[i], 0) for i in range(n)) / n
+    other_way = -sum(a[i, i] - torch.logsumexp(a[:, i], 0) for i in range(n)) / n
+    return (one_way + other_way) / 2
+
+
+def rows(q):
+    return [q.__class__(q.logits[i:i + 1]) for i in range(len(q.logits))]
+
+
+def test_the_term_its_gradient_and_the_objective():
+    model, x, view = tiny_model("bernoulli", 3), tiny_data(n=5), tiny_data(n=5, seed=2)
+    exact = make_estimator("exact")
+    terms = model(x, exact, view)
+    assert model(x, exact).contrastive(0.5) is None and "contrastive" not in terms.values()
+    got = terms.contrastive(0.5)
+    assert "contrastive" in terms.values(0.5) and torch.allclose(terms.values(0.5)["contrastive"], got)
+    # the gradient flows through both sides: compare with the term written out on fresh posteriors
+    model.zero_grad()
+    got.backward()
+    ours = [p.grad.clone() for p in model.encoder.parameters()]
+    assert all(p.grad is None or not p.grad.any() for p in model.decoder.parameters())
+    model.zero_grad()
+    expected = direct_infonce(model.posterior(x), model.posterior(view), 0.5)
+    expected.backward()
+    assert torch.allclose(got, expected, rtol=1e-6)
+    for mine, theirs in zip(ours, (p.grad for p in model.encoder.parameters()), strict=True):
+        assert torch.allclose(mine, theirs, rtol=1e-5, atol=1e-7)
+    model.zero_grad()
+    only_view = direct_infonce(Bernoulli(model.posterior(x).logits.detach()), model.posterior(view), 0.5)
+    only_view.backward()  # not the consistency term's one-sided gradient
+    assert not torch.allclose(ours[0], model.encoder.weight.grad)
+    cfg = Config(latent="bernoulli", latent_dim=3, contrastive=3.0, contrastive_tau=0.5)
+    assert torch.allclose(objective(terms, cfg, 0), terms.loss + 3.0 * got)
+
+
+def test_distinct_confident_codes_that_match_their_views_score_near_zero():
+    codes = torch.tensor([[1, 1, 1], [1, -1, -1], [-1, 1, -1], [-1, -1, 1]], dtype=torch.float64) * 40
+    terms = Terms(*([torch.zeros(())] * 4), {}, None, Bernoulli(codes), Bernoulli(codes))
+    # each code agrees with its own view on 3 of 3 bits and with every other on 1 of 3
+    expected = -math.log(math.exp(1 / 0.1) / (math.exp(1 / 0.1) + 3 * math.exp((1 / 3) / 0.1)))
+    assert abs(terms.contrastive(0.1).item() - expected) < 1e-9 and expected < 0.01
+    blurred = Terms(*([torch.zeros(())] * 4), {}, None, Bernoulli(codes * 0), Bernoulli(codes * 0))
+    assert abs(blurred.contrastive(0.1).item() - math.log(4)) < 1e-9  # fair coins: chance, ln B
+
+
+def test_the_settings_are_checked():
+    for settings, match in (({"contrastive": -1.0}, "contrastive must be a finite number >= 0"),
+                            ({"contrastive": math.nan}, "contrastive must be a finite number >= 0"),
+                            ({"contrastive": 1.0, "latent": "gaussian"}, "contrastive needs a latent with a discrete"),
+                            ({"contrastive_tau": 0.0}, "contrastive_tau must be a positive finite number"),
+                            ({"contrastive_tau": math.inf}, "contrastive_tau must be a positive finite number")):
+        with pytest.raises(InputError, match=match):
+            Config(**settings).check()
+    cfg = Config(latent="bernoulli", contrastive=1.0).check()
+    assert cfg.views and not Config().views and Config(consistency=1.0).views
+
+
+def test_a_run_with_the_contrastive_term_alone_draws_views_logs_it_and_resumes_exactly(tmp_path):
+    digits = load_dataset("digits")
+    data = Dataset("digits", digits.x_train[:256], digits.y_train[:256], digits.x_test[:64], digits.y_test[:64])
+    base = dict(dataset="digits", latent="bernoulli", latent_dim=8, estimator="disarm",
+                estimator_options={"num_samples": 2}, batch_size=64, binarize="dynamic", contrastive=2.0,
+                grad_var_every=0, seed=3)
+    full = train(Config(**base, epochs=2, out=str(tmp_path / "full")), progress=False, data=data)
+    train(Config(**base, epochs=1, out=str(tmp_path / "cut")), progress=False, data=data)
+    resumed = train(Config(**base, epochs=2, out=str(tmp_path / "cut")), resume=True, progress=False, data=data)
+    for a, b in zip(full.model.parameters(), resumed.model.parameters(), strict=True):
+        assert torch.equal(a, b)
+    with open(tmp_path / "full" / "metrics.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert all(0 < float(r["train_contrastive"]) < math.log(64) + 1e-6 for r in rows)  # at most chance, ln B
+    assert float(rows[1]["train_contrastive"]) < float(rows[0]["train_contrastive"])
+    plain = train(Config(**{**base, "contrastive": 0.0}, epochs=2, out=str(tmp_path / "plain")), progress=False,
+                  data=data)  # the term reaches the loss: without it the weights differ
+    assert not torch.equal(next(plain.model.encoder.parameters()), next(full.model.encoder.parameters()))
