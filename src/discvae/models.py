@@ -23,8 +23,9 @@ class Terms(NamedTuple):
     """Batch means, in nats per example: ``loss`` carries the gradient, ``neg_elbo``, ``expected_ll`` and ``kl``
     are values, ``kl_blocks`` the KL of each block of the latent (name -> value with its gradient, for a capacity
     objective; one entry unless the latent is a hybrid), ``consistency`` (with its gradient) the consistency term
-    when the batch came with a view (``VAE.forward``), else None, and ``discrete`` the discrete blocks' q_d(y|x) of
-    the batch (None without discrete blocks), from which ``marginal_kl`` is computed when asked for."""
+    when the batch came with a view (``VAE.forward``), else None, ``discrete`` the discrete blocks' q_d(y|x) of
+    the batch (None without discrete blocks), from which ``marginal_kl`` is computed when asked for, and ``view``
+    their q_d(y|t(x)) of the view (None without one), for ``contrastive``."""
 
     loss: torch.Tensor
     neg_elbo: torch.Tensor
