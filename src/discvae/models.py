@@ -171,7 +171,7 @@ class VAE(nn.Module):
         kl_blocks = {name: kl.mean() for name, kl in q.kl_parts().items()}
         blocks = list(kl_blocks.values())
         ell, kl = expected_ll.mean(), sum(blocks[1:], blocks[0])
-        consistency, q_d = None, q.discrete_part
+        consistency, q_d, q_view = None, q.discrete_part, None
         if view is not None:
             if q_d is None:
                 raise InputError(f"a consistency view needs a latent with a discrete block, not {self.space}")
@@ -179,8 +179,7 @@ class VAE(nn.Module):
             q_view = self.posterior(view).discrete_part
             consistency = target.kl(q_view).mean()
         neg_elbo = kl - ell
-        return Terms(neg_elbo, neg_elbo.detach(), ell.detach(), kl.detach(), kl_blocks, consistency, q_d,
-                     None if view is None else q_view)
+        return Terms(neg_elbo, neg_elbo.detach(), ell.detach(), kl.detach(), kl_blocks, consistency, q_d, q_view)
 
 
 def _conv_plan(size: int, layers: int) -> list[int]:
