@@ -1,11 +1,13 @@
-"""The contrastive term (``--contrastive``): the families' expected agreement against enumeration of every pair of
-states, the InfoNCE term and its gradient against a direct computation, the objective, the checks, and a run."""
+"""The contrastive terms (``--contrastive``, ``--cluster-contrastive``): the families' expected agreement against
+enumeration of every pair of states and their outcome probabilities against their marginals, each InfoNCE term and
+its gradient against a direct computation, known values, the objective, the checks, and runs."""
 import csv
 import itertools
 import math
 
 import pytest
 import torch
+from torch.nn import functional as F
 
 from discvae import Config, Dataset, load_dataset, train
 from discvae.distributions import Bernoulli, Categorical, Joint
@@ -102,24 +104,102 @@ def test_distinct_confident_codes_that_match_their_views_score_near_zero():
     assert abs(blurred.contrastive(0.1).item() - math.log(4)) < 1e-9  # fair coins: chance, ln B
 
 
+def test_outcome_probs_are_each_units_marginals():
+    torch.manual_seed(1)
+    a = torch.randn(4, 7, dtype=torch.float64)
+    bits, groups = Bernoulli(a[:, :3]), Categorical(a[:, 1:7], groups=2)  # two groups of 3 classes
+    joint = Joint([("bernoulli", bits), ("categorical", Categorical(a[:, 3:6]))])
+    for q, units in ((bits, 3), (groups, 2), (joint, 4)):
+        states, got = q.enumerate(), q.outcome_probs()
+        weights = q.log_prob(states[:, None]).exp()  # [S, B]
+        # q(unit u = v) = sum over the states whose unit u is v: a state's outcomes as indicators
+        expected = torch.einsum("sb,sm->bm", weights, outcome_indicators(q, states))
+        assert torch.allclose(got, expected, rtol=1e-10, atol=1e-12)
+        assert torch.allclose(got.sum(-1), torch.full((4,), float(units), dtype=torch.float64))
+
+
+def outcome_indicators(q, states) -> torch.Tensor:
+    """[S, M]: for each state, 1 where unit u takes value v, in ``outcome_probs``' order."""
+    if isinstance(q, Joint):
+        return torch.cat([outcome_indicators(part, states[:, s]) for (_, part), s in zip(q.parts, q.part_slices,
+                                                                                          strict=True)], -1)
+    return torch.cat([states, 1 - states], -1) if isinstance(q, Bernoulli) else states
+
+
+def direct_cluster_infonce(q, view, tau):
+    """The symmetric cluster-level InfoNCE written out column by column with ``cosine_similarity``."""
+    a, b = q.outcome_probs(), view.outcome_probs()
+    m = a.shape[1]
+    s = torch.stack([torch.stack([F.cosine_similarity(a[:, u], b[:, v], dim=0) for v in range(m)])
+                     for u in range(m)]) / tau
+    one_way = -sum(s[u, u] - torch.logsumexp(s[u], 0) for u in range(m)) / m
+    other_way = -sum(s[u, u] - torch.logsumexp(s[:, u], 0) for u in range(m)) / m
+    return (one_way + other_way) / 2
+
+
+@pytest.mark.parametrize("latent, size", [("bernoulli", 3), ("categorical", 4)])
+def test_the_cluster_term_its_gradient_and_the_objective(latent, size):
+    model, x, view = tiny_model(latent, size), tiny_data(n=5), tiny_data(n=5, seed=2)
+    exact = make_estimator("exact")
+    terms = model(x, exact, view)
+    assert model(x, exact).cluster_contrastive(0.5) is None and "cluster_contrastive" not in terms.values(0.5)
+    got = terms.cluster_contrastive(0.5)
+    assert torch.allclose(terms.values(cluster_tau=0.5)["cluster_contrastive"], got)
+    model.zero_grad()
+    got.backward()
+    ours = [p.grad.clone() for p in model.encoder.parameters()]
+    model.zero_grad()
+    expected = direct_cluster_infonce(model.posterior(x), model.posterior(view), 0.5)
+    expected.backward()
+    assert torch.allclose(got, expected, rtol=1e-10)
+    for mine, theirs in zip(ours, (p.grad for p in model.encoder.parameters()), strict=True):
+        assert torch.allclose(mine, theirs, rtol=1e-8, atol=1e-12)
+    model.zero_grad()
+    fixed = model.posterior(x)
+    direct_cluster_infonce(fixed.__class__(fixed.logits.detach()), model.posterior(view), 0.5).backward()
+    assert not torch.allclose(ours[0], model.encoder.weight.grad)  # the gradient flows through both sides
+    cfg = Config(latent=latent, latent_dim=size, contrastive=2.0, cluster_contrastive=3.0, cluster_contrastive_tau=0.5)
+    both = terms.loss + 2.0 * terms.contrastive(cfg.contrastive_tau) + 3.0 * got
+    assert torch.allclose(objective(terms, cfg, 0), both)
+
+
+def test_distinct_confident_clusters_that_match_their_views_score_their_floor():
+    clusters = torch.eye(4, dtype=torch.float64).repeat(2, 1) * 40  # 8 images, 4 clusters of two each
+    sure = Terms(*([torch.zeros(())] * 4), {}, None, Categorical(clusters), Categorical(clusters))
+    # each cluster's column has cosine 1 with its view's and 0 with the others': ln(1 + 3 e^(-1 / tau))
+    assert abs(sure.cluster_contrastive(0.5).item() - math.log(1 + 3 * math.exp(-2))) < 1e-9
+    swapped = Terms(*([torch.zeros(())] * 4), {}, None, Categorical(clusters), Categorical(clusters.roll(1, -1)))
+    # each view's column matches another cluster's: ln(e^(1 / tau) + 3), above chance
+    assert abs(swapped.cluster_contrastive(0.5).item() - math.log(math.exp(2) + 3)) < 1e-9
+    blurred = Terms(*([torch.zeros(())] * 4), {}, None, Categorical(clusters * 0), Categorical(clusters * 0))
+    assert abs(blurred.cluster_contrastive(0.5).item() - math.log(4)) < 1e-9  # equal columns: chance, ln M
+
+
 def test_the_settings_are_checked():
     for settings, match in (({"contrastive": -1.0}, "contrastive must be a finite number >= 0"),
                             ({"contrastive": math.nan}, "contrastive must be a finite number >= 0"),
                             ({"contrastive": 1.0, "latent": "gaussian"}, "contrastive needs a latent with a discrete"),
                             ({"contrastive_tau": 0.0}, "contrastive_tau must be a positive finite number"),
-                            ({"contrastive_tau": math.inf}, "contrastive_tau must be a positive finite number")):
+                            ({"contrastive_tau": math.inf}, "contrastive_tau must be a positive finite number"),
+                            ({"cluster_contrastive": -2.0}, "cluster_contrastive must be a finite number >= 0"),
+                            ({"cluster_contrastive": 1.0, "latent": "gaussian"},
+                             "cluster_contrastive needs a latent with a discrete"),
+                            ({"cluster_contrastive_tau": -1.0},
+                             "cluster_contrastive_tau must be a positive finite number")):
         with pytest.raises(InputError, match=match):
             Config(**settings).check()
     cfg = Config(latent="bernoulli", contrastive=1.0).check()
     assert cfg.views and not Config().views and Config(consistency=1.0).views
+    assert Config(latent="bernoulli", cluster_contrastive=1.0).check().views
 
 
-def test_a_run_with_the_contrastive_term_alone_draws_views_logs_it_and_resumes_exactly(tmp_path):
+@pytest.mark.parametrize("term, chance", [("contrastive", math.log(64)), ("cluster_contrastive", math.log(16))])
+def test_a_run_with_a_contrastive_term_alone_draws_views_logs_it_and_resumes_exactly(tmp_path, term, chance):
     digits = load_dataset("digits")
     data = Dataset("digits", digits.x_train[:256], digits.y_train[:256], digits.x_test[:64], digits.y_test[:64])
     base = dict(dataset="digits", latent="bernoulli", latent_dim=8, estimator="disarm",
-                estimator_options={"num_samples": 2}, batch_size=64, binarize="dynamic", contrastive=2.0,
-                grad_var_every=0, seed=3)
+                estimator_options={"num_samples": 2}, batch_size=64, binarize="dynamic", grad_var_every=0, seed=3)
+    base[term] = 2.0
     full = train(Config(**base, epochs=2, out=str(tmp_path / "full")), progress=False, data=data)
     train(Config(**base, epochs=1, out=str(tmp_path / "cut")), progress=False, data=data)
     resumed = train(Config(**base, epochs=2, out=str(tmp_path / "cut")), resume=True, progress=False, data=data)
@@ -127,8 +207,9 @@ def test_a_run_with_the_contrastive_term_alone_draws_views_logs_it_and_resumes_e
         assert torch.equal(a, b)
     with open(tmp_path / "full" / "metrics.csv") as fh:
         rows = list(csv.DictReader(fh))
-    assert all(0 < float(r["train_contrastive"]) < math.log(64) + 1e-6 for r in rows)  # at most chance, ln B
-    assert float(rows[1]["train_contrastive"]) < float(rows[0]["train_contrastive"])
-    plain = train(Config(**{**base, "contrastive": 0.0}, epochs=2, out=str(tmp_path / "plain")), progress=False,
+    # at most chance: ln B images for the instances, ln 2c outcomes for the clusters
+    assert all(0 < float(r[f"train_{term}"]) < chance + 1e-6 for r in rows)
+    assert float(rows[1][f"train_{term}"]) < float(rows[0][f"train_{term}"])
+    plain = train(Config(**{**base, term: 0.0}, epochs=2, out=str(tmp_path / "plain")), progress=False,
                   data=data)  # the term reaches the loss: without it the weights differ
     assert not torch.equal(next(plain.model.encoder.parameters()), next(full.model.encoder.parameters()))

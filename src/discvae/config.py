@@ -29,6 +29,7 @@ RESUMABLE = ("epochs", "lr", "device", "data_dir", "download", "out", "grad_var_
              "precision", "compile", "threads")
 MAX_SEED = 2**63 - 1
 SKLEARN_MAX_SEED = 2**32 - 1  # scikit-learn's random_state
+VIEWS = "the views t(x) of the consistency and contrastive terms: "  # the help of the view flags
 
 
 def capacity_flag(text: str) -> dict:
@@ -126,15 +127,21 @@ class Config:
         "images' views in the batch (under torchrun, in each process's share of it); the codes' expected agreement, "
         "over --contrastive-tau, as the logits; images only; 0: none"), section="objective")
     contrastive_tau: float = setting(0.2, Flag("temperature of --contrastive"), section="objective")
+    cluster_contrastive: float = setting(0.0, Flag(
+        "weight of a cluster-level contrastive term for the discrete blocks (Li et al. 2021, Contrastive "
+        "Clustering): each cluster (or a bit's 1 or 0), as the column of its probabilities over the batch (under "
+        "torchrun, each process's share of it), must pick the same images in the views t(x) and other images than "
+        "the other clusters; the columns' cosine, over --cluster-contrastive-tau, as the logits; images only; "
+        "0: none"), section="objective")
+    cluster_contrastive_tau: float = setting(1.0, Flag("temperature of --cluster-contrastive"), section="objective")
     augment: dict = setting(
         MISSING,
-        Flag("t of --consistency and --contrastive: largest rotation, degrees", type=float, key="rotation"),
-        Flag("t of --consistency and --contrastive: largest shift, pixels", type=float, key="shift"),
-        Flag("t of --consistency and --contrastive: largest relative change of size", type=float, key="scale"),
-        Flag("t of --consistency and --contrastive: largest horizontal shear (slant), a point h pixels above the "
-             "centre moving up to SHEAR h pixels sideways", type=float, key="shear"),
-        Flag("t of --consistency and --contrastive: probability of a left-right mirror (for garments, not digits)",
-             type=float, key="flip"),
+        Flag(VIEWS + "largest rotation, degrees", type=float, key="rotation"),
+        Flag(VIEWS + "largest shift, pixels", type=float, key="shift"),
+        Flag(VIEWS + "largest relative change of size", type=float, key="scale"),
+        Flag(VIEWS + "largest horizontal shear (slant), a point h pixels above the centre moving up to SHEAR h "
+             "pixels sideways", type=float, key="shear"),
+        Flag(VIEWS + "probability of a left-right mirror (for garments, not digits)", type=float, key="flip"),
         factory=lambda: dict(AUGMENT), section="objective")
 
     # -- optimiser
@@ -188,7 +195,9 @@ class Config:
         for name, ok, need in [("epochs", self.epochs >= 1, "at least 1"), ("batch_size", self.batch_size >= 1,
                                "at least 1"), ("lr", 0 < self.lr < math.inf, "a positive finite number"),
                                ("capacity_gamma", 0 < self.capacity_gamma < math.inf, "a positive finite number"),
-                               ("contrastive_tau", 0 < self.contrastive_tau < math.inf, "a positive finite number")]:
+                               ("contrastive_tau", 0 < self.contrastive_tau < math.inf, "a positive finite number"),
+                               ("cluster_contrastive_tau", 0 < self.cluster_contrastive_tau < math.inf,
+                                "a positive finite number")]:
             if not ok:
                 raise InputError(f"{name} must be {need}, got {getattr(self, name)}", name)
         check_seed(self.seed)
@@ -202,7 +211,7 @@ class Config:
                     and isinstance(value[1], int) and not isinstance(value[1], bool) and value[1] >= 1):
                 raise InputError(f"the capacity of {name} must be [C_max >= 0 nats, steps >= 1], got {value!r}",
                                  "capacity")
-        for name in ("consistency", "balance", "contrastive"):
+        for name in ("consistency", "balance", "contrastive", "cluster_contrastive"):
             if not 0 <= getattr(self, name) < math.inf:
                 raise InputError(f"{name} must be a finite number >= 0, got {getattr(self, name)}", name)
             if getattr(self, name) and not any(block.family.discrete for block in self.space.blocks):
@@ -259,7 +268,7 @@ class Config:
     @property
     def views(self) -> bool:
         """Whether training draws a view t(x) of each batch: a consistency or contrastive term weighs it."""
-        return bool(self.consistency or self.contrastive)
+        return bool(self.consistency or self.contrastive or self.cluster_contrastive)
 
     def capacities(self, step: int) -> dict[str, float]:
         """Block name -> its capacity C(t) = C_max min(1, t / steps) at training step ``step``."""

@@ -177,6 +177,11 @@ class Bernoulli(Family):
         p, r = self.probs, other.probs
         return (p @ r.T + (1 - p) @ (1 - r).T) / self.dim
 
+    def outcome_probs(self) -> torch.Tensor:
+        """``[..., 2c]``: q(z_i = 1) for each bit, then q(z_i = 0): each bit as a two-way categorical. Its columns
+        over a batch are what ``Terms.cluster_contrastive`` compares."""
+        return torch.cat([self.probs, 1 - self.probs], -1)
+
     @property
     def num_states(self) -> int:
         return 2**self.dim
@@ -326,6 +331,10 @@ class Categorical(Family):
         """``[B, B']``: the expected share of the G groups in which z ~ q_i and z' ~ q'_j pick the same class,
         sum_g q_g . q'_g / G."""
         return self.mean @ other.mean.T / self.groups
+
+    def outcome_probs(self) -> torch.Tensor:
+        """``[..., G c]``: q(z_g = k) for each group g and class k (the ``mean``)."""
+        return self.mean
 
     @property
     def num_states(self) -> int:
@@ -522,6 +531,10 @@ class Joint(Family):
         """The mean of the (discrete) blocks' ``agreement``."""
         return self._sum([part.agreement(theirs) for (_, part), (_, theirs)
                           in zip(self._parts, other._parts, strict=True)]) / len(self._parts)
+
+    def outcome_probs(self) -> torch.Tensor:
+        """The (discrete) blocks' ``outcome_probs`` side by side."""
+        return torch.cat(self._each("outcome_probs"), -1)
 
     def kl(self, other: "Joint") -> torch.Tensor:
         """KL(q || other) for the same blocks: the sum of the blocks' KLs."""

@@ -56,13 +56,29 @@ class Terms(NamedTuple):
         target = torch.arange(len(logits), device=logits.device)
         return (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
 
-    def values(self, tau: float | None = None) -> dict[str, torch.Tensor]:
+    def cluster_contrastive(self, tau: float) -> torch.Tensor | None:
+        """The cluster-level InfoNCE loss (Li et al. 2021, "Contrastive Clustering") of the batch against its view,
+        None without a view: each outcome u of a discrete unit (a cluster, or a bit's 1 or 0; ``outcome_probs``)
+        is the column c_u = (q(u|x_1), ..., q(u|x_B)) of the batch, and with s_uv the cosine of c_u and the view's
+        c'_v, the mean over u of -ln softmax_v(s_uv / tau)_u, both ways round: each cluster must pick the same
+        images in the view and different ones from the other clusters. Gradient through both sides."""
+        if self.view is None:
+            return None
+        columns = F.normalize(self.discrete.outcome_probs(), dim=0)
+        logits = columns.T @ F.normalize(self.view.outcome_probs(), dim=0) / tau
+        target = torch.arange(len(logits), device=logits.device)
+        return (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
+
+    def values(self, contrastive_tau: float | None = None, cluster_tau: float | None = None) -> dict[str, torch.Tensor]:
         """What is logged of a batch: ``neg_elbo``, ``expected_ll``, ``kl``, for a hybrid latent ``kl_<block>`` per
-        block and, with a view, ``consistency`` and, given a temperature ``tau``, ``contrastive`` (no gradient)."""
+        block and, with a view, ``consistency`` and, given their temperatures, ``contrastive`` and
+        ``cluster_contrastive`` (no gradient)."""
         blocks = {f"kl_{name}": kl.detach() for name, kl in self.kl_blocks.items()} if len(self.kl_blocks) > 1 else {}
         view = {} if self.consistency is None else {"consistency": self.consistency.detach()}
-        if self.view is not None and tau is not None:
-            view["contrastive"] = self.contrastive(tau).detach()
+        if self.view is not None and contrastive_tau is not None:
+            view["contrastive"] = self.contrastive(contrastive_tau).detach()
+        if self.view is not None and cluster_tau is not None:
+            view["cluster_contrastive"] = self.cluster_contrastive(cluster_tau).detach()
         return {"neg_elbo": self.neg_elbo, "expected_ll": self.expected_ll, "kl": self.kl, **blocks, **view}
 
 

@@ -185,6 +185,7 @@ def check_stack(cfgs: list[Config]) -> None:
         raise InputError("each stacked run needs its own out", "out")
     cfg = cfgs[0]
     for name, unsupported in (("consistency", cfg.consistency), ("contrastive", cfg.contrastive),
+                              ("cluster_contrastive", cfg.cluster_contrastive),
                               ("keep_best", cfg.keep_best),
                               ("compile", cfg.compile), ("device", resolve_device(cfg.device).type != "cpu")):
         if unsupported:
