@@ -17,7 +17,8 @@ Each has ``sample(sample_shape)`` (torch's convention: ``sample((n,))`` has shap
 meaning ``(n,)``; no gradient), ``log_prob(z)``, ``entropy()``, ``kl_to_prior()`` (closed form, against the uniform
 prior or N(0, I)), ``prior_log_prob(z)``, ``prior_sample(sample_shape)``, ``mode()``, ``code()`` (the deterministic
 code a user exports: bits, class indices or means) and, for the discrete families, ``relaxed_sample(sample_shape,
-tau)`` and ``enumerate()`` of all states; the Gaussian has ``rsample(sample_shape)``. ``proposal(xi)`` builds the
+tau)``, ``enumerate()`` of all states, and ``agreement(other)`` and ``outcome_probs()``, what the contrastive terms
+compare; the Gaussian has ``rsample(sample_shape)``. ``proposal(xi)`` builds the
 same family with other natural parameters (the importance-sampling proposal q_I of eq. 20 / 28).
 
 :func:`as_family` converts a ``torch.distributions`` posterior (``Bernoulli``, ``OneHotCategorical``, ``Normal``) to
