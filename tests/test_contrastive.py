@@ -54,44 +54,69 @@ def test_agreement_is_the_expected_share_of_agreeing_units():
                           torch.full((1, 1), 0.5))  # a fair coin agrees with anything half the time
 
 
-def direct_infonce(q, view, tau):
-    """The symmetric InfoNCE written out row by row."""
-    a = torch.stack([torch.stack([q_row.agreement(v_row)[0, 0] for v_row in rows(view)])
-                     for q_row in rows(q)]) / tau
-    n = len(a)
-    one_way = -sum(a[i, i] - torch.logsumexp(a[i], 0) for i in range(n)) / n
-    other_way = -sum(a[i, i] - torch.logsumexp(a[:, i], 0) for i in range(n)) / n
+def direct_symmetric_infonce(scores: torch.Tensor) -> torch.Tensor:
+    """The symmetric InfoNCE of a square score matrix, written out pair by pair."""
+    n = len(scores)
+    one_way = -sum(scores[i, i] - torch.logsumexp(scores[i], 0) for i in range(n)) / n
+    other_way = -sum(scores[i, i] - torch.logsumexp(scores[:, i], 0) for i in range(n)) / n
     return (one_way + other_way) / 2
+
+
+def direct_infonce(q, view, tau):
+    """The instance-level term: each image's code against each view's, agreement computed one pair at a time."""
+    return direct_symmetric_infonce(torch.stack([torch.stack([q_row.agreement(v_row)[0, 0] for v_row in rows(view)])
+                                                 for q_row in rows(q)]) / tau)
 
 
 def rows(q):
     return [q.__class__(q.logits[i:i + 1]) for i in range(len(q.logits))]
 
 
-def test_the_term_its_gradient_and_the_objective():
-    model, x, view = tiny_model("bernoulli", 3), tiny_data(n=5), tiny_data(n=5, seed=2)
+def direct_cluster_infonce(q, view, tau):
+    """The cluster-level term: each outcome's column against each of the view's, by ``cosine_similarity``."""
+    a, b = q.outcome_probs(), view.outcome_probs()
+    return direct_symmetric_infonce(torch.stack([torch.stack([F.cosine_similarity(a[:, u], b[:, v], dim=0)
+                                                              for v in range(b.shape[1])])
+                                                 for u in range(a.shape[1])]) / tau)
+
+
+@pytest.mark.parametrize("term, tau_of, direct, latent, size", [
+    ("contrastive", "contrastive_tau", direct_infonce, "bernoulli", 3),
+    ("contrastive", "contrastive_tau", direct_infonce, "categorical", 4),
+    ("cluster_contrastive", "cluster_tau", direct_cluster_infonce, "bernoulli", 3),
+    ("cluster_contrastive", "cluster_tau", direct_cluster_infonce, "categorical", 4)])
+def test_each_term_and_its_gradient_against_a_direct_computation(term, tau_of, direct, latent, size):
+    model, x, view = tiny_model(latent, size), tiny_data(n=5), tiny_data(n=5, seed=2)
     exact = make_estimator("exact")
     terms = model(x, exact, view)
-    assert model(x, exact).contrastive(0.5) is None and "contrastive" not in terms.values()
-    got = terms.contrastive(0.5)
-    assert "contrastive" in terms.values(0.5) and torch.allclose(terms.values(0.5)["contrastive"], got)
+    assert getattr(model(x, exact), term)(0.5) is None and term not in terms.values()
+    got = getattr(terms, term)(0.5)
+    assert torch.allclose(terms.values(**{tau_of: 0.5})[term], got)
     # the gradient flows through both sides: compare with the term written out on fresh posteriors
     model.zero_grad()
     got.backward()
     ours = [p.grad.clone() for p in model.encoder.parameters()]
     assert all(p.grad is None or not p.grad.any() for p in model.decoder.parameters())
     model.zero_grad()
-    expected = direct_infonce(model.posterior(x), model.posterior(view), 0.5)
+    expected = direct(model.posterior(x), model.posterior(view), 0.5)
     expected.backward()
-    assert torch.allclose(got, expected, rtol=1e-6)
+    assert torch.allclose(got, expected, rtol=1e-10)
     for mine, theirs in zip(ours, (p.grad for p in model.encoder.parameters()), strict=True):
-        assert torch.allclose(mine, theirs, rtol=1e-5, atol=1e-7)
+        assert torch.allclose(mine, theirs, rtol=1e-8, atol=1e-12)
     model.zero_grad()
-    only_view = direct_infonce(Bernoulli(model.posterior(x).logits.detach()), model.posterior(view), 0.5)
-    only_view.backward()  # not the consistency term's one-sided gradient
-    assert not torch.allclose(ours[0], model.encoder.weight.grad)
-    cfg = Config(latent="bernoulli", latent_dim=3, contrastive=3.0, contrastive_tau=0.5)
-    assert torch.allclose(objective(terms, cfg, 0), terms.loss + 3.0 * got)
+    fixed = model.posterior(x)
+    direct(fixed.__class__(fixed.logits.detach()), model.posterior(view), 0.5).backward()
+    assert not torch.allclose(ours[0], model.encoder.weight.grad)  # not the consistency term's one-sided gradient
+
+
+def test_the_objective_adds_each_weighted_term():
+    model, x, view = tiny_model("categorical", 4), tiny_data(n=5), tiny_data(n=5, seed=2)
+    terms = model(x, make_estimator("exact"), view)
+    cfg = Config(latent="categorical", latent_dim=4, contrastive=2.0, contrastive_tau=0.3, cluster_contrastive=3.0,
+                 cluster_contrastive_tau=0.5)
+    both = terms.loss + 2.0 * terms.contrastive(0.3) + 3.0 * terms.cluster_contrastive(0.5)
+    assert torch.allclose(objective(terms, cfg, 0), both)
+    assert torch.allclose(objective(terms, Config(latent="categorical", latent_dim=4), 0), terms.loss)
 
 
 def test_distinct_confident_codes_that_match_their_views_score_near_zero():
@@ -124,43 +149,6 @@ def outcome_indicators(q, states) -> torch.Tensor:
         return torch.cat([outcome_indicators(part, states[:, s]) for (_, part), s in zip(q.parts, q.part_slices,
                                                                                           strict=True)], -1)
     return torch.cat([states, 1 - states], -1) if isinstance(q, Bernoulli) else states
-
-
-def direct_cluster_infonce(q, view, tau):
-    """The symmetric cluster-level InfoNCE written out column by column with ``cosine_similarity``."""
-    a, b = q.outcome_probs(), view.outcome_probs()
-    m = a.shape[1]
-    s = torch.stack([torch.stack([F.cosine_similarity(a[:, u], b[:, v], dim=0) for v in range(m)])
-                     for u in range(m)]) / tau
-    one_way = -sum(s[u, u] - torch.logsumexp(s[u], 0) for u in range(m)) / m
-    other_way = -sum(s[u, u] - torch.logsumexp(s[:, u], 0) for u in range(m)) / m
-    return (one_way + other_way) / 2
-
-
-@pytest.mark.parametrize("latent, size", [("bernoulli", 3), ("categorical", 4)])
-def test_the_cluster_term_its_gradient_and_the_objective(latent, size):
-    model, x, view = tiny_model(latent, size), tiny_data(n=5), tiny_data(n=5, seed=2)
-    exact = make_estimator("exact")
-    terms = model(x, exact, view)
-    assert model(x, exact).cluster_contrastive(0.5) is None and "cluster_contrastive" not in terms.values(0.5)
-    got = terms.cluster_contrastive(0.5)
-    assert torch.allclose(terms.values(cluster_tau=0.5)["cluster_contrastive"], got)
-    model.zero_grad()
-    got.backward()
-    ours = [p.grad.clone() for p in model.encoder.parameters()]
-    model.zero_grad()
-    expected = direct_cluster_infonce(model.posterior(x), model.posterior(view), 0.5)
-    expected.backward()
-    assert torch.allclose(got, expected, rtol=1e-10)
-    for mine, theirs in zip(ours, (p.grad for p in model.encoder.parameters()), strict=True):
-        assert torch.allclose(mine, theirs, rtol=1e-8, atol=1e-12)
-    model.zero_grad()
-    fixed = model.posterior(x)
-    direct_cluster_infonce(fixed.__class__(fixed.logits.detach()), model.posterior(view), 0.5).backward()
-    assert not torch.allclose(ours[0], model.encoder.weight.grad)  # the gradient flows through both sides
-    cfg = Config(latent=latent, latent_dim=size, contrastive=2.0, cluster_contrastive=3.0, cluster_contrastive_tau=0.5)
-    both = terms.loss + 2.0 * terms.contrastive(cfg.contrastive_tau) + 3.0 * got
-    assert torch.allclose(objective(terms, cfg, 0), both)
 
 
 def test_distinct_confident_clusters_that_match_their_views_score_their_floor():

@@ -52,9 +52,7 @@ class Terms(NamedTuple):
         sides."""
         if self.view is None:
             return None
-        logits = self.discrete.agreement(self.view) / tau
-        target = torch.arange(len(logits), device=logits.device)
-        return (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
+        return symmetric_infonce(self.discrete.agreement(self.view) / tau)
 
     def cluster_contrastive(self, tau: float) -> torch.Tensor | None:
         """The cluster-level InfoNCE loss (Li et al. 2021, "Contrastive Clustering") of the batch against its view,
@@ -65,9 +63,7 @@ class Terms(NamedTuple):
         if self.view is None:
             return None
         columns = F.normalize(self.discrete.outcome_probs(), dim=0)
-        logits = columns.T @ F.normalize(self.view.outcome_probs(), dim=0) / tau
-        target = torch.arange(len(logits), device=logits.device)
-        return (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
+        return symmetric_infonce(columns.T @ F.normalize(self.view.outcome_probs(), dim=0) / tau)
 
     def values(self, contrastive_tau: float | None = None, cluster_tau: float | None = None) -> dict[str, torch.Tensor]:
         """What is logged of a batch: ``neg_elbo``, ``expected_ll``, ``kl``, for a hybrid latent ``kl_<block>`` per
@@ -80,6 +76,13 @@ class Terms(NamedTuple):
         if self.view is not None and cluster_tau is not None:
             view["cluster_contrastive"] = self.cluster_contrastive(cluster_tau).detach()
         return {"neg_elbo": self.neg_elbo, "expected_ll": self.expected_ll, "kl": self.kl, **blocks, **view}
+
+
+def symmetric_infonce(logits: torch.Tensor) -> torch.Tensor:
+    """The mean of -ln softmax(logits)_ii over the rows and over the columns of a square ``logits``, halved: the
+    InfoNCE loss of pairs (i, i) against the other pairs of the batch, both ways round."""
+    target = torch.arange(len(logits), device=logits.device)
+    return (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
 
 
 def at_least_fp32(t: torch.Tensor) -> torch.Tensor:
