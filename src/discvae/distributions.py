@@ -181,7 +181,8 @@ class Bernoulli(Family):
     def outcome_probs(self) -> torch.Tensor:
         """``[..., 2c]``: q(z_i = 1) for each bit, then q(z_i = 0): each bit as a two-way categorical. Its columns
         over a batch are what ``Terms.cluster_contrastive`` compares."""
-        return torch.cat([self.probs, 1 - self.probs], -1)
+        p = self.probs
+        return torch.cat([p, 1 - p], -1)
 
     @property
     def num_states(self) -> int:

@@ -25,7 +25,7 @@ class Terms(NamedTuple):
     objective; one entry unless the latent is a hybrid), ``consistency`` (with its gradient) the consistency term
     when the batch came with a view (``VAE.forward``), else None, ``discrete`` the discrete blocks' q_d(y|x) of
     the batch (None without discrete blocks), from which ``marginal_kl`` is computed when asked for, and ``view``
-    their q_d(y|t(x)) of the view (None without one), for ``contrastive``."""
+    their q_d(y|t(x)) of the view (None without one), for the contrastive terms."""
 
     loss: torch.Tensor
     neg_elbo: torch.Tensor
