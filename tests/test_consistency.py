@@ -129,8 +129,9 @@ def test_the_term_its_gradient_and_the_objective():
     assert torch.allclose(got, model.encoder.weight.grad)
     cfg = Config(latent="categorical:3+gaussian:1", consistency=2.5)
     assert torch.allclose(objective(terms, cfg, 0), terms.loss + 2.5 * terms.consistency)
-    with pytest.raises(InputError, match="needs a latent with a discrete block"):
-        tiny_model("gaussian", 2)(x, make_estimator("reparam"), view)
+    # without a discrete block a view serves the Gaussian contrastive term alone: no consistency term
+    gaussian = tiny_model("gaussian", 2)(x, make_estimator("reparam"), view)
+    assert gaussian.consistency is None and gaussian.view is not None
 
 
 def test_the_settings_are_checked():

@@ -1,6 +1,7 @@
-"""The contrastive terms (``--contrastive``, ``--cluster-contrastive``): the families' expected agreement against
-enumeration of every pair of states and their outcome probabilities against their marginals, each InfoNCE term and
-its gradient against a direct computation, known values, the objective, the checks, and runs."""
+"""The contrastive terms (``--contrastive``, ``--cluster-contrastive``, ``--gaussian-contrastive``): the discrete
+families' expected agreement against enumeration of every pair of states and their outcome probabilities against
+their marginals, the Gaussian's agreement as the cosine of the means, each InfoNCE term and its gradient against a
+direct computation, known values, the objective, the checks, and runs."""
 import csv
 import itertools
 import math
@@ -10,7 +11,7 @@ import torch
 from torch.nn import functional as F
 
 from discvae import Config, Dataset, load_dataset, train
-from discvae.distributions import Bernoulli, Categorical, Joint
+from discvae.distributions import Bernoulli, Categorical, Gaussian, Joint
 from discvae.errors import InputError
 from discvae.estimators import make_estimator
 from discvae.models import Terms
@@ -80,18 +81,28 @@ def direct_cluster_infonce(q, view, tau):
                                                  for u in range(a.shape[1])]) / tau)
 
 
-@pytest.mark.parametrize("term, tau_of, direct, latent, size", [
-    ("contrastive", "contrastive_tau", direct_infonce, "bernoulli", 3),
-    ("contrastive", "contrastive_tau", direct_infonce, "categorical", 4),
-    ("cluster_contrastive", "cluster_tau", direct_cluster_infonce, "bernoulli", 3),
-    ("cluster_contrastive", "cluster_tau", direct_cluster_infonce, "categorical", 4)])
-def test_each_term_and_its_gradient_against_a_direct_computation(term, tau_of, direct, latent, size):
+def direct_gaussian_infonce(q, view, tau):
+    """The Gaussian term: each image's posterior means against each view's, by ``cosine_similarity``."""
+    a, b = q.continuous_part.mean, view.continuous_part.mean
+    return direct_symmetric_infonce(torch.stack([torch.stack([F.cosine_similarity(a_row, b_row, dim=0) for b_row in b])
+                                                 for a_row in a]) / tau)
+
+
+@pytest.mark.parametrize("term, direct, latent, size, estimator", [
+    ("contrastive", direct_infonce, "bernoulli", 3, "exact"),
+    ("contrastive", direct_infonce, "categorical", 4, "exact"),
+    ("cluster_contrastive", direct_cluster_infonce, "bernoulli", 3, "exact"),
+    ("cluster_contrastive", direct_cluster_infonce, "categorical", 4, "exact"),
+    ("gaussian_contrastive", direct_gaussian_infonce, "gaussian", 3, "reparam"),
+    ("gaussian_contrastive", direct_gaussian_infonce, "categorical:3+gaussian:2", None, "exact")])
+def test_each_term_and_its_gradient_against_a_direct_computation(term, direct, latent, size, estimator):
     model, x, view = tiny_model(latent, size), tiny_data(n=5), tiny_data(n=5, seed=2)
-    exact = make_estimator("exact")
-    terms = model(x, exact, view)
-    assert getattr(model(x, exact), term)(0.5) is None and term not in terms.values()
+    estimate = make_estimator(estimator)
+    terms = model(x, estimate, view)
+    alone = model(x, estimate)  # no view: no term, and none logged
+    assert getattr(alone, term)(0.5) is None and term not in alone.values({term: 0.5})
     got = getattr(terms, term)(0.5)
-    assert torch.allclose(terms.values(**{tau_of: 0.5})[term], got)
+    assert torch.allclose(terms.values({term: 0.5})[term], got) and term not in terms.values()
     # the gradient flows through both sides: compare with the term written out on fresh posteriors
     model.zero_grad()
     got.backward()
@@ -104,9 +115,25 @@ def test_each_term_and_its_gradient_against_a_direct_computation(term, tau_of, d
     for mine, theirs in zip(ours, (p.grad for p in model.encoder.parameters()), strict=True):
         assert torch.allclose(mine, theirs, rtol=1e-8, atol=1e-12)
     model.zero_grad()
-    fixed = model.posterior(x)
-    direct(fixed.__class__(fixed.logits.detach()), model.posterior(view), 0.5).backward()
+    fixed = model.space.posterior(model.encoder(x).detach(), model.prior)
+    direct(fixed, model.posterior(view), 0.5).backward()
     assert not torch.allclose(ours[0], model.encoder.weight.grad)  # not the consistency term's one-sided gradient
+
+
+def test_a_gaussian_agrees_by_the_cosine_of_its_means_and_the_parts_split_by_kind():
+    torch.manual_seed(2)
+    a, b = torch.randn(3, 8, dtype=torch.float64), torch.randn(2, 8, dtype=torch.float64)
+    expected = F.cosine_similarity(a[:, None, :4], b[None, :, :4], dim=-1)
+    assert torch.allclose(Gaussian(a).agreement(Gaussian(b)), expected, rtol=1e-12)
+    assert torch.allclose(Gaussian(a).agreement(Gaussian(a * 3)).diagonal(), torch.ones(3, dtype=torch.float64))
+    bits, gauss, cats = Bernoulli(a[:, :2]), Gaussian(a[:, 2:6]), Categorical(a[:, 5:8])
+    assert bits.continuous_part is None and gauss.continuous_part is gauss and gauss.discrete_part is None
+    hybrid = Joint([("bernoulli", bits), ("gaussian", gauss)])
+    assert hybrid.continuous_part is gauss and hybrid.discrete_part is bits
+    both = Joint([("bernoulli", bits), ("categorical", cats)])
+    assert both.discrete_part is both and both.continuous_part is None
+    two = Joint([("bernoulli", bits), ("g1", gauss), ("g2", Gaussian(b[:, :2].repeat(2, 1)[:3]))]).continuous_part
+    assert isinstance(two, Joint) and [name for name, _ in two.parts] == ["g1", "g2"]
 
 
 def test_the_objective_adds_each_weighted_term():
@@ -117,6 +144,12 @@ def test_the_objective_adds_each_weighted_term():
     both = terms.loss + 2.0 * terms.contrastive(0.3) + 3.0 * terms.cluster_contrastive(0.5)
     assert torch.allclose(objective(terms, cfg, 0), both)
     assert torch.allclose(objective(terms, Config(latent="categorical", latent_dim=4), 0), terms.loss)
+    hybrid = tiny_model("categorical:3+gaussian:2")
+    terms = hybrid(x, make_estimator("exact"), view)
+    cfg = Config(latent="categorical:3+gaussian:2", estimator="reparam", cluster_contrastive=3.0,
+                 gaussian_contrastive=4.0, gaussian_contrastive_tau=0.7)
+    three = terms.loss + 3.0 * terms.cluster_contrastive(1.0) + 4.0 * terms.gaussian_contrastive(0.7)
+    assert torch.allclose(objective(terms, cfg, 0), three)
 
 
 def test_distinct_confident_codes_that_match_their_views_score_near_zero():
@@ -127,6 +160,15 @@ def test_distinct_confident_codes_that_match_their_views_score_near_zero():
     assert abs(terms.contrastive(0.1).item() - expected) < 1e-9 and expected < 0.01
     blurred = Terms(*([torch.zeros(())] * 4), {}, None, Bernoulli(codes * 0), Bernoulli(codes * 0))
     assert abs(blurred.contrastive(0.1).item() - math.log(4)) < 1e-9  # fair coins: chance, ln B
+
+
+def test_orthogonal_means_that_match_their_views_score_their_floor():
+    means = torch.cat([torch.eye(4, dtype=torch.float64) * 3, torch.zeros(4, 4, dtype=torch.float64)], -1)
+    sure = Terms(*([torch.zeros(())] * 4), {}, None, Gaussian(means), Gaussian(means * 2))
+    # cosine 1 with its own view, 0 with the others': ln(1 + 3 e^(-1 / tau))
+    assert abs(sure.gaussian_contrastive(0.5).item() - math.log(1 + 3 * math.exp(-2))) < 1e-9
+    same = Terms(*([torch.zeros(())] * 4), {}, None, Gaussian(means[[0] * 4]), Gaussian(means[[0] * 4]))
+    assert abs(same.gaussian_contrastive(0.5).item() - math.log(4)) < 1e-9  # one direction for all: chance, ln B
 
 
 def test_outcome_probs_are_each_units_marginals():
@@ -173,20 +215,31 @@ def test_the_settings_are_checked():
                             ({"cluster_contrastive": 1.0, "latent": "gaussian"},
                              "cluster_contrastive needs a latent with a discrete"),
                             ({"cluster_contrastive_tau": -1.0},
-                             "cluster_contrastive_tau must be a positive finite number")):
+                             "cluster_contrastive_tau must be a positive finite number"),
+                            ({"gaussian_contrastive": math.inf}, "gaussian_contrastive must be a finite number >= 0"),
+                            ({"gaussian_contrastive": 1.0}, "gaussian_contrastive needs a latent with a Gaussian"),
+                            ({"gaussian_contrastive_tau": 0.0},
+                             "gaussian_contrastive_tau must be a positive finite number")):
         with pytest.raises(InputError, match=match):
             Config(**settings).check()
     cfg = Config(latent="bernoulli", contrastive=1.0).check()
     assert cfg.views and not Config().views and Config(consistency=1.0).views
     assert Config(latent="bernoulli", cluster_contrastive=1.0).check().views
+    gaussian = Config(latent="gaussian", estimator="reparam", gaussian_contrastive=1.0).check()
+    assert gaussian.views and gaussian.contrastive_taus() == {"gaussian_contrastive": 0.5}
 
 
-@pytest.mark.parametrize("term, chance", [("contrastive", math.log(64)), ("cluster_contrastive", math.log(16))])
-def test_a_run_with_a_contrastive_term_alone_draws_views_logs_it_and_resumes_exactly(tmp_path, term, chance):
+BITS = dict(latent="bernoulli", latent_dim=8, estimator="disarm", estimator_options={"num_samples": 2})
+
+
+@pytest.mark.parametrize("term, chance, latent", [("contrastive", math.log(64), BITS),
+                                                  ("cluster_contrastive", math.log(16), BITS),
+                                                  ("gaussian_contrastive", math.log(64) + 2 / 0.5,
+                                                   dict(latent="gaussian", latent_dim=4, estimator="reparam"))])
+def test_a_run_with_a_contrastive_term_alone_draws_views_logs_it_and_resumes_exactly(tmp_path, term, chance, latent):
     digits = load_dataset("digits")
     data = Dataset("digits", digits.x_train[:256], digits.y_train[:256], digits.x_test[:64], digits.y_test[:64])
-    base = dict(dataset="digits", latent="bernoulli", latent_dim=8, estimator="disarm",
-                estimator_options={"num_samples": 2}, batch_size=64, binarize="dynamic", grad_var_every=0, seed=3)
+    base = dict(dataset="digits", **latent, batch_size=64, binarize="dynamic", grad_var_every=0, seed=3)
     base[term] = 2.0
     full = train(Config(**base, epochs=2, out=str(tmp_path / "full")), progress=False, data=data)
     train(Config(**base, epochs=1, out=str(tmp_path / "cut")), progress=False, data=data)
@@ -195,7 +248,8 @@ def test_a_run_with_a_contrastive_term_alone_draws_views_logs_it_and_resumes_exa
         assert torch.equal(a, b)
     with open(tmp_path / "full" / "metrics.csv") as fh:
         rows = list(csv.DictReader(fh))
-    # at most chance: ln B images for the instances, ln 2c outcomes for the clusters
+    # at most chance: ln B images for the instances, ln 2c outcomes for the clusters; cosines span [-1, 1], so
+    # the Gaussian term stays below ln B + 2 / tau
     assert all(0 < float(r[f"train_{term}"]) < chance + 1e-6 for r in rows)
     assert float(rows[1][f"train_{term}"]) < float(rows[0][f"train_{term}"])
     plain = train(Config(**{**base, term: 0.0}, epochs=2, out=str(tmp_path / "plain")), progress=False,

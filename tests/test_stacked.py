@@ -77,6 +77,8 @@ def test_a_stack_resumes_bit_for_bit_and_each_run_is_a_normal_run(tmp_path):
     (lambda c, i: dataclasses.replace(c, consistency=1.0), "without consistency"),
     (lambda c, i: dataclasses.replace(c, contrastive=1.0), "without contrastive"),
     (lambda c, i: dataclasses.replace(c, cluster_contrastive=1.0), "without cluster_contrastive"),
+    (lambda c, i: dataclasses.replace(c, latent="gaussian", estimator="reparam", estimator_options={},
+                                      gaussian_contrastive=1.0), "without gaussian_contrastive"),
     (lambda c, i: dataclasses.replace(c, out=c.out.rsplit("-", 1)[0]), "its own out"),
 ])
 def test_runs_that_cannot_stack_are_refused_before_any_training(tmp_path, change, match):

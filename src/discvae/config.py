@@ -30,6 +30,7 @@ RESUMABLE = ("epochs", "lr", "device", "data_dir", "download", "out", "grad_var_
 MAX_SEED = 2**63 - 1
 SKLEARN_MAX_SEED = 2**32 - 1  # scikit-learn's random_state
 VIEWS = "the views t(x) of the consistency and contrastive terms: "  # the help of the view flags
+CONTRASTIVE_TERMS = ("contrastive", "cluster_contrastive", "gaussian_contrastive")  # each with its weight and _tau
 
 
 def capacity_flag(text: str) -> dict:
@@ -134,6 +135,13 @@ class Config:
         "the other clusters; the columns' cosine, over --cluster-contrastive-tau, as the logits; images only; "
         "0: none"), section="objective")
     cluster_contrastive_tau: float = setting(1.0, Flag("temperature of --cluster-contrastive"), section="objective")
+    gaussian_contrastive: float = setting(0.0, Flag(
+        "weight of a contrastive term for the Gaussian blocks (InfoNCE; SimCLR, and the instance-level head of Li et "
+        "al. 2021, Contrastive Clustering): the posterior means of each image must point the way of its view "
+        "t(x)'s more than of the other images' views in the batch (under torchrun, in each process's share of "
+        "it); their cosine, over --gaussian-contrastive-tau, as the logits; images only; 0: none"),
+        section="objective")
+    gaussian_contrastive_tau: float = setting(0.5, Flag("temperature of --gaussian-contrastive"), section="objective")
     augment: dict = setting(
         MISSING,
         Flag(VIEWS + "largest rotation, degrees", type=float, key="rotation"),
@@ -195,9 +203,8 @@ class Config:
         for name, ok, need in [("epochs", self.epochs >= 1, "at least 1"), ("batch_size", self.batch_size >= 1,
                                "at least 1"), ("lr", 0 < self.lr < math.inf, "a positive finite number"),
                                ("capacity_gamma", 0 < self.capacity_gamma < math.inf, "a positive finite number"),
-                               ("contrastive_tau", 0 < self.contrastive_tau < math.inf, "a positive finite number"),
-                               ("cluster_contrastive_tau", 0 < self.cluster_contrastive_tau < math.inf,
-                                "a positive finite number")]:
+                               *((f"{term}_tau", 0 < getattr(self, f"{term}_tau") < math.inf,
+                                  "a positive finite number") for term in CONTRASTIVE_TERMS)]:
             if not ok:
                 raise InputError(f"{name} must be {need}, got {getattr(self, name)}", name)
         check_seed(self.seed)
@@ -211,11 +218,13 @@ class Config:
                     and isinstance(value[1], int) and not isinstance(value[1], bool) and value[1] >= 1):
                 raise InputError(f"the capacity of {name} must be [C_max >= 0 nats, steps >= 1], got {value!r}",
                                  "capacity")
-        for name in ("consistency", "balance", "contrastive", "cluster_contrastive"):
+        for name, discrete in (("consistency", True), ("balance", True), ("contrastive", True),
+                               ("cluster_contrastive", True), ("gaussian_contrastive", False)):
             if not 0 <= getattr(self, name) < math.inf:
                 raise InputError(f"{name} must be a finite number >= 0, got {getattr(self, name)}", name)
-            if getattr(self, name) and not any(block.family.discrete for block in self.space.blocks):
-                raise InputError(f"{name} needs a latent with a discrete block, not {self.space}", name)
+            if getattr(self, name) and not any(block.family.discrete == discrete for block in self.space.blocks):
+                kind = "discrete" if discrete else "Gaussian"
+                raise InputError(f"{name} needs a latent with a {kind} block, not {self.space}", name)
         if self.keep_best is not None:
             if self.keep_best not in CRITERIA:
                 raise InputError(f"unknown keep_best criterion {self.keep_best!r}; choose one of "
@@ -268,7 +277,11 @@ class Config:
     @property
     def views(self) -> bool:
         """Whether training draws a view t(x) of each batch: a consistency or contrastive term weighs it."""
-        return bool(self.consistency or self.contrastive or self.cluster_contrastive)
+        return bool(self.consistency or self.contrastive_taus())
+
+    def contrastive_taus(self) -> dict[str, float]:
+        """The contrastive terms that weigh (``Terms``' method of each name), each with its temperature."""
+        return {term: getattr(self, f"{term}_tau") for term in CONTRASTIVE_TERMS if getattr(self, term)}
 
     def capacities(self, step: int) -> dict[str, float]:
         """Block name -> its capacity C(t) = C_max min(1, t / steps) at training step ``step``."""

@@ -109,6 +109,11 @@ class Family:
         return self if self.discrete else None
 
     @property
+    def continuous_part(self) -> "Family | None":
+        """The continuous blocks of q (q itself for a continuous family), None if there are none."""
+        return None if self.discrete else self
+
+    @property
     def continuous_dim(self) -> int:
         """The length of the continuous blocks' part of z."""
         return 0 if self.discrete else self.dim
@@ -463,6 +468,11 @@ class Gaussian(Family):
         """The posterior means mu."""
         return self.loc
 
+    def agreement(self, other: "Gaussian") -> torch.Tensor:
+        """``[B, B']``: the cosine of the posterior means mu_i and mu'_j, for every row i of this batch and j of
+        ``other``'s (SimCLR's similarity of two embeddings), what ``Terms.gaussian_contrastive`` compares by."""
+        return F.normalize(self.loc, dim=-1) @ F.normalize(other.loc, dim=-1).T
+
     def rsample(self, sample_shape=()) -> torch.Tensor:
         """z = mu + sigma * eps, eps ~ N(0, I) (eq. 8)."""
         with sampling():
@@ -544,10 +554,19 @@ class Joint(Family):
 
     @property
     def discrete_part(self) -> Family | None:
-        discrete = [(name, part) for name, part in self._parts if part.discrete]
-        if self.discrete or not discrete:
-            return self if self.discrete else None
-        return discrete[0][1] if len(discrete) == 1 else Joint(discrete)
+        return self._part_where(True)
+
+    @property
+    def continuous_part(self) -> Family | None:
+        return self._part_where(False)
+
+    def _part_where(self, discrete: bool) -> Family | None:
+        """The blocks whose ``discrete`` is ``discrete``: None, q itself when they are all its blocks, the one
+        block, or their :class:`Joint`."""
+        chosen = [(name, part) for name, part in self._parts if part.discrete == discrete]
+        if len(chosen) == len(self._parts) or not chosen:
+            return self if chosen else None
+        return chosen[0][1] if len(chosen) == 1 else Joint(chosen)
 
     @property
     def continuous_dim(self) -> int:

@@ -23,9 +23,9 @@ class Terms(NamedTuple):
     """Batch means, in nats per example: ``loss`` carries the gradient, ``neg_elbo``, ``expected_ll`` and ``kl``
     are values, ``kl_blocks`` the KL of each block of the latent (name -> value with its gradient, for a capacity
     objective; one entry unless the latent is a hybrid), ``consistency`` (with its gradient) the consistency term
-    when the batch came with a view (``VAE.forward``), else None, ``discrete`` the discrete blocks' q_d(y|x) of
-    the batch (None without discrete blocks), from which ``marginal_kl`` is computed when asked for, and ``view``
-    their q_d(y|t(x)) of the view (None without one), for the contrastive terms."""
+    when the batch came with a view (``VAE.forward``), else None, ``posterior`` the batch's q(z|x), from whose
+    discrete blocks ``marginal_kl`` is computed when asked for, and ``view`` the view's q(z|t(x)) (None without
+    one), for the contrastive terms."""
 
     loss: torch.Tensor
     neg_elbo: torch.Tensor
@@ -33,8 +33,13 @@ class Terms(NamedTuple):
     kl: torch.Tensor
     kl_blocks: dict
     consistency: torch.Tensor | None = None
-    discrete: Family | None = None
+    posterior: Family | None = None
     view: Family | None = None
+
+    @property
+    def discrete(self) -> Family | None:
+        """The discrete blocks' q_d(y|x) of the batch, None without them (or without a posterior)."""
+        return None if self.posterior is None else self.posterior.discrete_part
 
     @property
     def marginal_kl(self) -> torch.Tensor | None:
@@ -52,7 +57,16 @@ class Terms(NamedTuple):
         sides."""
         if self.view is None:
             return None
-        return symmetric_infonce(self.discrete.agreement(self.view) / tau)
+        return symmetric_infonce(self.discrete.agreement(self.view.discrete_part) / tau)
+
+    def gaussian_contrastive(self, tau: float) -> torch.Tensor | None:
+        """The same InfoNCE loss on the continuous (Gaussian) blocks, None without a view: a_ij the cosine of the
+        posterior means of x_i and t(x_j) (``Gaussian.agreement``; SimCLR's embedding and the instance-level head
+        of Li et al. 2021, "Contrastive Clustering", with the Gaussian block as the features). Gradient through
+        both sides."""
+        if self.view is None:
+            return None
+        return symmetric_infonce(self.posterior.continuous_part.agreement(self.view.continuous_part) / tau)
 
     def cluster_contrastive(self, tau: float) -> torch.Tensor | None:
         """The cluster-level InfoNCE loss (Li et al. 2021, "Contrastive Clustering") of the batch against its view,
@@ -63,18 +77,16 @@ class Terms(NamedTuple):
         if self.view is None:
             return None
         columns = F.normalize(self.discrete.outcome_probs(), dim=0)
-        return symmetric_infonce(columns.T @ F.normalize(self.view.outcome_probs(), dim=0) / tau)
+        return symmetric_infonce(columns.T @ F.normalize(self.view.discrete_part.outcome_probs(), dim=0) / tau)
 
-    def values(self, contrastive_tau: float | None = None, cluster_tau: float | None = None) -> dict[str, torch.Tensor]:
+    def values(self, taus: dict[str, float] | None = None) -> dict[str, torch.Tensor]:
         """What is logged of a batch: ``neg_elbo``, ``expected_ll``, ``kl``, for a hybrid latent ``kl_<block>`` per
-        block and, with a view, ``consistency`` and, given their temperatures, ``contrastive`` and
-        ``cluster_contrastive`` (no gradient)."""
+        block and, with a view, ``consistency`` and each contrastive term named in ``taus`` (term -> its
+        temperature: ``Config.contrastive_taus``), without gradient."""
         blocks = {f"kl_{name}": kl.detach() for name, kl in self.kl_blocks.items()} if len(self.kl_blocks) > 1 else {}
         view = {} if self.consistency is None else {"consistency": self.consistency.detach()}
-        if self.view is not None and contrastive_tau is not None:
-            view["contrastive"] = self.contrastive(contrastive_tau).detach()
-        if self.view is not None and cluster_tau is not None:
-            view["cluster_contrastive"] = self.cluster_contrastive(cluster_tau).detach()
+        if self.view is not None:
+            view.update({term: getattr(self, term)(tau).detach() for term, tau in (taus or {}).items()})
         return {"neg_elbo": self.neg_elbo, "expected_ll": self.expected_ll, "kl": self.kl, **blocks, **view}
 
 
@@ -173,8 +185,9 @@ class VAE(nn.Module):
                 contract of :mod:`discvae.estimators` (e.g. an :class:`~discvae.estimators.Estimator` from
                 ``make_estimator``), or a registered name, resolved and its options checked by ``make_estimator``.
             view: another view of the same images (e.g. ``augmentation.random_affine(x)``), for the consistency
-                term E_x KL(q_d(x) || q_d(view)) of the discrete blocks q_d, q_d(x) held fixed (no gradient through
-                it): what makes the codes invariant to the change of view (IMSAT, Hu et al. 2017).
+                term E_x KL(q_d(x) || q_d(view)) of the discrete blocks q_d (if any), q_d(x) held fixed (no
+                gradient through it): what makes the codes invariant to the change of view (IMSAT, Hu et al.
+                2017), and for the contrastive terms (``Terms``).
             **options: keyword arguments for the estimator (e.g. ``num_samples=4``).
 
         Returns:
@@ -190,15 +203,12 @@ class VAE(nn.Module):
         kl_blocks = {name: kl.mean() for name, kl in q.kl_parts().items()}
         blocks = list(kl_blocks.values())
         ell, kl = expected_ll.mean(), sum(blocks[1:], blocks[0])
-        consistency, q_d, q_view = None, q.discrete_part, None
-        if view is not None:
-            if q_d is None:
-                raise InputError(f"a consistency view needs a latent with a discrete block, not {self.space}")
+        consistency, q_view = None, None if view is None else self.posterior(view)
+        if q_view is not None and q.discrete_part is not None:
             target = self.space.posterior(params.detach(), self.prior).discrete_part
-            q_view = self.posterior(view).discrete_part
-            consistency = target.kl(q_view).mean()
+            consistency = target.kl(q_view.discrete_part).mean()
         neg_elbo = kl - ell
-        return Terms(neg_elbo, neg_elbo.detach(), ell.detach(), kl.detach(), kl_blocks, consistency, q_d, q_view)
+        return Terms(neg_elbo, neg_elbo.detach(), ell.detach(), kl.detach(), kl_blocks, consistency, q, q_view)
 
 
 def _conv_plan(size: int, layers: int) -> list[int]:

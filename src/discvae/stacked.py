@@ -34,7 +34,7 @@ from torch.func import functional_call, stack_module_state, vmap
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from .callbacks import CallbackList, Checkpoint, MetricsCSV, ProgressBar
-from .config import Config, resolve_device
+from .config import CONTRASTIVE_TERMS, Config, resolve_device
 from .data import Dataset, load_dataset
 from .distributions import SAMPLING
 from .errors import InputError
@@ -184,8 +184,8 @@ def check_stack(cfgs: list[Config]) -> None:
     if len({c.out for c in cfgs}) < len(cfgs):
         raise InputError("each stacked run needs its own out", "out")
     cfg = cfgs[0]
-    for name, unsupported in (("consistency", cfg.consistency), ("contrastive", cfg.contrastive),
-                              ("cluster_contrastive", cfg.cluster_contrastive),
+    for name, unsupported in (("consistency", cfg.consistency),
+                              *((term, getattr(cfg, term)) for term in CONTRASTIVE_TERMS),
                               ("keep_best", cfg.keep_best),
                               ("compile", cfg.compile), ("device", resolve_device(cfg.device).type != "cpu")):
         if unsupported:

@@ -25,15 +25,12 @@ def objective(terms: Terms, cfg: Config, step: int) -> torch.Tensor:
     """The loss minimised at ``step``: the negative ELBO, each block with a capacity (``cfg.capacity``) taking
     gamma |KL_block - C_block(t)| in place of its KL (Burgess et al. 2018; JointVAE, Dupont 2018), plus lambda
     times the consistency term when there is one (``cfg.consistency``), beta times the marginal KL
-    (``cfg.balance``) and each contrastive term's weight times it (``cfg.contrastive`` at ``cfg.contrastive_tau``,
-    ``cfg.cluster_contrastive`` at ``cfg.cluster_contrastive_tau``)."""
+    (``cfg.balance``) and each contrastive term's weight times it at its temperature (``cfg.contrastive`` at
+    ``cfg.contrastive_tau``, and so on: ``Config.contrastive_taus``)."""
     extra = [] if terms.consistency is None else [cfg.consistency * terms.consistency]
     if cfg.balance:
         extra.append(cfg.balance * terms.marginal_kl)
-    if cfg.contrastive:
-        extra.append(cfg.contrastive * terms.contrastive(cfg.contrastive_tau))
-    if cfg.cluster_contrastive:
-        extra.append(cfg.cluster_contrastive * terms.cluster_contrastive(cfg.cluster_contrastive_tau))
+    extra += [getattr(cfg, term) * getattr(terms, term)(tau) for term, tau in cfg.contrastive_taus().items()]
     extra += [cfg.capacity_gamma * (terms.kl_blocks[name] - c).abs() - terms.kl_blocks[name]
               for name, c in cfg.capacities(step).items()]
     return sum(extra, terms.loss)  # the loss itself when there is nothing to add (no kernel, no graph node)

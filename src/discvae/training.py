@@ -180,8 +180,7 @@ def train(cfg: Config, resume: bool = False, progress: bool = True, data: Datase
                                            loss_of, view)
                 state.step += 1
                 # neg_elbo, expected_ll, kl (a hybrid's kl per block), the view's terms: summed on the device
-                values = terms.values(cfg.contrastive_tau if cfg.contrastive else None,
-                                      cfg.cluster_contrastive_tau if cfg.cluster_contrastive else None)
+                values = terms.values(cfg.contrastive_taus())
                 sums = sums + torch.stack([*values.values(), one]).double() * len(x)
                 if guard.record(health):
                     guard.check(epoch + 1, state.step, state.epoch)
