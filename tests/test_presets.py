@@ -32,6 +32,17 @@ def test_print_config_shows_the_preset_with_the_flags_given_over_it(capsys):
         "latent_dim", "dataset", "estimator_options", "augment", "out")}
 
 
+def test_a_latent_given_with_its_own_sizes_replaces_the_presets_size(capsys):
+    code, out, _ = run_cli(capsys, "train", "--preset", "hashing", "--latent", "bernoulli:16+gaussian:16",
+                           "--gaussian-contrastive", "200", "--print-config")
+    hybrid = json.loads(out)
+    assert code == 0 and hybrid["latent"] == "bernoulli:16+gaussian:16" and hybrid["latent_dim"] is None
+    assert hybrid["gaussian_contrastive"] == 200 and hybrid["consistency"] == preset("hashing")["consistency"]
+    code, _, err = run_cli(capsys, "train", "--preset", "hashing", "--latent", "bernoulli:16+gaussian:16",
+                           "--latent-dim", "8", "--print-config")  # sizes given twice by the user
+    assert_one_line_error(code, err, "gives its own sizes")
+
+
 def test_a_printed_configuration_passed_back_trains_the_same_run(tmp_path, capsys):
     code, out, _ = run_cli(capsys, "train", "--preset", "hashing", "--dataset", "digits", "--epochs", "1",
                            "--hidden", "16", "--batch-size", "512", "--out", tmp_path / "a", "--print-config")

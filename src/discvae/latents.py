@@ -65,6 +65,13 @@ class LatentSpace:
     blocks: tuple[Block, ...]
     prior: str = "standard"
 
+    @staticmethod
+    def sizes_itself(spec: str) -> bool:
+        """Whether the latent ``spec`` gives its own sizes (blocks joined by ``+``, or ``family:size``), so that
+        ``latent_dim`` and ``groups`` must be left out."""
+        parts = [_BLOCK.fullmatch(part) for part in spec.split("+")]
+        return len(parts) > 1 or any(m and m["size"] for m in parts)
+
     @classmethod
     def parse(cls, spec: str, size: int | None = None, groups: int = 1, prior: str = "standard") -> "LatentSpace":
         """``spec``: a family name sized by ``size`` (default 50) and ``groups`` -- ``bernoulli``, ``categorical``,
@@ -81,7 +88,7 @@ class LatentSpace:
             raise InputError(f"latent must be a string such as bernoulli or categorical:10+gaussian:10, not {spec!r}")
         parts = [_BLOCK.fullmatch(part) for part in spec.split("+")]
         sized = any(m and m["size"] for m in parts)
-        if len(parts) > 1 or sized:
+        if cls.sizes_itself(spec):
             if size is not None or groups != 1:
                 raise InputError(f"latent {spec!r} gives its own sizes; leave out latent_dim and groups",
                                  "latent_dim", "groups")
