@@ -42,7 +42,7 @@ def assert_one_line_error(code, err, match):
 @pytest.mark.parametrize("argv,match", [
     (["train", "--dataset", "cifar"], "unknown dataset"),
     (["train", "--dataset", "digits", "--epochs", "-1"], "--epochs"),
-    (["train", "--dataset", "digits", "--latent", "poisson"], "is not one of bernoulli:N"),
+    (["train", "--dataset", "digits", "--latent", "poisson"], "is not one of bernoulli, categorical"),
     (["train", "--dataset", "digits", "--init", "xavier"], "invalid choice"),
     (["train", "--dataset", "digits", "--epochs", "two"], "invalid int"),
     (["train", "--dataset", "digits", "--baseline", "loo"], "num-samples"),

@@ -108,7 +108,7 @@ def test_latent_space_parsing():
     assert isinstance(q.parts[1][1], Gaussian) and q.sample((3,)).shape == (3, 5, 28)
     for bad, match in (("categorical:10+", "is not one of"), ("beta:3", "is not one of"),
                        ("bernoulli:3x2", "groups applies"), ("categorical:1+gaussian:2", "too small"),
-                       ("bernoulli:3+bernoulli:4", "repeats a family"), ("categorical+gaussian:4", "is not one of")):
+                       ("bernoulli:3+bernoulli:4", "repeats a family"), ("categorical:10+normal:4", "is not one of")):
         with pytest.raises(InputError, match=match):
             LatentSpace.parse(bad)
     with pytest.raises(InputError, match="leave out latent_dim"):
@@ -170,7 +170,7 @@ def test_hybrid_figures_and_clustering(hybrid_run, tmp_path, capsys):
 
 
 def test_bad_hybrid_flags_are_one_line_errors(tmp_path, capsys):
-    for argv, match in ((["--latent", "categorical:10+gaussian"], "is not one of"),
+    for argv, match in ((["--latent", "categorical:10+normal"], "is not one of"),
                         (["--latent", "categorical:10+gaussian:4", "--groups", "2"], "leave out --latent-dim"),
                         (["--latent", "categorical:10+gaussian:4", "--capacity", "poisson=1:10"], "has the blocks"),
                         (["--latent", "categorical:10+gaussian:4", "--capacity", "categorical=x"], "BLOCK=CMAX:STEPS")):

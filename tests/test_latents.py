@@ -73,12 +73,12 @@ def test_posterior_splits_the_parameters_among_the_blocks():
      "latent_dim and groups", ("latent_dim", "groups")),
     (("categorical:10", None, 2), {}, "latent 'categorical:10' gives its own sizes; leave out latent_dim and groups",
      ("latent_dim", "groups")),
-    (("bernoulli+gaussian", 10), {}, "latent 'bernoulli+gaussian' gives its own sizes; leave out latent_dim and "
-     "groups", ("latent_dim", "groups")),  # two blocks, neither sized: the sizes are refused before the blocks
-    (("beta:3",), {}, "latent block 'beta:3' is not one of bernoulli:N, categorical:C, categorical:CxG, gaussian:N "
-     "(e.g. categorical:10+gaussian:10)", ("latent",)),
-    (("bernoulli+gaussian:2",), {}, "latent block 'bernoulli' is not one of bernoulli:N, categorical:C, "
-     "categorical:CxG, gaussian:N (e.g. categorical:10+gaussian:10)", ("latent",)),
+    (("beta:3",), {}, "latent block 'beta:3' is not one of bernoulli, categorical, gaussian, each with its size or "
+     "without (e.g. categorical:10+gaussian:10, bernoulli+gaussian:16)", ("latent",)),
+    (("bernoulli+gauss:2",), {}, "latent block 'gauss:2' is not one of bernoulli, categorical, gaussian, "
+     "each with its size or without (e.g. categorical:10+gaussian:10, bernoulli+gaussian:16)", ("latent",)),
+    (("bernoulli+gaussian:2", 3, 2), {}, "groups applies to a categorical latent, not to a bernoulli one",
+     ("groups",)),  # the unsized block takes the groups too
     (("bernoulli", 3, 2), {}, "groups applies to a categorical latent, not to a bernoulli one", ("groups",)),
     (("categorical", 1), {}, "latent block categorical:1 is too small: at least 2 classes and 1 group",
      ("latent_dim",)),
@@ -101,6 +101,15 @@ def test_bad_latents_are_refused_in_full(args, kwargs, message, params):
     with pytest.raises(InputError) as caught:
         LatentSpace.parse(*args, **kwargs)
     assert str(caught.value) == message and caught.value.params == params
+
+
+def test_a_block_without_its_size_takes_latent_dim_and_groups():
+    assert str(LatentSpace.parse("bernoulli+gaussian:16", 32)) == "bernoulli:32+gaussian:16"
+    assert str(LatentSpace.parse("bernoulli+gaussian:16")) == f"bernoulli:{DEFAULT_SIZE}+gaussian:16"
+    assert str(LatentSpace.parse("categorical+gaussian:4", 10, 3)) == "categorical:10x3+gaussian:4"
+    assert str(LatentSpace.parse("bernoulli+gaussian", 8)) == "bernoulli:8+gaussian:8"
+    assert LatentSpace.sizes_itself("bernoulli:8+gaussian:2") and LatentSpace.sizes_itself("categorical:10")
+    assert not LatentSpace.sizes_itself("bernoulli+gaussian:2") and not LatentSpace.sizes_itself("bernoulli")
 
 
 def test_sizes_at_the_limits_are_accepted():

@@ -1,10 +1,12 @@
 """Named recipes and settings files: ``train --preset NAME``, ``--config FILE``, ``--print-config``."""
 import json
+from pathlib import Path
 
 import pytest
 
 from discvae import Config
 from discvae.presets import PRESETS, preset
+from discvae.runs import read_settings
 from helpers import assert_one_line_error, run_cli
 
 
@@ -15,15 +17,26 @@ def test_every_preset_is_a_valid_configuration(name):
     Config.from_dict(settings, name).check()
 
 
+def test_the_hashing_preset_of_the_older_docs_is_kept_as_a_settings_file(capsys):
+    # docs/APPLICATIONS.md's commands up to session 33 pass it with --config in place of --preset hashing
+    path = Path(__file__).resolve().parents[1] / "docs" / "applications" / "hashing-v1.json"
+    Config.from_dict(read_settings(path), path.name).check()
+    code, out, _ = run_cli(capsys, "train", "--config", path, "--latent-dim", "32", "--print-config")
+    old = json.loads(out)
+    assert code == 0 and old["latent"] == "bernoulli" and old["latent_dim"] == 32 and old["balance"] == 5
+    assert old["keep_best"] == "neighbours" and old["contrastive"] == 0 and preset("hashing")["contrastive"] > 0
+
+
 def test_print_config_shows_the_preset_with_the_flags_given_over_it(capsys):
     code, out, _ = run_cli(capsys, "train", "--preset", "hashing", "--print-config")
     printed = json.loads(out)
     assert code == 0 and {k: printed[k] for k in preset("hashing")} == preset("hashing")
-    assert printed["out"] == "runs/mnist-nonlinear-bernoulli16-disarm-s0" and printed["lr"] == Config().lr
+    assert printed["out"] == "runs/mnist-nonlinear-bernoulli16-gaussian16-disarm-s0" and printed["lr"] == Config().lr
     code, out, _ = run_cli(capsys, "train", "--preset", "hashing", "--latent-dim", "64", "--num-samples", "4",
                            "--flip", "0.5", "--dataset", "fashion-mnist", "--print-config")
     over = json.loads(out)
     assert code == 0 and over["latent_dim"] == 64 and over["dataset"] == "fashion-mnist"
+    assert over["out"] == "runs/fashion-mnist-nonlinear-bernoulli64-gaussian16-disarm-s0"  # the bits take the size
     # a flag sets one key of a dict setting; the preset's other keys stay
     assert over["estimator_options"] == {**preset("hashing")["estimator_options"], "num_samples": 4}
     assert over["augment"] == {**printed["augment"], "flip": 0.5}

@@ -77,7 +77,8 @@ class Config:
     # -- latent and prior
     latent: str = setting("bernoulli", Flag(
         f"latent family: {', '.join(FAMILIES)} (sized by --latent-dim and --groups), or blocks with their sizes "
-        "joined by +, e.g. categorical:10+gaussian:10, bernoulli:32+gaussian:8, categorical:10x20 (20 groups)"),
+        "joined by +, e.g. categorical:10+gaussian:10, bernoulli:32+gaussian:8, categorical:10x20 (20 groups); a "
+        "block without its size takes --latent-dim and --groups (bernoulli+gaussian:16)"),
         section="latent and prior")
     latent_dim: int | None = setting(None, Flag(f"bits, classes per group, or Gaussian dims (default {DEFAULT_SIZE})"),
                                      section="latent and prior")

@@ -67,17 +67,17 @@ class LatentSpace:
 
     @staticmethod
     def sizes_itself(spec: str) -> bool:
-        """Whether the latent ``spec`` gives its own sizes (blocks joined by ``+``, or ``family:size``), so that
-        ``latent_dim`` and ``groups`` must be left out."""
-        parts = [_BLOCK.fullmatch(part) for part in spec.split("+")]
-        return len(parts) > 1 or any(m and m["size"] for m in parts)
+        """Whether every block of the latent ``spec`` gives its own size (``family:size``, alone or joined by ``+``),
+        so that ``latent_dim`` and ``groups`` must be left out."""
+        return all(m and m["size"] for m in map(_BLOCK.fullmatch, spec.split("+")))
 
     @classmethod
     def parse(cls, spec: str, size: int | None = None, groups: int = 1, prior: str = "standard") -> "LatentSpace":
         """``spec``: a family name sized by ``size`` (default 50) and ``groups`` -- ``bernoulli``, ``categorical``,
         ``gaussian`` -- or blocks ``family:size`` joined by ``+``, a categorical block as ``categorical:c`` or
-        ``categorical:cxG`` (G groups), e.g. ``categorical:10+gaussian:10``; then ``size`` and ``groups`` must be
-        left out. At most one block per family. ``prior``: ``standard`` (each block's own: uniform, N(0, I)),
+        ``categorical:cxG`` (G groups), e.g. ``categorical:10+gaussian:10``; a block without its size takes ``size``
+        and ``groups`` (``bernoulli+gaussian:16`` with ``size`` 32 is ``bernoulli:32+gaussian:16``), and when every
+        block gives its size they must be left out. At most one block per family. ``prior``: ``standard`` (each block's own: uniform, N(0, I)),
         ``learned`` (the discrete blocks' bits and classes with learned probabilities, :class:`LearnedPrior`) or
         ``mixture`` (``categorical:c+gaussian:K`` only: p(y) p(z|y) = (1/c) N(z; mu_y, I), the decoder reading z) or
         ``mixture-var`` (the same with learned variances, N(z; mu_y, diag sigma_y^2): VaDE's prior).
@@ -87,19 +87,19 @@ class LatentSpace:
         if not isinstance(spec, str):
             raise InputError(f"latent must be a string such as bernoulli or categorical:10+gaussian:10, not {spec!r}")
         parts = [_BLOCK.fullmatch(part) for part in spec.split("+")]
-        sized = any(m and m["size"] for m in parts)
         if cls.sizes_itself(spec):
             if size is not None or groups != 1:
                 raise InputError(f"latent {spec!r} gives its own sizes; leave out latent_dim and groups",
                                  "latent_dim", "groups")
         blocks = []
         for text, m in zip(spec.split("+"), parts, strict=True):
-            if m is None or m["family"] not in FAMILIES or (len(parts) > 1 and not m["size"]):
-                raise InputError(f"latent block {text!r} is not one of bernoulli:N, categorical:C, categorical:CxG, "
-                                 f"gaussian:N (e.g. categorical:10+gaussian:10)", "latent")
+            if m is None or m["family"] not in FAMILIES:
+                raise InputError(f"latent block {text!r} is not one of bernoulli, categorical, gaussian, each with "
+                                 f"its size or without (e.g. categorical:10+gaussian:10, bernoulli+gaussian:16)",
+                                 "latent")
             family = FAMILIES[m["family"]]
             block = Block(family, int(m["size"]) if m["size"] else (size if size is not None else DEFAULT_SIZE),
-                          int(m["groups"] or (groups if not sized else 1)))
+                          int(m["groups"] or (1 if m["size"] else groups)))
             if block.groups != 1 and not family.grouped:
                 raise InputError(f"groups applies to a categorical latent, not to a {family.name} one", "groups")
             if block.size < family.min_size or block.groups < 1:
