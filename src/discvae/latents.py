@@ -77,11 +77,11 @@ class LatentSpace:
         ``gaussian`` -- or blocks ``family:size`` joined by ``+``, a categorical block as ``categorical:c`` or
         ``categorical:cxG`` (G groups), e.g. ``categorical:10+gaussian:10``; a block without its size takes ``size``
         and ``groups`` (``bernoulli+gaussian:16`` with ``size`` 32 is ``bernoulli:32+gaussian:16``), and when every
-        block gives its size they must be left out. At most one block per family. ``prior``: ``standard`` (each block's own: uniform, N(0, I)),
-        ``learned`` (the discrete blocks' bits and classes with learned probabilities, :class:`LearnedPrior`) or
-        ``mixture`` (``categorical:c+gaussian:K`` only: p(y) p(z|y) = (1/c) N(z; mu_y, I), the decoder reading z) or
-        ``mixture-var`` (the same with learned variances, N(z; mu_y, diag sigma_y^2): VaDE's prior).
-        InputError on anything else."""
+        block gives its size they must be left out. At most one block per family. ``prior``: ``standard`` (each
+        block's own: uniform, N(0, I)), ``learned`` (the discrete blocks' bits and classes with learned
+        probabilities, :class:`LearnedPrior`) or ``mixture`` (``categorical:c+gaussian:K`` only: p(y) p(z|y) = (1/c)
+        N(z; mu_y, I), the decoder reading z) or ``mixture-var`` (the same with learned variances, N(z; mu_y, diag
+        sigma_y^2): VaDE's prior). InputError on anything else."""
         if prior not in PRIORS:
             raise InputError(f"unknown prior {prior!r}; choose one of {', '.join(PRIORS)}", "prior")
         if not isinstance(spec, str):
