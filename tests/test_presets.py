@@ -56,6 +56,21 @@ def test_a_latent_given_with_its_own_sizes_replaces_the_presets_size(capsys):
     assert_one_line_error(code, err, "gives its own sizes")
 
 
+def test_another_architecture_drops_the_presets_options_of_its_own(capsys):
+    assert preset("hashing")["arch"] == "nonlinear" and preset("hashing")["hidden"] == 500
+    code, out, _ = run_cli(capsys, "train", "--preset", "hashing", "--arch", "cnn", "--print-config")
+    cnn = json.loads(out)
+    assert code == 0 and cnn["arch"] == "cnn" and cnn["hidden"] is None and cnn["slope"] is None
+    assert cnn["contrastive"] == preset("hashing")["contrastive"] and cnn["out"].startswith("runs/mnist-cnn-")
+    code, out, _ = run_cli(capsys, "train", "--preset", "hashing", "--arch", "fc", "--hidden", "64", "--print-config")
+    assert code == 0 and json.loads(out)["hidden"] == 64  # the user's own width stays
+    code, out, _ = run_cli(capsys, "train", "--preset", "hashing", "--arch", "nonlinear", "--print-config")
+    assert code == 0 and json.loads(out)["hidden"] == 500  # the same architecture keeps its options
+    code, _, err = run_cli(capsys, "train", "--preset", "hashing", "--arch", "cnn", "--hidden", "64",
+                           "--print-config")
+    assert_one_line_error(code, err, "the cnn architecture has no --hidden width")
+
+
 def test_a_printed_configuration_passed_back_trains_the_same_run(tmp_path, capsys):
     code, out, _ = run_cli(capsys, "train", "--preset", "hashing", "--dataset", "digits", "--epochs", "1",
                            "--hidden", "16", "--batch-size", "512", "--out", tmp_path / "a", "--print-config")

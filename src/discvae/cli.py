@@ -22,6 +22,7 @@ from .config import RESUMABLE, Config, check_seed
 from .errors import InputError
 from .flags import add_flags, build, changed, flag, given
 from .latents import LatentSpace
+from .models import ARCH_OPTIONS
 from .presets import PRESETS, preset
 from .runs import CONFIG, check_output, read_config, read_settings, write_text
 from .speed import PRECISIONS
@@ -83,12 +84,15 @@ def cmd_train(args) -> None:
 def starting_point(args, settings: dict) -> dict:
     """The settings of ``--preset`` or ``--config`` (if either was given) with the flags given, ``settings``, over
     them; a dict setting (``estimator_options``, ``augment``) takes the flags' keys over the file's, and a latent
-    given with its own sizes (``--latent bernoulli:16+gaussian:16``) drops the file's ``latent_dim`` and ``groups``."""
+    given with its own sizes (``--latent bernoulli:16+gaussian:16``) drops the file's ``latent_dim`` and ``groups``, and
+    another ``--arch`` drops the file's options of its architecture (``hidden``, ``slope``)."""
     base = preset(args.preset) if args.preset else read_settings(args.config) if args.config else {}
     if base:
         Config.from_dict(base, args.config or f"preset {args.preset}")  # its names and types, checked
     if isinstance(settings.get("latent"), str) and LatentSpace.sizes_itself(settings["latent"]):
         base = {name: value for name, value in base.items() if name not in ("latent_dim", "groups")}
+    if settings.get("arch", base.get("arch")) != base.get("arch"):
+        base = {name: value for name, value in base.items() if name not in ARCH_OPTIONS}
     return {**base, **{name: {**base[name], **value} if isinstance(value, dict) and isinstance(base.get(name), dict)
                        else value for name, value in settings.items()}}
 
