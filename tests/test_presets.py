@@ -87,6 +87,9 @@ def test_a_printed_configuration_passed_back_trains_the_same_run(tmp_path, capsy
     partial = json.loads(partial)  # left out: the defaults, and the run's name made as without a file
     assert code == 0 and partial["out"] == "runs/mnist-fc-bernoulli12-importance-s0"
     assert partial["estimator_options"] == {"num_samples": 3, "baseline": "loo"} and partial["epochs"] == 300
+    (tmp_path / "width.json").write_text('{"hidden": 64}')  # a width for the default architecture, fc
+    code, out, _ = run_cli(capsys, "train", "--config", tmp_path / "width.json", "--arch", "fc", "--print-config")
+    assert code == 0 and json.loads(out)["hidden"] == 64
 
 
 @pytest.mark.parametrize("argv, match", [

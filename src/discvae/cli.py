@@ -91,7 +91,7 @@ def starting_point(args, settings: dict) -> dict:
         Config.from_dict(base, args.config or f"preset {args.preset}")  # its names and types, checked
     if isinstance(settings.get("latent"), str) and LatentSpace.sizes_itself(settings["latent"]):
         base = {name: value for name, value in base.items() if name not in ("latent_dim", "groups")}
-    if settings.get("arch", base.get("arch")) != base.get("arch"):
+    if settings.get("arch", base.get("arch", Config.arch)) != base.get("arch", Config.arch):
         base = {name: value for name, value in base.items() if name not in ARCH_OPTIONS}
     return {**base, **{name: {**base[name], **value} if isinstance(value, dict) and isinstance(base.get(name), dict)
                        else value for name, value in settings.items()}}
