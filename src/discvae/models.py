@@ -328,7 +328,7 @@ def architecture_options(arch: str, hidden: int | None = None, slope: float | No
     """The builder options of ``arch`` that are given (not None), checked: InputError for one its builder does not
     take, a width outside [1, MAX_WIDTH] or a slope outside [0, 1)."""
     options = {name: value for name, value in zip(ARCH_OPTIONS, (hidden, slope), strict=True) if value is not None}
-    for name, what in (("hidden", "hidden width"), ("slope", "LeakyReLU slope")):
+    for name, what in ARCH_OPTIONS.items():
         if name in options and name not in inspect.signature(ARCHITECTURES[arch]).parameters:
             have = [a for a, build in ARCHITECTURES.items() if name in inspect.signature(build).parameters]
             raise InputError(f"the {arch} architecture has no {what} to set ({' and '.join(have)} "
@@ -341,5 +341,6 @@ def architecture_options(arch: str, hidden: int | None = None, slope: float | No
 
 
 ARCHITECTURES = {"fc": fc, "cnn": cnn, "linear": linear, "nonlinear": nonlinear}  # --arch name -> its builder
-ARCH_OPTIONS = ("hidden", "slope")  # the settings that belong to an architecture: those of its builder
+# the settings that belong to an architecture (those of its builder), and what each sets
+ARCH_OPTIONS = {"hidden": "hidden width", "slope": "LeakyReLU slope"}
 ARCHS = tuple(ARCHITECTURES)
