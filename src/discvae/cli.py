@@ -89,10 +89,12 @@ def starting_point(args, settings: dict) -> dict:
     base = preset(args.preset) if args.preset else read_settings(args.config) if args.config else {}
     if base:
         Config.from_dict(base, args.config or f"preset {args.preset}")  # its names and types, checked
+    dropped = set()  # the file's settings that the flags given make meaningless
     if isinstance(settings.get("latent"), str) and LatentSpace.sizes_itself(settings["latent"]):
-        base = {name: value for name, value in base.items() if name not in ("latent_dim", "groups")}
+        dropped |= {"latent_dim", "groups"}
     if settings.get("arch", base.get("arch", Config.arch)) != base.get("arch", Config.arch):
-        base = {name: value for name, value in base.items() if name not in ARCH_OPTIONS}
+        dropped |= set(ARCH_OPTIONS)
+    base = {name: value for name, value in base.items() if name not in dropped}
     return {**base, **{name: {**base[name], **value} if isinstance(value, dict) and isinstance(base.get(name), dict)
                        else value for name, value in settings.items()}}
 

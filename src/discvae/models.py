@@ -327,7 +327,7 @@ def build_model(arch: str, input_shape, latent: str | LatentSpace = "bernoulli",
 def architecture_options(arch: str, hidden: int | None = None, slope: float | None = None) -> dict:
     """The builder options of ``arch`` that are given (not None), checked: InputError for one its builder does not
     take, a width outside [1, MAX_WIDTH] or a slope outside [0, 1)."""
-    options = {name: value for name, value in zip(ARCH_OPTIONS, (hidden, slope), strict=True) if value is not None}
+    options = {name: value for name, value in (("hidden", hidden), ("slope", slope)) if value is not None}
     for name, what in ARCH_OPTIONS.items():
         if name in options and name not in inspect.signature(ARCHITECTURES[arch]).parameters:
             have = [a for a, build in ARCHITECTURES.items() if name in inspect.signature(build).parameters]
