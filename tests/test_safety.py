@@ -434,6 +434,7 @@ MALFORMED = {
     "int64 weights": lambda s: s["model"].update({"decoder.2.bias": s["model"]["decoder.2.bias"].long()}),
     "a bool for an int": lambda s: s.update(epoch=True),
     "a changed Adam setting": lambda s: s["optimizer"]["param_groups"][0].update(eps=float("nan")),
+    "a negative lr": lambda s: s["optimizer"]["param_groups"][0].update(lr=-1e-3),
 }
 
 
@@ -444,6 +445,15 @@ def test_malformed_checkpoint_entries_are_refused_before_anything_is_written(run
     assert_error(cli(capsys, "train", "--resume", "--out", run, "--epochs", "2", "--quiet"), "checkpoint")
     assert_error(cli(capsys, "evaluate", run, "--k", "2"), "checkpoint")
     assert snapshot(run) == before
+
+
+def test_a_learning_rate_annealed_to_zero_is_a_checkpoint_like_any_other(run, capsys):
+    """A schedule of one's own (a callback setting the optimizer's lr) may end at lr 0, which Adam accepts: the run
+    still evaluates and resumes (resuming sets the lr of config.json again)."""
+    resign(run, lambda s: s["optimizer"]["param_groups"][0].update(lr=0.0))
+    assert cli(capsys, "evaluate", run, "--k", "2")[0] == 0
+    assert cli(capsys, "train", "--resume", "--out", run, "--epochs", "2", "--quiet")[0] == 0
+    assert torch.load(run / runs.CHECKPOINT, weights_only=True)["optimizer"]["param_groups"][0]["lr"] > 0
 
 
 def test_flipped_bytes_are_corruption_not_divergence(run, capsys):
