@@ -435,6 +435,8 @@ MALFORMED = {
     "a bool for an int": lambda s: s.update(epoch=True),
     "a changed Adam setting": lambda s: s["optimizer"]["param_groups"][0].update(eps=float("nan")),
     "a negative lr": lambda s: s["optimizer"]["param_groups"][0].update(lr=-1e-3),
+    "a bool lr": lambda s: s["optimizer"]["param_groups"][0].update(lr=False),
+    "a tensor lr": lambda s: s["optimizer"]["param_groups"][0].update(lr=torch.zeros(2)),
 }
 
 
