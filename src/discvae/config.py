@@ -215,7 +215,7 @@ class Config:
             if name not in names:
                 raise InputError(f"capacity of {name!r}: the latent {self.space} has the blocks {', '.join(names)}",
                                  "capacity")
-            if not (isinstance(value, list) and len(value) == 2 and (positive_finite(value[0]) or value[0] == 0)
+            if not (isinstance(value, list) and len(value) == 2 and non_negative_finite(value[0])
                     and isinstance(value[1], int) and not isinstance(value[1], bool) and value[1] >= 1):
                 raise InputError(f"the capacity of {name} must be [C_max >= 0 nats, steps >= 1], got {value!r}",
                                  "capacity")
@@ -236,7 +236,7 @@ class Config:
         if unknown:
             raise InputError(f"augment takes {', '.join(AUGMENT)} (those left out are 0), not {', '.join(unknown)}")
         for name, value in self.augment.items():
-            if not (positive_finite(value) or value == 0):
+            if not non_negative_finite(value):
                 raise InputError(f"{name} must be a finite number >= 0, got {value!r}", name)
         for name, limit, need in (("scale", self.augment.get("scale", 0) < 1, "below 1 (sizes 1 +- scale)"),
                                   ("flip", self.augment.get("flip", 0) <= 1, "a probability, at most 1")):
@@ -251,7 +251,7 @@ class Config:
         if "tau" in self.estimator_options and not positive_finite(self.estimator_options["tau"]):
             raise InputError(f"tau must be a positive finite number, got {self.estimator_options['tau']!r}", "tau")
         for name, value in self.estimator_schedule.items():
-            if not (isinstance(value, list) and len(value) == 3 and all(positive_finite(v) or v == 0 for v in value)
+            if not (isinstance(value, list) and len(value) == 3 and all(map(non_negative_finite, value))
                     and value[0] > 0):
                 raise InputError(f"the schedule of {name} must be [start > 0, end >= 0, rate >= 0], finite, "
                                  f"got {value!r}")
@@ -298,6 +298,10 @@ def check_seed(seed: int, largest: int = MAX_SEED) -> None:
 
 def positive_finite(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < math.inf
+
+
+def non_negative_finite(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v < math.inf
 
 
 def _typed(name: str, value, hint):

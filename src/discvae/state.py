@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .config import positive_finite
+from .config import non_negative_finite
 from .errors import InputError
 from .speed import adam
 
@@ -89,10 +89,9 @@ def check_state(ckpt: dict, model: VAE, source: str = "the checkpoint") -> None:
     group = groups[0]
     wrong = sorted(map(str, set(settings) ^ set(group))) + [k for k, v in group.items() if k in settings and k not in (
         "params", "lr") and not (type(v) is type(settings[k]) and v == settings[k])]
-    indices, lr = group.get("params"), group.get("lr")
-    lr_ok = positive_finite(lr) or type(lr) in (int, float) and lr == 0  # 0: where a schedule of one's own may end
+    indices = group.get("params")  # (an lr of 0, where a schedule of one's own may end, is allowed)
     if wrong or not (isinstance(indices, list) and all(type(i) is int for i in indices)
-                     and indices == list(range(len(params)))) or not lr_ok:
+                     and indices == list(range(len(params)))) or not non_negative_finite(group.get("lr")):
         refuse(f"its optimizer settings differ ({', '.join(map(str, wrong)) or 'params or lr'})")
     for index, entry in state.items():
         if not (type(index) is int and 0 <= index < len(params)) or not isinstance(entry, dict) \
