@@ -74,12 +74,13 @@ def estimated_grads(model, x, estimator, repeats: int, **options) -> torch.Tenso
 
 def replica_grads(model, x, estimator, replicas: int, **options) -> torch.Tensor:
     """``replicas`` independent gradient estimates of sum_b E_q[ln p(x_b|z) - c_b], shape [replicas, P], in one
-    vectorised pass: every replica has its own copy of the parameters (``torch.func``), so one backward gives all.
+    vectorised pass (``estimator`` a registered name with ``options``, or a built estimator, e.g. a learning one in
+    some state): every replica has its own copy of the parameters (``torch.func``), so one backward gives all.
 
     f is centred by c_b = E_q[ln p(x_b|z)] (detached): the expected gradient is unchanged (sum_z grad q(z|x) = 0 and c
     is a constant) and the variance falls. The replicas form one batch of ``replicas * B`` rows, so a batch-wide
     baseline (importance's ``mean``) also averages over other replicas, which leaves it unbiased."""
-    from discvae.estimators import ESTIMATORS
+    from discvae.estimators import make_estimator
 
     n, c = len(x), exact_expected_ll(model, x).detach()
     params = {k: p.detach().expand(replicas, *p.shape).clone().requires_grad_() for k, p in model.named_parameters()}
@@ -94,7 +95,7 @@ def replica_grads(model, x, estimator, replicas: int, **options) -> torch.Tensor
         out = model.likelihood.log_prob(x, decode(dec, zr))  # [R, M, B]
         return (out - c).transpose(0, 1).reshape(m, replicas * n)
 
-    ESTIMATORS[estimator](q, f, **options).sum().backward()
+    make_estimator(estimator, **options)(q, f).sum().backward()
     return torch.cat([p.grad.reshape(replicas, -1) for p in params.values()], 1)
 
 

@@ -120,7 +120,7 @@ def test_double_cv_is_its_formula():
     """(1/K) sum_k [f_k + a c_k - mean_{j != k} (f_j + a c_j)] s_k - a sigma(eta) sigma(-eta) gbar with
     c_k = gbar_-k . s_k, a fitted on the other data points (_fitted, checked above)."""
     eta, f, seen = posterior_and_f()
-    got = grad_eta("double-cv", eta, f, num_samples=M)
+    got = grad_eta("double-cv-ls", eta, f, num_samples=M)
     z, fz, g, s, g_loo = taylor_pieces(eta, f, seen)
     c = (g_loo * s).sum(-1)  # [K, B]
     sig = torch.sigmoid(eta.detach())
@@ -133,7 +133,7 @@ def test_rodeo_is_its_formula():
     (y - sigma(eta)), H_k = h_k s and the Gibbs Stein operator written out bit by bit here:
     (A u)(x) = (1/D) sum_i q(not x_i) [u(x^(i)) - u(x)]; (a, b) fitted on the other data points."""
     eta, f, seen = posterior_and_f()
-    got = grad_eta("rodeo", eta, f, num_samples=M)
+    got = grad_eta("rodeo-ls", eta, f, num_samples=M)
     z, fz, g, s, g_loo = taylor_pieces(eta, f, seen)
     sig = torch.sigmoid(eta.detach())
     d = z.shape[-1]
@@ -152,7 +152,7 @@ def test_rodeo_is_its_formula():
     assert torch.allclose(got, _fitted(rloo_part(fz, s), [first, a_hs.mean(0)]), rtol=1e-10, atol=1e-12)
 
 
-@pytest.mark.parametrize("estimator", ["double-cv", "rodeo"])
+@pytest.mark.parametrize("estimator", ["double-cv-ls", "rodeo-ls"])
 def test_the_value_is_each_data_points_mean_of_f(estimator):
     """The estimate's value for data point b is (1/K) sum_k f(z_kb), not a mean over the batch."""
     eta, f, seen = posterior_and_f()

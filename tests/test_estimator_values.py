@@ -9,7 +9,7 @@ import torch.distributions as td
 from discvae import Config, Dataset, InputError, load_dataset, train
 from discvae.cli import flag
 from discvae.distributions import Bernoulli, Categorical, Gaussian, as_family
-from discvae.estimators import ESTIMATORS, Estimator, _baseline, importance, make_estimator, rloo, st_gumbel
+from discvae.estimators import ESTIMATORS, Estimator, importance, make_estimator, rloo, sample_baseline, st_gumbel
 from helpers import run_cli, tiny_data, tiny_model
 
 
@@ -256,7 +256,7 @@ def test_a_callable_object_is_named_by_its_class_and_loo_errors_name_num_samples
 
 def test_the_baselines_are_the_means_of_the_other_samples():
     fz = torch.tensor([[1.0, 0.0], [2.0, 3.0], [6.0, 3.0]])  # [M = 3, B = 2]
-    assert torch.equal(_baseline(fz, "loo"), torch.tensor([[4.0, 3.0], [3.5, 1.5], [1.5, 1.5]]))
-    assert torch.equal(_baseline(fz, "mean"), (fz.sum() - fz) / 5)
-    assert _baseline(fz, "none") == 0.0 and _baseline(fz[:1, :1], "mean") == 0.0
-    assert torch.equal(_baseline(fz[:1], "mean"), torch.tensor([[0.0, 1.0]]))  # two lone samples: each the other
+    assert torch.equal(sample_baseline(fz, "loo"), torch.tensor([[4.0, 3.0], [3.5, 1.5], [1.5, 1.5]]))
+    assert torch.equal(sample_baseline(fz, "mean"), (fz.sum() - fz) / 5)
+    assert sample_baseline(fz, "none") == 0.0 and sample_baseline(fz[:1, :1], "mean") == 0.0
+    assert torch.equal(sample_baseline(fz[:1], "mean"), torch.tensor([[0.0, 1.0]]))  # two lone samples: each the other

@@ -23,7 +23,7 @@ from helpers import (
     z_scores,
 )
 
-FRONTIER = ["double-cv", "rodeo"]
+FRONTIER = ["double-cv-ls", "rodeo-ls"]
 R = 3000  # independent gradient estimates per check
 N = 16  # data points of the batch: each point's control-variate coefficients are fitted on the other 15
 POWER_MARGIN = 2.0  # a bias of (Z_MAX + 2) standard errors exceeds Z_MAX with probability > 97.7 %
@@ -81,7 +81,7 @@ def detectable_relative_bias(samples: torch.Tensor, truth: torch.Tensor) -> floa
     return ((Z_MAX + POWER_MARGIN) / (truth.abs() / se).max()).item()
 
 
-@pytest.mark.parametrize("estimator,num_samples", [("double-cv", 2), ("rodeo", 2), ("rodeo", 3)])
+@pytest.mark.parametrize("estimator,num_samples", [("double-cv-ls", 2), ("rodeo-ls", 2), ("rodeo-ls", 3)])
 def test_unbiased_against_enumeration_with_stated_power(estimator, num_samples):
     """Encoder and decoder gradients match the exact one (every |z| < Z_MAX); the check would catch a relative bias
     of the encoder gradient of at most 10 %, and does catch the estimate's encoder part times 1.1."""

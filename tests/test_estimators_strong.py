@@ -148,11 +148,11 @@ def test_exact_refuses_more_than_4096_states():
 @pytest.mark.parametrize("estimator,options,latent,message,params", [
     ("disarm", {}, ("categorical", 3), "disarm needs a bernoulli latent (use rloo or exact for categoricals)", ()),
     *[(name, {}, ("categorical", 3), f"{name} needs a bernoulli latent (use rloo or exact for categoricals)", ())
-      for name in ("double-cv", "rodeo")],
+      for name in ("double-cv-ls", "rodeo-ls")],
     ("disarm", {"num_samples": 3}, ("bernoulli", 3), "disarm needs an even num_samples (2 per antithetic pair), got 3",
      ("num_samples",)),
     *[(name, {"num_samples": 1}, ("bernoulli", 3), f"{name} needs num_samples of at least 2, got 1", ("num_samples",))
-      for name in ("rloo", "vimco", "double-cv", "rodeo")],
+      for name in ("rloo", "vimco", "double-cv-ls", "rodeo-ls")],
     ("gumbel", {"tau": 0.0}, ("bernoulli", 3), "the temperature tau must be positive, got 0.0", ("tau",)),
     ("st-gumbel", {}, ("gaussian", 2), "relaxed estimators need a bernoulli or categorical latent", ()),
     ("importance", {"baseline": "median"}, ("bernoulli", 3), "unknown baseline 'median'; choose one of none, mean, "

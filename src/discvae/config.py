@@ -17,16 +17,17 @@ from .augmentation import AUGMENT
 from .criteria import CRITERIA
 from .data import DATASETS
 from .errors import InputError
-from .estimators import BASELINES, ESTIMATORS
+from .estimators import ESTIMATORS
 from .flags import Flag, documented, setting
 from .latents import DEFAULT_SIZE, FAMILIES, PRIORS, LatentSpace
 from .likelihoods import BINARIZE, LIKELIHOODS
 from .models import ARCHS, INITS, architecture_options
 from .speed import PRECISIONS, check_precision
+from .surrogates import BASELINES
 
 # what may change when a run is resumed (a smaller lr continues a run that diverged)
-RESUMABLE = ("epochs", "lr", "device", "data_dir", "download", "out", "grad_var_every", "grad_var_repeats",
-             "precision", "compile", "threads")
+RESUMABLE = ("epochs", "lr", "estimator_lr", "device", "data_dir", "download", "out", "grad_var_every",
+             "grad_var_repeats", "precision", "compile", "threads")
 MAX_SEED = 2**63 - 1
 SKLEARN_MAX_SEED = 2**32 - 1  # scikit-learn's random_state
 VIEWS = "the views t(x) of the consistency and contrastive terms: "  # the help of the view flags
@@ -157,6 +158,9 @@ class Config:
     epochs: int = setting(300, Flag("epochs to train"), section="optimiser")
     batch_size: int = setting(2048, Flag("images per step"), section="optimiser")
     lr: float = setting(1e-3, Flag("Adam learning rate"), section="optimiser")
+    estimator_lr: float = setting(1e-3, Flag(
+        "Adam learning rate of the estimator's own parameters, for an estimator that learns (nvil, rebar, relax, "
+        "double-cv, rodeo)"), section="optimiser")
 
     # -- runtime
     seed: int = setting(0, Flag("fixes every random number"), section="runtime")
@@ -203,6 +207,7 @@ class Config:
         """Fail on any setting that cannot train, before anything is loaded or written."""
         for name, ok, need in [("epochs", self.epochs >= 1, "at least 1"), ("batch_size", self.batch_size >= 1,
                                "at least 1"), ("lr", 0 < self.lr < math.inf, "a positive finite number"),
+                               ("estimator_lr", 0 < self.estimator_lr < math.inf, "a positive finite number"),
                                ("capacity_gamma", 0 < self.capacity_gamma < math.inf, "a positive finite number"),
                                *((f"{term}_tau", 0 < getattr(self, f"{term}_tau") < math.inf,
                                   "a positive finite number") for term in CONTRASTIVE_TERMS)]:

@@ -82,6 +82,17 @@ class Ranks:
             dist.all_reduce(t)
         return t
 
+    def average(self, module: torch.nn.Module) -> None:
+        """Average ``module``'s gradients and floating buffers over the ranks, in place (a learning estimator's,
+        which DDP does not see: its parameters get the global batch's gradient, as the model's do, and running
+        statistics stay the same on every rank). Nothing for one rank."""
+        if self.world == 1:
+            return
+        for t in [p.grad for p in module.parameters() if p.grad is not None] + \
+                [b for b in module.buffers() if b.is_floating_point()]:
+            dist.all_reduce(t)
+            t.div_(self.world)
+
     def any(self, t: torch.Tensor) -> torch.Tensor:
         """``t`` (zeros and ones) or-ed over the ranks."""
         if self.world > 1:

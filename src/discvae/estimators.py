@@ -9,13 +9,18 @@ batch size, or 1 for a state shared by the batch) and returns ``[M, B]``. The re
 which estimator runs: the model and the training loop take any such function, e.g. a user's own.
 
 ``make_estimator(name_or_function, **options)`` resolves a registered name (``ESTIMATORS``) once and checks the
-options against the function's signature, returning an :class:`Estimator` value ``(q, f) -> surrogate``.
+options against the function's signature, returning an :class:`Estimator` value ``(q, f) -> surrogate``. Estimators
+that learn parameters of their own (NVIL's baseline, REBAR's and RELAX's control variates, the published double CV
+and RODEO) are modules of :mod:`discvae.learned`, registered here too: ``make_estimator`` builds a fresh one.
 
-Unbiased for grad E_q[f]: ``importance`` (any baseline), ``rloo``, ``disarm``, ``double-cv``, ``rodeo``, ``exact``.
-``vimco`` is unbiased for the gradient of a different objective, the M-sample IWAE bound. ``gumbel``, ``st-gumbel``
-and ``straight-through`` are biased. ``num_samples`` M counts decoder evaluations per data point (``disarm``: M / 2
-antithetic pairs; ``double-cv`` and ``rodeo`` add one backward pass for grad_z f at their M samples; ``exact``
-ignores it and decodes each of the S latent states once per batch).
+Unbiased for grad E_q[f]: ``importance`` (any baseline), ``rloo``, ``arm``, ``arms``, ``disarm``, ``double-cv-ls``,
+``rodeo-ls``, ``exact`` and the learned ``double-cv``, ``rodeo``, ``rebar``, ``relax`` (``nvil`` up to a positive
+scale). ``vimco`` is unbiased for the gradient of a different objective, the M-sample IWAE bound; ``rws`` follows
+reweighted wake-sleep's (the IWAE bound for the decoder, the inclusive KL for the encoder). ``gumbel``,
+``st-gumbel`` and ``straight-through`` are biased. ``num_samples`` M counts decoder evaluations per data point
+(``arm``, ``disarm``: M / 2 antithetic pairs; the ``-ls`` and learned control-variate estimators add one backward
+pass for grad_z f at their M samples; ``rebar`` and ``relax`` take 3 evaluations per sample; ``exact`` ignores it
+and decodes each of the S latent states once per batch).
 """
 from __future__ import annotations
 
@@ -27,28 +32,17 @@ from typing import Callable
 
 import torch
 
-from .distributions import Bernoulli, as_family, sampling
+from .distributions import as_family, sampling
 from .errors import InputError
+from .learned import LEARNED
+from .surrogates import logit_surrogate, loo_score, need_bits, need_samples, sample_baseline, taylor_samples
 
-BASELINES = ("none", "mean", "loo")
 
-
-def _baseline(fz: torch.Tensor, kind: str) -> torch.Tensor | float:
-    """A control variate b_mb for f(z_mb) that is independent of z_mb, so E[(f - b) grad w] = E[f grad w].
-
-    ``loo``: the mean of f over the other M - 1 samples of the same data point; ``mean``: the mean over every other
-    (sample, data point) pair of the batch, or none (b = 0) for a lone sample, which has no other.
-    """
-    m, n = fz.shape[0], fz.numel()
-    if kind == "none":
-        return 0.0
-    if kind == "loo":
-        if m < 2:
-            raise InputError("the loo baseline needs num_samples of at least 2", "num_samples")
-        return (fz.sum(0, keepdim=True) - fz) / (m - 1)
-    if kind == "mean":
-        return (fz.sum() - fz) / (n - 1) if n > 1 else 0.0
-    raise InputError(f"unknown baseline {kind!r}; choose one of {', '.join(BASELINES)}")
+def unstackable(estimator: Callable) -> Callable:
+    """Mark ``estimator`` as one that cannot run with stacked weights (``torch.func.vmap``: it takes gradients with
+    respect to z, or draws its randomness in place): ``compare --stacked`` refuses it up front."""
+    estimator.stackable = False
+    return estimator
 
 
 def _posterior_as_family(estimator: Callable) -> Callable:
@@ -83,7 +77,7 @@ def importance(q, f, num_samples: int = 1, proposal: str | torch.Tensor | None =
     z = q_i.sample(num_samples)
     w = (q.log_prob(z) - q_i.log_prob(z).detach()).exp()
     fz = f(z)
-    advantage = fz.detach() - _baseline(fz.detach(), baseline)
+    advantage = fz.detach() - sample_baseline(fz.detach(), baseline)
     return (w.detach() * fz + advantage * (w - w.detach())).mean(0)
 
 
@@ -95,23 +89,11 @@ def reparam(q, f, num_samples: int = 1) -> torch.Tensor:
     return f(q.rsample(num_samples)).mean(0)
 
 
-def _need_samples(name: str, num_samples: int, pairs: bool = False) -> None:
-    if pairs and (num_samples < 2 or num_samples % 2):
-        raise InputError(f"{name} needs an even num_samples (2 per antithetic pair), got {num_samples}", "num_samples")
-    if num_samples < 2:
-        raise InputError(f"{name} needs num_samples of at least 2, got {num_samples}", "num_samples")
-
-
-def _need_bits(name: str, q) -> None:
-    if not isinstance(q, Bernoulli):
-        raise InputError(f"{name} needs a bernoulli latent (use rloo or exact for categoricals)")
-
-
 @_posterior_as_family
 def rloo(q, f, num_samples: int = 2) -> torch.Tensor:
     """REINFORCE leave-one-out (Kool et al. 2019): the score function with baseline b_m = mean_{j != m} f(z_j),
     (1/M) sum_m (f(z_m) - b_m) grad ln q(z_m), z_m ~ q; unbiased, M >= 2. Same as ``importance(baseline="loo")``."""
-    _need_samples("rloo", num_samples)
+    need_samples("rloo", num_samples)
     return importance(q, f, num_samples, baseline="loo")
 
 
@@ -125,7 +107,7 @@ def vimco(q, f, num_samples: int = 2) -> torch.Tensor:
     model's loss KL - surrogate is then -L, so training maximises the IWAE bound (reported as "-ELBO"); unbiased
     for grad L, not for grad E_q[f]. M >= 2.
     """
-    _need_samples("vimco", num_samples)
+    need_samples("vimco", num_samples)
     m = num_samples
     z = q.sample(m)
     log_q = q.log_prob(z)
@@ -141,13 +123,32 @@ def vimco(q, f, num_samples: int = 2) -> torch.Tensor:
 
 
 @_posterior_as_family
+def rws(q, f, num_samples: int = 2) -> torch.Tensor:
+    """Reweighted wake-sleep (Bornschein & Bengio 2015; Le et al. 2019): z_k ~ q, ln w_k = f(z_k) + ln p(z_k) -
+    ln q(z_k), self-normalised weights w~ = softmax(ln w). The decoder (and a learned prior) follows the gradient
+    of the K-sample IWAE bound L = ln (1/K) sum_k w_k, sum_k w~_k grad ln p(x, z_k) (wake-theta); the encoder
+    follows sum_k w~_k grad ln q(z_k|x) (wake-phi), an estimate of -grad KL(p(z|x) || q(z|x)), the INCLUSIVE KL --
+    another objective than the ELBO, biased for finite K (its mean is E[sum_k w~_k grad ln q(z_k)]). Returns
+    L + KL(q || p) like ``vimco``, so the reported loss is -L. K >= 2 (one sample has w~ = 1: no signal)."""
+    need_samples("rws", num_samples)
+    z = q.sample(num_samples)
+    log_q = q.log_prob(z)
+    log_w = f(z) + q.prior_log_prob(z) - log_q.detach()  # decoder and prior gradients only
+    bound = torch.logsumexp(log_w, 0) - math.log(num_samples)
+    weights = torch.softmax(log_w.detach(), 0)
+    wake_phi = (weights * (log_q - log_q.detach())).sum(0)
+    kl = q.kl_to_prior()
+    return bound + wake_phi + kl - kl.detach() + kl.detach()
+
+
+@_posterior_as_family
 def disarm(q, f, num_samples: int = 2) -> torch.Tensor:
     """DisARM (Dong, Mnih & Tucker 2020) for Bernoulli latents: M / 2 antithetic pairs b = [u < sigma(eta)],
     b' = [1 - u < sigma(eta)] sharing u ~ U(0, 1)^c. Encoder gradient per pair and bit
     g_i = 1/2 (f(b) - f(b')) (b_i - b'_i) sigma(|eta_i|) d eta_i; value and decoder gradient (f(b) + f(b')) / 2.
     Unbiased; M even."""
-    _need_bits("disarm", q)
-    _need_samples("disarm", num_samples, pairs=True)
+    need_bits("disarm", q)
+    need_samples("disarm", num_samples, pairs=True)
     with torch.no_grad():
         p = q.probs.expand(num_samples // 2, *q.logits.shape)
         with sampling():
@@ -159,19 +160,62 @@ def disarm(q, f, num_samples: int = 2) -> torch.Tensor:
     return (0.5 * (fb + fa) + 0.5 * (fb - fa).detach() * direction).mean(0)
 
 
-def _taylor_samples(q, f, num_samples: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """z_k ~ q for k = 1..K, f(z_k) ``[K, B]`` and g_k = grad_z f(z_k) ``[K, B, dim]``, the gradient of f's
-    continuous extension (the decoder takes real z): K evaluations of f and one backward pass, no more."""
-    z = q.sample(num_samples).requires_grad_()
-    with torch.enable_grad():  # under no_grad too: the gradients are part of the estimate
-        fz = f(z)
-        g, = torch.autograd.grad(fz.sum(), z, retain_graph=True)
-    return z.detach(), fz, g
+def _uniform(p: torch.Tensor, pairs: int) -> torch.Tensor:
+    """u ~ U(0, 1) of shape ``[pairs, *p.shape]``, drawn where a latent draws (``sampling``)."""
+    with sampling():
+        return torch.rand((pairs, *p.shape), dtype=p.dtype, device=p.device)
 
 
-def _loo(v: torch.Tensor, score: torch.Tensor) -> torch.Tensor:
-    """(1/K) sum_k (v_k - mean_{j != k} v_j) score_k for ``v`` ``[K, B]``, ``score`` ``[K, B, dim]``: ``[B, dim]``."""
-    return ((v - _baseline(v, "loo"))[..., None] * score).mean(0)
+@_posterior_as_family
+def arm(q, f, num_samples: int = 2) -> torch.Tensor:
+    """ARM (Yin & Zhou 2019) for Bernoulli latents: M / 2 antithetic pairs b = [u > sigma(-eta)], b' = [u <
+    sigma(eta)] sharing u ~ U(0, 1)^c, encoder gradient per pair (f(b) - f(b')) (u - 1/2) d eta (the authors'
+    ``arm``); value and decoder gradient (f(b) + f(b')) / 2. Unbiased; DisARM is its Rao-Blackwellisation. M even."""
+    need_bits("arm", q)
+    need_samples("arm", num_samples, pairs=True)
+    with torch.no_grad():
+        p = q.probs.detach()
+        u = _uniform(p, num_samples // 2)
+        b, b_anti = (u > 1 - p).to(p.dtype), (u < p).to(p.dtype)
+    fb, fa = f(torch.cat([b, b_anti])).chunk(2)
+    eta = q.logits
+    direction = ((u - 0.5) * (eta - eta.detach())).sum(-1)
+    return (0.5 * (fb + fa) + (fb - fa).detach() * direction).mean(0)
+
+
+def dirichlet_copula_joint(p: torch.Tensor, n: int) -> torch.Tensor:
+    """P(b_i = 1, b_j = 1) for two of the n Bernoulli(p) draws of ``arms``: the Dirichlet copula
+    C(p, p) = max(2 p^(1/(n-1)) - 1, 0)^(n-1) for p < 1/2, and 2p - 1 + C(1-p, 1-p) for p >= 1/2 (the draws
+    flipped to 1 - u)."""
+    def copula(a):
+        return (2 * a.pow(1 / (n - 1)) - 1).clamp_min(0).pow(n - 1)
+    return torch.where(p < 0.5, copula(p), 2 * p - 1 + copula(1 - p))
+
+
+@_posterior_as_family
+def arms(q, f, num_samples: int = 2) -> torch.Tensor:
+    """ARMS (Dimitriev & Zhou 2021) for Bernoulli latents: n = M negatively correlated draws per bit from the
+    Dirichlet copula, u_i = (1 - d_i)^(n-1) with d ~ Dirichlet(1, ..., 1) (each u_i exactly uniform; 1 - u_i where
+    p >= 1/2), b_i = [u_i < p]. Encoder gradient per bit
+    1/(n-1) sum_i (f(b_i) - fbar) (b_i - p) p (1 - p) / (p - P(b_i = b_j = 1)), fbar = mean_j f(b_j): RLOO divided
+    by 1 - rho, rho the draws' correlation (``dirichlet_copula_joint``), which makes it unbiased. n = 2 is DisARM.
+    Value and decoder gradient (1/n) sum_i f(b_i). M >= 2."""
+    need_bits("arms", q)
+    need_samples("arms", num_samples)
+    n = num_samples
+    with torch.no_grad():
+        p = q.probs.detach()
+        with sampling():
+            e = -torch.log1p(-torch.rand((n, *p.shape), dtype=p.dtype, device=p.device))  # Exp(1)
+        u = (1 - e / e.sum(0, keepdim=True)).pow(n - 1)
+        u = torch.where(p < 0.5, u, 1 - u)
+        b = (u < p).to(p.dtype)
+        scale = p * (1 - p) / (p - dirichlet_copula_joint(p, n)) * n / (n - 1)
+    fb = f(b)
+    fd = fb.detach()
+    eta = q.logits
+    advantage = (fd - fd.mean(0, keepdim=True))[..., None] * (b - p) * scale  # [n, B, D]
+    return fb.mean(0) + (advantage.mean(0) * (eta - eta.detach())).sum(-1)
 
 
 def _fitted(estimate: torch.Tensor, controls: list[torch.Tensor]) -> torch.Tensor:
@@ -185,33 +229,28 @@ def _fitted(estimate: torch.Tensor, controls: list[torch.Tensor]) -> torch.Tenso
     return estimate + (a * c).sum(1)
 
 
-def _logit_surrogate(q, fz: torch.Tensor, grad_eta: torch.Tensor) -> torch.Tensor:
-    """Value (1/K) sum_k f(z_k) (its gradient the decoder's); its gradient w.r.t. the logits eta is ``grad_eta``."""
-    eta = q.logits
-    return fz.mean(0) + (grad_eta.detach() * (eta - eta.detach())).sum(-1)
-
-
+@unstackable
 @_posterior_as_family
-def double_cv(q, f, num_samples: int = 2) -> torch.Tensor:
-    """Double control variates (Titsias & Shi 2022) for Bernoulli latents: RLOO whose baseline carries a second
-    control variate, the first-order Taylor expansion of f around the other samples.
+def double_cv_ls(q, f, num_samples: int = 2) -> torch.Tensor:
+    """Double control variates (Titsias & Shi 2022) with a least-squares coefficient, for Bernoulli latents: RLOO
+    whose baseline carries a second control variate, the first-order Taylor expansion of f around the other samples.
 
     z_k ~ q, s_k = z_k - sigma(eta) = d ln q(z_k) / d eta, g_k = grad_z f(z_k), gbar_-k = mean_{j != k} g_j,
     c_k = gbar_-k . s_k. Encoder gradient w.r.t. eta:
     (1/K) sum_k [f_k + a c_k - mean_{j != k} (f_j + a c_j)] s_k - a sigma(eta) sigma(-eta) gbar,
     gbar = mean_k g_k: the last term is the exact mean of the a-terms (E[c_k s_k | z_-k] = Cov(z) gbar_-k; gbar_-j
     is free of z_j, so E[c_j | z_-j] = 0). Unbiased for any a; a is fitted per data point on the batch's others
-    (``_fitted``), where the paper learns it by SGD (the authors' ``double_cv``, github.com/thjashin/rodeo). K =
+    (``_fitted``), where the paper learns it by SGD (``double-cv``, :class:`discvae.learned.DoubleCV`). K =
     ``num_samples`` >= 2 evaluations of f plus one backward pass for the K gradients (f must be differentiable in
     z)."""
-    _need_bits("double-cv", q)
-    _need_samples("double-cv", num_samples)
-    z, fz, g = _taylor_samples(q, f, num_samples)
+    need_bits("double-cv-ls", q)
+    need_samples("double-cv-ls", num_samples)
+    z, fz, g = taylor_samples(q, f, num_samples)
     s, fd = z - q.probs.detach(), fz.detach()
-    c = (_baseline(g, "loo") * s).sum(-1)
+    c = (sample_baseline(g, "loo") * s).sum(-1)
     variance = (torch.sigmoid(q.logits) * torch.sigmoid(-q.logits)).detach()
-    control = _loo(c, s) - variance * g.mean(0)
-    return _logit_surrogate(q, fz, _fitted(_loo(fd, s), [control]))
+    control = loo_score(c, s) - variance * g.mean(0)
+    return logit_surrogate(q, fz, _fitted(loo_score(fd, s), [control]))
 
 
 def gibbs_stein_linear(q, z: torch.Tensor, gamma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -226,9 +265,12 @@ def gibbs_stein_linear(q, z: torch.Tensor, gamma: torch.Tensor) -> tuple[torch.T
     return -h / z.shape[-1], (torch.sigmoid((1 - 2 * z) * eta) * gamma - 2 * h[..., None] * s) / z.shape[-1]
 
 
+@unstackable
 @_posterior_as_family
-def rodeo(q, f, num_samples: int = 2) -> torch.Tensor:
-    """RODEO (Shi, Zhou, Hwang, Titsias & Mackey 2022) for Bernoulli latents: RLOO with two control variates made by
+def rodeo_ls(q, f, num_samples: int = 2) -> torch.Tensor:
+    """RODEO's control variates with least-squares coefficients and a linear surrogate (after Shi, Zhou, Hwang,
+    Titsias & Mackey 2022; the published, learned one is ``rodeo``) for Bernoulli latents: RLOO with two control
+    variates made by
     the Gibbs Stein operator A (``gibbs_stein_linear``) from surrogates of f that cost no evaluation of f.
 
     z_k ~ q, s_k = z_k - sigma(eta), g_j = grad_z f(z_j); the surrogate of f for sample k is the mean first-order
@@ -237,17 +279,17 @@ def rodeo(q, f, num_samples: int = 2) -> torch.Tensor:
     eta: (1/K) sum_k ([f_k - mean_{j != k} (f_j + a (A h_j)(z_j))] s_k + b (A H_k)(z_k)). E (A u) = 0 under q for
     any u, and h_j, H_k are free of z_j, z_k, so it is unbiased for any a, b. The paper's h, H are a small network
     of the surrogate, trained online with a, b by SGD on the estimate's squared norm (the authors'
-    ``discrete_stein_avg``, github.com/thjashin/rodeo, their K = 2 benchmark setting); this pure function keeps no
-    state: h, H are the centred linear surrogate above and (a, b) are fitted per data point on the batch's others
-    (``_fitted``). K = ``num_samples`` >= 2 evaluations of f plus one backward pass for the K gradients; the Stein
-    operator needs no evaluation at the D neighbours (f must be differentiable in z)."""
-    _need_bits("rodeo", q)
-    _need_samples("rodeo", num_samples)
-    z, fz, g = _taylor_samples(q, f, num_samples)
+    ``discrete_stein_avg``, github.com/thjashin/rodeo; ``rodeo``, :class:`discvae.learned.RODEO`); this pure
+    function keeps no state: h, H are the centred linear surrogate above and (a, b) are fitted per data point on
+    the batch's others (``_fitted``). K = ``num_samples`` >= 2 evaluations of f plus one backward pass for the K
+    gradients; the Stein operator needs no evaluation at the D neighbours (f must be differentiable in z)."""
+    need_bits("rodeo-ls", q)
+    need_samples("rodeo-ls", num_samples)
+    z, fz, g = taylor_samples(q, f, num_samples)
     s, fd = z - q.probs.detach(), fz.detach()
-    a_h, a_hs = gibbs_stein_linear(q, z, _baseline(g, "loo"))
-    controls = [-(_baseline(a_h, "loo")[..., None] * s).mean(0), a_hs.mean(0)]
-    return _logit_surrogate(q, fz, _fitted(_loo(fd, s), controls))
+    a_h, a_hs = gibbs_stein_linear(q, z, sample_baseline(g, "loo"))
+    controls = [-(sample_baseline(a_h, "loo")[..., None] * s).mean(0), a_hs.mean(0)]
+    return logit_surrogate(q, fz, _fitted(loo_score(fd, s), controls))
 
 
 def _relaxed(q, num_samples: int, tau: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -258,6 +300,7 @@ def _relaxed(q, num_samples: int, tau: float) -> tuple[torch.Tensor, torch.Tenso
     return q.relaxed_sample(num_samples, tau)
 
 
+@unstackable
 @_posterior_as_family
 def gumbel(q, f, num_samples: int = 1, tau: float = 1.0) -> torch.Tensor:
     """Concrete / Gumbel-softmax relaxation (Jang et al. 2017; Maddison et al. 2017): (1/M) sum_m f(z~_m) with
@@ -268,6 +311,7 @@ def gumbel(q, f, num_samples: int = 1, tau: float = 1.0) -> torch.Tensor:
     return f(soft).mean(0)
 
 
+@unstackable
 @_posterior_as_family
 def st_gumbel(q, f, num_samples: int = 1, tau: float = 1.0) -> torch.Tensor:
     """Straight-through Gumbel-softmax (Jang et al. 2017): the forward pass decodes the hard sample z = argmax
@@ -304,18 +348,23 @@ def exact(q, f, num_samples: int = 1) -> torch.Tensor:
     return (q.log_prob(states).exp() * f(states)).sum(0)
 
 
-ESTIMATORS = {"importance": importance, "reparam": reparam, "rloo": rloo, "vimco": vimco, "disarm": disarm,
-              "double-cv": double_cv, "rodeo": rodeo, "gumbel": gumbel, "st-gumbel": st_gumbel,
-              "straight-through": straight_through, "exact": exact}
-"""The registered estimators by name (``--estimator NAME``, ``make_estimator("NAME")``), each a function
-``estimator(q, f, **options)``."""
+ESTIMATORS = {"importance": importance, "reparam": reparam, "rloo": rloo, "vimco": vimco, "rws": rws, "arm": arm,
+              "arms": arms, "disarm": disarm, "double-cv-ls": double_cv_ls, "rodeo-ls": rodeo_ls, "gumbel": gumbel,
+              "st-gumbel": st_gumbel, "straight-through": straight_through, "exact": exact, **LEARNED}
+"""The registered estimators by name (``--estimator NAME``, ``make_estimator("NAME")``): each a function
+``estimator(q, f, **options)``, or, for those with learned state (added from :mod:`discvae.learned` below), a
+module class whose instances are called so."""
 
 
 @dataclass(frozen=True)
 class Estimator:
     """An estimator function with options bound: ``Estimator(q, f, **more)`` is ``function(q, f, **options,
     **more)``, ``more`` overriding ``options`` (e.g. an annealed temperature). ``name`` is the registered name of
-    ``function`` or its qualified name. Build it with :func:`make_estimator`, which checks the options."""
+    ``function`` or its qualified name. Build it with :func:`make_estimator`, which checks the options.
+
+    It answers the questions the training loop asks of any estimator, as a module with learned state
+    (:class:`discvae.learned.LearnedEstimator`) does: it has no parameters, an empty ``state_dict``, and ``train``,
+    ``eval`` and ``to`` leave it as it is."""
 
     name: str
     function: Callable
@@ -327,6 +376,30 @@ class Estimator:
     def __repr__(self) -> str:
         return f"{self.name}({', '.join(f'{k}={v!r}' for k, v in self.options.items())})"
 
+    @property
+    def stackable(self) -> bool:
+        """Whether it runs on stacked weights (``compare --stacked``; see ``unstackable``)."""
+        return getattr(self.function, "stackable", True)
+
+    def parameters(self):
+        return iter(())
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state:
+            raise InputError(f"estimator {self.name} keeps no state, but the checkpoint holds some for it")
+
+    def train(self, mode: bool = True) -> "Estimator":
+        return self
+
+    def eval(self) -> "Estimator":
+        return self
+
+    def to(self, *args, **kwargs) -> "Estimator":
+        return self
+
 
 def estimator_name(function: Callable) -> str:
     """The name ``function`` is registered under in ``ESTIMATORS``, else ``module.qualname`` (for a callable object,
@@ -336,26 +409,37 @@ def estimator_name(function: Callable) -> str:
     return registered[0] if registered else f"{named.__module__}.{named.__qualname__}"
 
 
-def make_estimator(estimator: str | Callable, **options) -> Estimator:
+def make_estimator(estimator, **options):
     """An estimator resolved once, its options bound after checking them against the function's signature.
 
     Option *values* are checked by the estimator when it runs (e.g. ``num_samples`` of at least 2 for rloo).
 
     Args:
         estimator: a name of ``ESTIMATORS``, a function ``estimator(q, f, **options) -> surrogate [B]`` (the
-            contract of this module), or an :class:`Estimator` (its options updated by ``options``).
+            contract of this module), an :class:`Estimator` (its options updated by ``options``), a
+            :class:`~discvae.learned.LearnedEstimator` class (a new one is built with ``options``) or instance
+            (returned as it is: it carries its own options and state).
         **options: keyword arguments of the function, e.g. ``num_samples=4``.
 
     Returns:
-        The :class:`Estimator`: a callable ``(q, f, **more)`` with ``name``, ``function`` and ``options``.
+        The :class:`Estimator` (a callable ``(q, f, **more)`` with ``name``, ``function`` and ``options``), or the
+        module with learned state, which answers the same (and ``parameters()``).
 
     Raises:
         InputError: an unknown name, something not callable, or an option the function does not take.
     """
     if isinstance(estimator, Estimator):
         return make_estimator(estimator.function, **{**estimator.options, **options})
+    if isinstance(estimator, torch.nn.Module):
+        if options:
+            raise InputError(f"estimator {estimator_name(type(estimator))} is already built; its options are its "
+                             "constructor's")
+        return estimator
     function = _resolve(estimator)
     name = estimator_name(function)
+    if isinstance(function, type) and issubclass(function, torch.nn.Module):
+        check_options(name, function, options, positional=0)
+        return function(**options)
     check_options(name, function, options)
     return Estimator(name, function, options)
 
@@ -372,14 +456,15 @@ def _resolve(estimator: str | Callable) -> Callable:
     return estimator
 
 
-def check_options(name: str, function: Callable, options: dict) -> None:
-    """InputError unless ``function(q, f, **options)`` binds (``inspect.Signature.bind``): an option the function
-    does not take is named with those it takes, a required one left out by Python's own message."""
+def check_options(name: str, function: Callable, options: dict, positional: int = 2) -> None:
+    """InputError unless ``function(q, f, **options)`` binds (``inspect.Signature.bind``; a module class with
+    ``positional=0``: its constructor ``cls(**options)``): an option the function does not take is named with those
+    it takes, a required one left out by Python's own message."""
     signature = inspect.signature(function)
     try:
-        signature.bind(None, None, **options)
+        signature.bind(*[None] * positional, **options)
     except TypeError as err:
-        takes = [p.name for p in list(signature.parameters.values())[2:]
+        takes = [p.name for p in list(signature.parameters.values())[positional:]
                  if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
         unknown = [k for k in options if k not in takes]
         if unknown:

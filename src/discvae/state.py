@@ -17,6 +17,7 @@ from .speed import adam
 
 if typing.TYPE_CHECKING:
     from .config import Config
+    from .estimators import Estimator
     from .models import VAE
 
 
@@ -27,26 +28,43 @@ class TrainState:
     model: VAE
     optimizer: torch.optim.Optimizer
     shuffle: torch.Generator
+    estimator: Estimator | None = None  # what the loop trains with; one with learned state is saved with the run
+    estimator_optimizer: torch.optim.Optimizer | None = None  # of the estimator's parameters, if it has any
     epoch: int = 0
     step: int = 0
     elapsed: float = 0.0
     history: list = field(default_factory=list)
 
+    @property
+    def optimizers(self) -> list[torch.optim.Optimizer]:
+        """The model's optimizer, and the estimator's if it learns."""
+        return [self.optimizer, *([self.estimator_optimizer] if self.estimator_optimizer else [])]
+
     def state_dict(self, cfg: Config) -> dict:
+        """The checkpoint: an estimator with state adds ``estimator`` (its ``state_dict`` and optimizer); a stateless
+        one leaves the checkpoint as it always was."""
+        learned = self.estimator.state_dict() if self.estimator is not None else {}
         return {"config": dataclasses.asdict(cfg), "model": self.model.state_dict(),
                 "optimizer": self.optimizer.state_dict(), "shuffle": self.shuffle.get_state(),
                 "rng": torch.get_rng_state(),
                 "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-                "epoch": self.epoch, "step": self.step, "elapsed": self.elapsed, "history": self.history}
+                "epoch": self.epoch, "step": self.step, "elapsed": self.elapsed, "history": self.history,
+                **({"estimator": {"state": learned, "optimizer": self.estimator_optimizer.state_dict()
+                                  if self.estimator_optimizer else {}}} if learned else {})}
 
     def load_state_dict(self, ckpt: dict, rng: bool = True) -> None:
         """Continue from ``ckpt`` (checked first: ``check_state``); with ``rng`` (rank 0 of several: only it) also
         torch's random state."""
         check_state(ckpt, self.model)
+        check_estimator_state(ckpt, self.estimator, self.estimator_optimizer)
         try:
             self.model.load_state_dict(ckpt["model"])
             self.optimizer.load_state_dict(ckpt["optimizer"])
             self.shuffle.set_state(ckpt["shuffle"])
+            if "estimator" in ckpt:
+                self.estimator.load_state_dict(ckpt["estimator"]["state"])
+                if self.estimator_optimizer:
+                    self.estimator_optimizer.load_state_dict(ckpt["estimator"]["optimizer"])
         except (KeyError, RuntimeError, ValueError) as err:
             raise InputError(f"checkpoint does not match this model: {str(err).splitlines()[0]}") from None
         if rng:
@@ -79,8 +97,13 @@ def check_state(ckpt: dict, model: VAE, source: str = "the checkpoint") -> None:
             refuse(f"{name} is {got}, the model's {ref.dtype} {list(ref.shape)}")
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
             raise InputError(f"{source} holds non-finite weights ({name}): the run diverged or the file was altered")
-    params = [weights[name] for name, _ in model.named_parameters()]
-    optimizer = ckpt["optimizer"]
+    check_adam(ckpt["optimizer"], [weights[name] for name, _ in model.named_parameters()], refuse)
+
+
+def check_adam(optimizer, params: list[torch.Tensor], refuse) -> None:
+    """``refuse(what)`` unless ``optimizer`` is the state of discvae's Adam (one group, its settings, a non-negative
+    finite lr) over the tensors ``params``, each parameter's ``step`` and moments of its shape, dtype and device,
+    finite, the second >= 0."""
     groups, state = optimizer.get("param_groups"), optimizer.get("state")
     if set(optimizer) != {"state", "param_groups"} or not isinstance(state, dict) or not isinstance(groups, list) \
             or len(groups) != 1 or not isinstance(groups[0], dict):
@@ -107,3 +130,37 @@ def check_state(ckpt: dict, model: VAE, source: str = "the checkpoint") -> None:
                     and t.dtype == param.dtype and t.device == param.device and bool(torch.isfinite(t).all())
                     and (key == "exp_avg" or bool((t >= 0).all()))):
                 refuse(f"{key} of parameter {index} does not match it (shape, dtype, device, finite values)")
+
+
+def check_estimator_state(ckpt: dict, estimator, optimizer: torch.optim.Optimizer | None,
+                          source: str = "the checkpoint") -> None:
+    """An ``InputError`` unless the checkpoint's ``estimator`` entry fits ``estimator`` as ``check_state`` checks the
+    model: present exactly when the estimator has state, its tensors those of ``estimator.state_dict()`` (names,
+    shapes, dtypes, finite values), and the state of its Adam over its parameters."""
+    expected = estimator.state_dict() if estimator is not None else {}
+    entry = ckpt.get("estimator")
+    name = getattr(estimator, "name", "none")
+    if not expected:
+        if entry is not None:
+            raise InputError(f"{source} holds the state of a learning estimator; this run trains with {name}, "
+                             "which has none")
+        return
+    if not (isinstance(entry, dict) and set(entry) == {"state", "optimizer"} and isinstance(entry["state"], dict)
+            and isinstance(entry["optimizer"], dict)):
+        raise InputError(f"{source} holds no state of the estimator {name} (or a malformed one)")
+
+    def refuse(what: str):
+        raise InputError(f"{source} does not fit the estimator {name}: {what}")
+
+    saved = entry["state"]
+    if set(saved) != set(expected):
+        refuse(f"it holds {', '.join(sorted(map(str, saved))) or 'nothing'}, the estimator "
+               f"{', '.join(sorted(expected))}")
+    for key, t in saved.items():
+        ref = expected[key]
+        if not (isinstance(t, torch.Tensor) and t.layout == ref.layout and t.shape == ref.shape
+                and t.dtype == ref.dtype and (not t.is_floating_point() or bool(torch.isfinite(t).all()))):
+            refuse(f"{key} is not a finite {ref.dtype} {list(ref.shape)}")
+    if optimizer is not None:
+        names = [key for key, _ in estimator.named_parameters()]
+        check_adam(entry["optimizer"], [saved[key] for key in names], refuse)

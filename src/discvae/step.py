@@ -52,20 +52,27 @@ def forward_fn(model: VAE, estimator: Estimator, cfg: Config):
     return compiled(forward) if cfg.compile else forward
 
 
-def train_step(optimizer: torch.optim.Optimizer, forward: Callable, x: torch.Tensor, options: dict,
-               loss_of: Callable = lambda terms: terms.loss, view: torch.Tensor | None = None):
+def train_step(optimizer, forward: Callable, x: torch.Tensor, options: dict,
+               loss_of: Callable = lambda terms: terms.loss, view: torch.Tensor | None = None,
+               sync: Callable | None = None):
     """One optimisation step on the batch ``x`` (and its ``view``, if any): ``terms = forward(x, options, view)``
-    (the model's ``Terms``), the gradient of ``loss_of(terms)``, the step of ``optimizer`` (which holds the model's
-    parameters). Returns ``terms`` and a device
-    scalar that is finite iff the loss and every gradient are (the loss plus the sum of every gradient's entries: half
-    the cost of their norm, and no squares to overflow); nothing waits for the device."""
+    (the model's ``Terms``), the gradient of ``loss_of(terms)``, ``sync()`` if given (e.g. averaging a learning
+    estimator's gradients over ranks), the step of ``optimizer`` (the model's; or a list: the model's and a learning
+    estimator's, whose parameters the same backward pass reaches, :mod:`discvae.learned`). Returns ``terms`` and a
+    device scalar that is finite iff the loss and every gradient are (the loss plus the sum of every gradient's
+    entries: half the cost of their norm, and no squares to overflow); nothing waits for the device."""
+    optimizers = optimizer if isinstance(optimizer, (list, tuple)) else [optimizer]
     terms = forward(x, options, view)
     loss = loss_of(terms)
-    optimizer.zero_grad(set_to_none=True)
+    for opt in optimizers:
+        opt.zero_grad(set_to_none=True)
     loss.backward()
-    params = [p for group in optimizer.param_groups for p in group["params"]]  # cheaper than walking the model
-    health = torch.stack([loss.detach(), *(p.grad.sum() for p in params if p.grad is not None)]).sum()
-    optimizer.step()
+    if sync is not None:
+        sync()
+    params = [p for opt in optimizers for group in opt.param_groups for p in group["params"]]  # cheaper than
+    health = torch.stack([loss.detach(), *(p.grad.sum() for p in params if p.grad is not None)]).sum()  # the model
+    for opt in optimizers:
+        opt.step()
     return terms, health
 
 

@@ -143,12 +143,16 @@ def train(cfg: Config, resume: bool = False, progress: bool = True, data: Datase
         stack.enter_context(intra_op_threads(threads_for(cfg, data, device, estimator)))
         x_train, x_test = data.x_train.to(device), data.x_test.to(device)
         model = model_for(cfg, data).to(device)
-        state = TrainState(model, adam(model.parameters(), cfg.lr), torch.Generator().manual_seed(cfg.seed))
+        estimator.to(device)
+        check_estimator(model, x_train[:2], estimator)  # (also sizes a learning estimator's lazy networks)
+        learned = list(estimator.parameters())
+        state = TrainState(model, adam(model.parameters(), cfg.lr), torch.Generator().manual_seed(cfg.seed),
+                           estimator, adam(learned, cfg.estimator_lr) if learned else None)
         if ckpt is not None:
             state.load_state_dict(ckpt, ranks.main)
-            for group in state.optimizer.param_groups:
-                group["lr"] = cfg.lr
-        check_estimator(model, x_train[:2], estimator)
+            for opt, lr in zip(state.optimizers, (cfg.lr, cfg.estimator_lr)[:len(state.optimizers)], strict=True):
+                for group in opt.param_groups:
+                    group["lr"] = lr
         if cfg.views:  # fails here, before training, unless the data are images (torch's stream untouched)
             random_affine(x_train[:1], **cfg.augment, generator=torch.Generator(device))
         if ranks.main:
@@ -161,10 +165,11 @@ def train(cfg: Config, resume: bool = False, progress: bool = True, data: Datase
         # the fixed mini-batch of the gradient-variance diagnostic (Fig. 5), binarised once with its own generator
         x_fixed = binarize(x_train[:cfg.batch_size], cfg.binarize, torch.Generator(device).manual_seed(cfg.seed))
         forward = forward_fn(ranks.wrap(model), estimator, cfg)
+        sync = (lambda: ranks.average(estimator)) if ranks.world > 1 and estimator.state_dict() else None
         guard = DivergenceGuard(device, cfg.lr, cfg.out, agree=ranks.any)
         hooks.on_train_start(state, cfg)
         for epoch in range(state.epoch, cfg.epochs):
-            model.train()
+            model.train(), estimator.train()
             ranks.seed_stream(cfg.seed, epoch)
             start, sums = time.perf_counter(), 0.0
             order = torch.randperm(n, generator=state.shuffle).to(device)
@@ -176,8 +181,8 @@ def train(cfg: Config, resume: bool = False, progress: bool = True, data: Datase
                 view = binarize(random_affine(images, **cfg.augment), cfg.binarize) if cfg.views else None
                 def loss_of(terms, step=state.step, share=share):
                     return scaled(objective(terms, cfg, step), share)
-                terms, health = train_step(state.optimizer, forward, x, estimator_options(cfg, state.step),
-                                           loss_of, view)
+                terms, health = train_step(state.optimizers, forward, x, estimator_options(cfg, state.step),
+                                           loss_of, view, sync)
                 state.step += 1
                 # neg_elbo, expected_ll, kl (a hybrid's kl per block), the view's terms: summed on the device
                 values = terms.values(cfg.contrastive_taus())
@@ -201,8 +206,9 @@ def epoch_row(state: TrainState, cfg: Config, train_terms: dict, x_test: torch.T
               x_fixed: torch.Tensor, estimator: Estimator) -> dict:
     """The metrics of the epoch ``state.epoch`` just finished (a row of ``metrics.csv``): the train terms averaged
     over its steps, the test terms of the model as it is now and, every ``cfg.grad_var_every`` epochs, the gradient
-    variance on the fixed mini-batch ``x_fixed``. Leaves the model in eval mode."""
-    state.model.eval()
+    variance on the fixed mini-batch ``x_fixed``. Leaves the model and the estimator in eval mode (an estimator that
+    learns neither learns nor updates anything while it is measured)."""
+    state.model.eval(), estimator.eval()
     train_terms = {name: value.item() for name, value in train_terms.items()}
     test_terms = elbo_terms(state.model, x_test, cfg.batch_size, cfg.binarize, cfg.precision)
     grad_var = {}
