@@ -10,7 +10,8 @@ import pytest
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 EXPECT = {"quickstart": "codes of the first 3 test digits", "hash_vectors": "query 4: nearest",
-          "clustering": "kmeans_pixels_k10", "custom_estimator": "step 19:", "callback": "best test -ELBO"}
+          "clustering": "kmeans_pixels_k10", "custom_estimator": "step 19:", "callback": "best test -ELBO",
+          "learned_estimator": "the baseline at eta = 0"}
 
 
 def test_every_example_is_tested_and_shown_in_the_docs():

@@ -100,3 +100,23 @@ def test_run_streams_draw_each_runs_part_from_its_generator_and_refuse_other_dra
         torch.rand(3, 4)
     with pytest.raises(InputError, match="drew from torch's generator besides"), streams.sampling():
         torch.rand(2, 4)  # not a latent's draw: from the global generator, which no run owns
+
+
+@pytest.mark.parametrize("name", sorted(__import__("discvae").ESTIMATORS))
+def test_every_registered_estimator_stacks_or_is_refused_up_front(tmp_path, name):
+    """Each registered estimator either trains stacked, each seed as it trains alone, or is refused in one line
+    before anything is written (``Estimator.stackable``: those that learn parameters of their own, take gradients
+    with respect to z, or draw their randomness in place)."""
+    from discvae import make_estimator
+    more = dict(latent="gaussian", estimator_options={}) if name == "reparam" else \
+        dict(estimator_options={"num_samples": 2})
+    cfg = base(tmp_path, estimator=name, epochs=1, **more)
+    cfgs, data = stack_of(cfg, tmp_path, [1, 2]), digits()
+    if not make_estimator(name, **cfg.estimator_options).stackable:
+        with pytest.raises(InputError, match=f"estimator {name} cannot train stacked"):
+            train_stacked(cfgs, data=data)
+        assert not (tmp_path / "stack").exists()
+        return
+    stacked = train_stacked(cfgs, data=data)
+    solo = train(dataclasses.replace(cfgs[1], out=str(tmp_path / "solo")), progress=False, data=data)
+    assert (weights(stacked[1].model) - weights(solo.model)).abs().max() <= TOLERANCE

@@ -418,7 +418,7 @@ def make_estimator(estimator, **options):
         estimator: a name of ``ESTIMATORS``, a function ``estimator(q, f, **options) -> surrogate [B]`` (the
             contract of this module), an :class:`Estimator` (its options updated by ``options``), a
             :class:`~discvae.learned.LearnedEstimator` class (a new one is built with ``options``) or instance
-            (returned as it is: it carries its own options and state).
+            (returned as it is, with its state; ``options`` are checked as the ones it is called with).
         **options: keyword arguments of the function, e.g. ``num_samples=4``.
 
     Returns:
@@ -430,10 +430,8 @@ def make_estimator(estimator, **options):
     """
     if isinstance(estimator, Estimator):
         return make_estimator(estimator.function, **{**estimator.options, **options})
-    if isinstance(estimator, torch.nn.Module):
-        if options:
-            raise InputError(f"estimator {estimator_name(type(estimator))} is already built; its options are its "
-                             "constructor's")
+    if isinstance(estimator, torch.nn.Module):  # options: those it is called with (e.g. a run's num_samples)
+        check_options(estimator.name, estimator.forward, options)
         return estimator
     function = _resolve(estimator)
     name = estimator_name(function)

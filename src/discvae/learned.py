@@ -54,7 +54,13 @@ class LearnedEstimator(nn.Module):
         """What the registry holds for it: its class (``make_estimator`` builds a new one from it)."""
         return type(self)
 
-    def forward(self, q, f, num_samples: int | None = None) -> torch.Tensor:
+    def forward(self, q, f, num_samples: int | None = None, **built) -> torch.Tensor:
+        """The surrogate [B]; ``num_samples`` may differ from the constructor's, other options (what a run's
+        configuration records and passes) must be those it was built with."""
+        changed = [k for k, v in built.items() if self.options.get(k, v) != v or k not in self.options]
+        if changed:
+            raise InputError(f"estimator {self.name}: option {changed[0]!r} is set when it is built, not per call "
+                             f"(it was built with {self.options})", changed[0])
         q = as_family(q)
         num_samples = self.options["num_samples"] if num_samples is None else num_samples
         need_bits(self.name, q)
@@ -184,9 +190,9 @@ class REBAR(LearnedEstimator):
             fb = f(b)
             relaxed = self.control(torch.cat([z, conditional_logistic(eta, b, v)]), f, eta.detach())
             c_z, c_cond = relaxed.chunk(2)
-            log_q = (b * nn.functional.logsigmoid(eta) + (1 - b) * nn.functional.logsigmoid(-eta)).sum(-1)
-            per_draw = (fb.detach() - c_cond.detach()) * log_q + c_z - c_cond
-            grad_eta, = torch.autograd.grad(per_draw.sum() / num_samples, eta, create_graph=self.learning)
+            pathwise, = torch.autograd.grad((c_z - c_cond).sum(), eta, create_graph=self.learning)
+            score = (fb.detach() - c_cond)[..., None] * (b - torch.sigmoid(eta).detach())  # its coefficient learns
+            grad_eta = score.mean(0) + pathwise / num_samples
         return self.with_variance_descent(q, fb, grad_eta)
 
 

@@ -192,6 +192,16 @@ def check_stack(cfgs: list[Config]) -> None:
             raise InputError(f"stacked runs train on the CPU without {name}", name)
 
 
+def check_stackable(estimator) -> None:
+    """An ``InputError`` unless ``estimator`` runs on stacked weights (``Estimator.stackable``): not one that learns
+    parameters of its own (one set per run), takes gradients with respect to z, or draws its randomness in place."""
+    if not estimator.stackable:
+        why = "it learns parameters of its own" if list(estimator.parameters()) or estimator.state_dict() else \
+            "it differentiates with respect to z or draws its randomness in place, which vmap cannot"
+        raise InputError(f"estimator {estimator.name} cannot train stacked ({why}); run its seeds without --stacked",
+                         "stacked")
+
+
 def train_stacked(cfgs: list[Config], resume: bool = False, progress: bool = False,
                   data: Dataset | None = None) -> list[TrainState]:
     """Train (or continue, ``resume``) the runs ``cfgs`` side by side with stacked weights (module docstring), each
@@ -204,6 +214,7 @@ def train_stacked(cfgs: list[Config], resume: bool = False, progress: bool = Fal
     cfg = cfgs[0]
     estimator = estimator_for(cfg)
     check_estimand(cfg.space, estimator)
+    check_stackable(estimator)
     cfgs = [dataclasses.replace(c, estimator=estimator.name) for c in cfgs]
     outs = [check_output(c.out) for c in cfgs]
     with flush_denormals(), ExitStack() as stack:

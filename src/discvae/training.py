@@ -10,6 +10,7 @@ Everything one process owns lives in :class:`~discvae.state.TrainState`; one ste
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import time
@@ -84,6 +85,28 @@ def check_estimator(model: VAE, x: torch.Tensor, estimator: Estimator) -> None:
         torch.set_rng_state(rng)
 
 
+def seeded_estimator(cfg: Config, function, model: VAE, x: torch.Tensor) -> Estimator:
+    """The estimator a run trains with (``estimator_for``: a registered one built anew), on the model's device and
+    checked by one forward pass on the rows ``x`` (``check_estimator``, which also sizes a learning estimator's lazy
+    networks), all under a fork of the random state: a learning estimator's initialisation is the same in every run
+    of a seed, and the run's random stream is that of any other estimator."""
+    device = next(model.parameters()).device
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        estimator = estimator_for(cfg, function).to(device)
+        check_estimator(model, x, estimator)
+    return estimator
+
+
+def probe(estimator: Estimator) -> Estimator:
+    """An estimator like ``estimator`` for counting a step's memory and operations on the ``meta`` device without
+    touching its state (a learning one's buffers, its lazy networks): a registered one built anew there, else a
+    copy (one of the user's with lazy networks then cannot be counted, and is not)."""
+    if isinstance(estimator, torch.nn.Module) and estimator.name in ESTIMATORS:
+        with torch.device("meta"):
+            return make_estimator(estimator.name, **estimator.options)
+    return copy.deepcopy(estimator)
+
+
 def check_estimand(space: LatentSpace, estimator: Estimator) -> None:
     """Refuse a registered estimator other than ``reparam`` where what it is given (``Family.estimand``) is
     Gaussian: a latent without a discrete block, or the mixture prior (which sums its categorical out)."""
@@ -124,7 +147,7 @@ def train(cfg: Config, resume: bool = False, progress: bool = True, data: Datase
             each checkpoint), naming its step; the checkpoint of the last finished epoch is left as it was.
     """
     cfg.check()
-    estimator = estimator_for(cfg, estimator)
+    function, estimator = estimator, estimator_for(cfg, estimator)
     check_estimand(cfg.space, estimator)
     cfg = dataclasses.replace(cfg, estimator=estimator.name)
     out = check_output(cfg.out)
@@ -143,8 +166,7 @@ def train(cfg: Config, resume: bool = False, progress: bool = True, data: Datase
         stack.enter_context(intra_op_threads(threads_for(cfg, data, device, estimator)))
         x_train, x_test = data.x_train.to(device), data.x_test.to(device)
         model = model_for(cfg, data).to(device)
-        estimator.to(device)
-        check_estimator(model, x_train[:2], estimator)  # (also sizes a learning estimator's lazy networks)
+        estimator = seeded_estimator(cfg, function, model, x_train[:2])
         learned = list(estimator.parameters())
         state = TrainState(model, adam(model.parameters(), cfg.lr), torch.Generator().manual_seed(cfg.seed),
                            estimator, adam(learned, cfg.estimator_lr) if learned else None)
@@ -262,7 +284,7 @@ def check_memory(cfg: Config, data: Dataset, device: torch.device, estimator: Es
     """Refuse a configuration whose training step with ``estimator`` cannot fit in the device's free memory (see
     :mod:`discvae.memory`), with both figures."""
     need = step_bytes(lambda: model_for(cfg, data), data.x_train.shape[1:], min(cfg.batch_size, len(data.x_train)),
-                      lambda model, x: model(x, estimator))
+                      lambda model, x, est=probe(estimator): model(x, est))
     check_fits(need, device, "a training step", "lower batch_size, num_samples or latent_dim", "batch_size",
                "num_samples", "latent_dim")
 
@@ -275,7 +297,7 @@ def threads_for(cfg: Config, data: Dataset, device: torch.device, estimator: Est
         return torch.get_num_threads()
     flops = None if cfg.threads is not None else step_flops(
         lambda: model_for(cfg, data), data.x_train.shape[1:], min(cfg.batch_size, len(data.x_train)),
-        lambda model, x: model(x, estimator))
+        lambda model, x, est=probe(estimator): model(x, est))
     return choose_threads(cfg.threads, flops)
 
 

@@ -43,7 +43,7 @@ from ..evaluation import fixed_binarization, iwae_bound
 from ..flags import Flag, documented, setting
 from ..gradients import gradient_samples
 from ..runs import CHECKPOINT, check_output, load_checkpoint, read_csv, write_csv, write_json, write_text
-from ..stacked import train_stacked
+from ..stacked import check_stackable, train_stacked
 from ..training import model_for, train
 
 IWAE_CSV = "iwae.csv"
@@ -154,6 +154,7 @@ def bias_variance(model, x: torch.Tensor, specs: list[Spec], repeats: int) -> li
     q = model.posterior(x)
     rows = []
     for spec in specs:
+        spec.estimator.eval()  # (one that learns is measured at its initial state, which stays as it is)
         samples = gradient_samples(lambda s=spec: model(x, s.estimator).loss, params, repeats)
         err, var = samples.mean(0) - truth, samples.var(0)
         evals = evals_per_point(spec, q, len(x))
@@ -363,6 +364,9 @@ def compare(base: Config, specs: list[Spec], settings: Comparison, data: Dataset
     if base.epochs < 0:
         raise InputError("epochs must be at least 0 (0: bias and variance only)", "epochs")
     settings.check()
+    if settings.stacked and len(settings.seeds) > 1 and base.epochs:
+        for spec in specs:
+            check_stackable(spec.estimator)
     seeds = settings.seeds or [base.seed]
     for seed in seeds:  # epochs = 0: bias and variance only
         dataclasses.replace(base, seed=seed, epochs=max(base.epochs, 1)).check()
