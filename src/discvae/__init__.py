@@ -11,7 +11,8 @@ from typing import TYPE_CHECKING
 __version__ = "0.1.0"
 
 __all__ = ["Bernoulli", "Callback", "Categorical", "Config", "Dataset", "Diverged", "ESTIMATORS", "Estimator",
-           "Gaussian", "InputError", "LearnedEstimator", "VAE", "build_model", "load_dataset", "load_run", "make_estimator", "train"]
+           "Gaussian", "InputError", "LearnedEstimator", "VAE", "build_model", "load_dataset", "load_run",
+           "make_estimator", "train"]
 
 if TYPE_CHECKING:  # what type checkers see; at run time __getattr__ imports each name on first use
     from .callbacks import Callback
@@ -27,7 +28,8 @@ if TYPE_CHECKING:  # what type checkers see; at run time __getattr__ imports eac
 _EXPORTS = {"Bernoulli": "distributions", "Categorical": "distributions", "Gaussian": "distributions",
             "Config": "config", "train": "training", "load_run": "training", "Dataset": "data",
             "load_dataset": "data", "InputError": "errors", "Diverged": "errors", "ESTIMATORS": "estimators",
-            "Estimator": "estimators", "make_estimator": "estimators", "LearnedEstimator": "learned", "VAE": "models", "build_model": "models",
+            "Estimator": "estimators", "make_estimator": "estimators",
+            "LearnedEstimator": "learned", "VAE": "models", "build_model": "models",
             "Callback": "callbacks"}
 
 

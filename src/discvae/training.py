@@ -283,8 +283,9 @@ def check_new_run(out: Path) -> None:
 def check_memory(cfg: Config, data: Dataset, device: torch.device, estimator: Estimator) -> None:
     """Refuse a configuration whose training step with ``estimator`` cannot fit in the device's free memory (see
     :mod:`discvae.memory`), with both figures."""
+    counted = probe(estimator)
     need = step_bytes(lambda: model_for(cfg, data), data.x_train.shape[1:], min(cfg.batch_size, len(data.x_train)),
-                      lambda model, x, est=probe(estimator): model(x, est))
+                      lambda model, x: model(x, counted))
     check_fits(need, device, "a training step", "lower batch_size, num_samples or latent_dim", "batch_size",
                "num_samples", "latent_dim")
 
@@ -295,9 +296,10 @@ def threads_for(cfg: Config, data: Dataset, device: torch.device, estimator: Est
     choice; never more than the cores this process may use. On a GPU, torch's setting as it is."""
     if device.type != "cpu" and cfg.threads is None:
         return torch.get_num_threads()
+    counted = probe(estimator)
     flops = None if cfg.threads is not None else step_flops(
         lambda: model_for(cfg, data), data.x_train.shape[1:], min(cfg.batch_size, len(data.x_train)),
-        lambda model, x, est=probe(estimator): model(x, est))
+        lambda model, x: model(x, counted))
     return choose_threads(cfg.threads, flops)
 
 
