@@ -270,3 +270,17 @@ def test_a_learning_estimator_refuses_what_it_cannot_estimate(tmp_path):
                      estimator_options={"num_samples": 1}, out=str(tmp_path / "run")), data=load_dataset("digits"))
     with pytest.raises(InputError, match="takes no option 'width'"):
         make_estimator("nvil", width=3)
+
+
+@pytest.mark.parametrize("name", ["rebar", "rodeo"])
+def test_a_learning_estimator_trains_in_bf16_and_keeps_its_best_epoch(tmp_path, name):
+    """Under bf16 autocast the estimator's networks and control variates train (finite, state moved); with
+    --keep-best the best epoch's run holds the estimator's state too, and resumes."""
+    data = digits()
+    cfg = learned_run(tmp_path, name, 2, precision="bf16", keep_best="invariance", augment={"rotation": 10.0})
+    state = train(cfg, progress=False, data=data)
+    assert all(torch.isfinite(torch.tensor(row["test_neg_elbo"])) for row in state.history)
+    best = load_checkpoint(tmp_path / name / "best")
+    assert best["estimator"]["state"].keys() == state.estimator.state_dict().keys()
+    moved_from_start = {"rebar": ("scale", 1.0), "rodeo": ("alpha", 0.0)}[name]
+    assert load_checkpoint(tmp_path / name)["estimator"]["state"][moved_from_start[0]].item() != moved_from_start[1]
