@@ -376,6 +376,8 @@ class Estimator:
     def __repr__(self) -> str:
         return f"{self.name}({', '.join(f'{k}={v!r}' for k, v in self.options.items())})"
 
+    evaluations_per_sample = 1  # evaluations of f per sample of z (compare's equal-budget column)
+
     @property
     def stackable(self) -> bool:
         """Whether it runs on stacked weights (``compare --stacked``; see ``unstackable``)."""

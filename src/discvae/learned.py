@@ -38,6 +38,7 @@ class LearnedEstimator(nn.Module):
     options (``options`` records them, as for a stateless :class:`~discvae.estimators.Estimator`)."""
 
     min_samples = 1
+    evaluations_per_sample = 1  # evaluations of f per sample of z (compare's equal-budget column)
     stackable = False  # its parameters are one per run: compare --stacked refuses it
 
     def __init__(self, num_samples: int = 2, **options):
@@ -167,6 +168,7 @@ class REBAR(LearnedEstimator):
     takes real z); the relaxed terms reach only the logits and the estimator's parameters, never the decoder."""
 
     name = "rebar"
+    evaluations_per_sample = 3
 
     def __init__(self, num_samples: int = 1, temperature: float = 0.5, scale: float = 1.0):
         super().__init__(num_samples, temperature=temperature, scale=scale)

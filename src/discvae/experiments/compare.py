@@ -17,13 +17,14 @@ Two measurements, written into one directory (``report.md``, ``bias_variance.png
    stage (bias and variance only).
 
 Equal budget rule: every sampling estimator gets the same number ``M`` of decoder evaluations per data point and
-step (``num_samples = M``; ``disarm`` spends them as M / 2 antithetic pairs; ``double-cv`` and ``rodeo`` add one
-backward pass for grad_z f at their M samples); ``exact`` decodes each of its S latent states once per batch (S /
-batch evaluations per data point). A spec ``NAME:key=value:...`` overrides options, e.g. ``importance:num_samples=1``
-(the paper's estimator) or ``gumbel:tau=0.5``. Runs are resumed where they stopped, so an interrupted comparison can
-simply be restarted with the same arguments. With several seeds, ``stacked`` trains each estimator's seeds side by
-side in one process (:mod:`discvae.stacked`), each run as it would train alone and in its own directory; its
-time per step is then the stack's.
+step (``num_samples = M``; ``arm`` and ``disarm`` spend them as M / 2 antithetic pairs; the control-variate
+estimators add one backward pass for grad_z f at their M samples; ``rebar`` and ``relax`` evaluate f three times per
+sample, which the report's evaluations column counts); ``exact`` decodes each of its S latent states once per batch
+(S / batch evaluations per data point). A spec ``NAME:key=value:...`` overrides options, e.g.
+``importance:num_samples=1`` (the paper's estimator) or ``gumbel:tau=0.5``. Runs are resumed where they stopped, so
+an interrupted comparison can simply be restarted with the same arguments. With several seeds, ``stacked`` trains
+each estimator's seeds side by side in one process (:mod:`discvae.stacked`), each run as it would train alone and in
+its own directory; its time per step is then the stack's.
 """
 from __future__ import annotations
 
@@ -125,8 +126,11 @@ def parse_spec(text: str, num_samples: int) -> Spec:
 
 
 def evals_per_point(spec: Spec, q, batch_size: int) -> float:
-    """Decoder evaluations per data point and step: M, or S / batch for ``exact``."""
-    return q.num_states / batch_size if spec.estimator.function is exact else spec.estimator.options["num_samples"]
+    """Decoder evaluations per data point and step: M times the estimator's evaluations per sample, or S / batch
+    for ``exact``."""
+    if spec.estimator.function is exact:
+        return q.num_states / batch_size
+    return spec.estimator.options["num_samples"] * spec.estimator.evaluations_per_sample
 
 
 def enumerable_config(cfg: Config, bias_latent_dim: int) -> Config:
@@ -280,8 +284,9 @@ def report_markdown(title: str, settings: dict, bias_rows: list[dict], final: li
     lines = [f"# {title}", "", "## Settings", ""]
     lines += [f"- {k}: `{v}`" for k, v in s.items()]
     lines += ["", "Equal budget: every sampling estimator has the same M decoder evaluations per data point and step "
-              "(disarm: M/2 antithetic pairs; double-cv and rodeo also take grad_z f at their M samples, one backward "
-              "pass); exact decodes each latent state once per batch.", ""]
+              "(arm, disarm: M/2 antithetic pairs; double-cv, rodeo and their -ls variants also take grad_z f at "
+              "their M samples, one backward pass); rebar and relax evaluate f 3 times per sample and exact each "
+              "latent state once per batch (the evaluations column).", ""]
     if seeds:
         lines += [f"Every number is the mean ± sample standard deviation over the {len(seeds)} seeds "
                   f"{', '.join(map(str, seeds))}; each seed's own report and figures: "
