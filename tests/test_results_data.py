@@ -1,7 +1,8 @@
 """The results pages' main tables come from data: every number of a table marked ``<!-- data: results/NAME.csv -->``
 in docs/RESULTS.md and docs/APPLICATIONS.md (every cell of numbers alone) is a value of that file, so that a table cannot drift from its runs; the
 data files have the columns run, seed, metric, value, command, and their commands name no machine's paths. The
-mutation page's per-module summary agrees with the per-mutant verdicts in tools/mutation_verdicts.json."""
+mutation page's per-module summary agrees with the per-mutant verdicts in tools/mutation_verdicts.json; the pages
+stay short enough to read as references."""
 from __future__ import annotations
 
 import csv
@@ -108,3 +109,15 @@ def test_the_mutation_summary_matches_the_verdicts_file():
         assert counts.get((module, "cosmetic"), 0) == cosmetic, module
         assert mutants == detected + equivalent + cosmetic, module
         assert float(score) == round(100 * detected / (mutants - equivalent), 1), module
+
+
+def test_the_reference_pages_stay_short_and_read_as_references():
+    for page in DOCS.rglob("*.md"):
+        if page.name != "ESTIMATORS.md":
+            assert len(page.read_text()) <= 20_000, page
+    assert len((ROOT / "benchmarks" / "README.md").read_text()) <= 15_000
+    for page in [DOCS / "RESULTS.md", DOCS / "APPLICATIONS.md", DOCS / "MUTATION.md", DOCS / "TESTING.md",
+                 ROOT / "benchmarks" / "README.md", ROOT / "CHANGELOG.md"]:
+        text = page.read_text()
+        assert not re.search(r"session", text, re.I), page  # no lab notebook: no sessions, no issue numbers
+        assert not re.search(r"\bissues? \d", text, re.I), page
