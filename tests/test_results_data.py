@@ -1,8 +1,8 @@
-"""The results pages' main tables come from data: every number of a table marked ``<!-- data: results/NAME.csv -->``
-in docs/RESULTS.md and docs/APPLICATIONS.md (every cell of numbers alone) is a value of that file, so that a table cannot drift from its runs; the
-data files have the columns run, seed, metric, value, command, and their commands name no machine's paths. The
-mutation page's per-module summary agrees with the per-mutant verdicts in tools/mutation_verdicts.json; the pages
-stay short enough to read as references."""
+"""The results pages' main tables come from data: every number of a table marked ``<!-- data: results/NAME.csv -->`` in
+docs/RESULTS.md and docs/APPLICATIONS.md (every cell of numbers alone) is a value of that file, so that a table
+cannot drift from its runs; the data files have the columns run, seed, metric, value, command, and their commands
+name no machine's paths. The mutation page's per-module summary agrees with the per-mutant verdicts in
+tools/mutation_verdicts.json; the pages stay short enough to read as references."""
 from __future__ import annotations
 
 import csv
