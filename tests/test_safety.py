@@ -1,6 +1,7 @@
 """Safety and failure behaviour (docs/guide/safety.md): checkpoints never run code, run directories are not
 clobbered and have one writer, writes are atomic and durable, training stops at the first non-finite step, and every
 bad input ends with one line on stderr and exit status 2 -- never a traceback."""
+import contextlib
 import json
 import os
 import shutil
@@ -486,7 +487,7 @@ def test_work_that_cannot_fit_in_memory_is_refused_with_the_estimate(run, capsys
 
 
 @pytest.mark.parametrize("damage,match", [
-    (lambda c: json.dumps(c)[:-1] + ', "x": ' + "[" * 100000 + "]" * 100000 + "}", "nested too deeply"),
+    (lambda c: json.dumps(c)[:-1] + ', "x": ' + "[" * 100000 + "]" * 100000 + "}", "nested more than 32 levels deep"),
     (lambda c: json.dumps({**c, "latent_dim": 10**30}), "too large"),
     (lambda c: json.dumps({**c, "hidden": 10**30}), "--hidden must be at least 1 and at most"),
 ], ids=["deeply nested", "huge latent_dim", "huge hidden"])
@@ -568,3 +569,58 @@ def test_reconstruct_and_plot_check_their_output_before_loading(run, tmp_path, c
     f.write_text("x")
     assert_error(cli(capsys, command, run, "--out", f / "sub" if command == "reconstruct" else f),
                  "is a file" if command == "reconstruct" else "is not a directory")
+
+
+# 7. Settings files, torchrun's usage errors, one checkpoint per read (issue 49).
+
+def test_settings_files_are_regular_files_or_pipes_of_bounded_size_and_depth(tmp_path, capsys):
+    """``--config`` reads a regular file or a pipe (``--config <(echo ...)``) of at most 1 MiB, nested at most 32
+    levels deep; a device (``/dev/zero``, which has no end) or more is one line and exit status 2."""
+    import threading
+
+    def piped(data: bytes) -> str:
+        read, write = os.pipe()
+
+        def feed():
+            with open(write, "wb") as fh, contextlib.suppress(BrokenPipeError):
+                fh.write(data)
+        threading.Thread(target=feed, daemon=True).start()
+        return f"/dev/fd/{read}"
+
+    settings = json.dumps({"dataset": "digits", "latent_dim": 4}).encode()
+    code, out, _ = cli(capsys, "train", "--config", piped(settings), "--print-config")
+    assert code == 0 and json.loads(out)["latent_dim"] == 4
+    (tmp_path / "big.json").write_text(" " * (1 << 20) + "{}")
+    (tmp_path / "nested.json").write_text('{"augment": ' + "[" * 33 + "]" * 33 + "}")
+    for path, why in (("/dev/zero", "not a regular file"), (tmp_path, "not a regular file"),
+                      (piped(b" " * (3 << 20)), "larger than 1048576 bytes"),
+                      (tmp_path / "big.json", "larger than 1048576 bytes"),
+                      (tmp_path / "nested.json", "nested more than 32 levels deep"),
+                      (tmp_path / "missing.json", "No such file or directory")):
+        assert_error(cli(capsys, "train", "--config", path, "--print-config"), f"cannot read {path}: {why}\n")
+
+
+def test_under_torchrun_a_usage_error_is_printed_by_rank_0_alone(capsys, monkeypatch):
+    monkeypatch.setenv("RANK", "1")
+    assert cli(capsys, "train", "--bogus") == cli(capsys, "index", "run") == (2, "", "")
+    monkeypatch.setenv("RANK", "0")
+    assert_error(cli(capsys, "train", "--bogus"), "discvae: error: unrecognized arguments: --bogus")
+
+
+def test_a_snapshot_of_a_run_reads_one_checkpoint_while_training_replaces_it(run, tmp_path, monkeypatch):
+    """``index`` and ``search`` take the codes and the digest from one reading of the checkpoint: one replaced
+    (renamed over it, as training does) between the hashing and the loading is not seen by either."""
+    digest, state = runs.run_digest(run), runs.load_checkpoint(run)
+    later = tmp_path / "later"
+    shutil.copytree(run, later)
+    assert main(["train", "--resume", "--out", str(later), "--epochs", "2", "--quiet"]) == 0
+    read = runs._read_checkpoint
+
+    def replaced_meanwhile(source, path, device):
+        os.replace(later / runs.CHECKPOINT, run / runs.CHECKPOINT)
+        return read(source, path, device)
+    monkeypatch.setattr(runs, "_read_checkpoint", replaced_meanwhile)
+    ckpt, seen = runs.run_snapshot(run)
+    assert seen == digest and ckpt["epoch"] == state["epoch"] == 1
+    assert all(torch.equal(ckpt["model"][k], v) for k, v in state["model"].items())
+    assert runs.run_digest(run) != digest  # the run moved on

@@ -1,18 +1,21 @@
 """``discvae index`` / ``discvae search`` and ``HashIndex``: results against a brute-force Hamming computation,
 every way of giving a collection, and one line and exit status 2 for each kind of bad input."""
 import csv
+import hashlib
 import io
 import json
+import os
 import pickle
 import shutil
 import zipfile
+from pathlib import Path
 
 import faiss
 import numpy as np
 import pytest
 
 from discvae import load_dataset, load_run
-from discvae.applications.search import HashIndex, _NpzArray, format_results, open_collection
+from discvae.applications.search import HashIndex, _StoredArray, format_results, open_collection
 from discvae.errors import InputError
 from helpers import assert_one_line_error, run_cli, train_digits, write_idx_folder
 
@@ -24,6 +27,7 @@ def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("search")
     return {"bits": train_digits(root / "bits", "--latent-dim", "16", "--epochs", "2"),
             "other": train_digits(root / "other", "--latent-dim", "65", "--seed", "1"),  # 2 words of 64 bits
+            "byte": train_digits(root / "byte"),  # 8 bits: one word of 64 bits, as "bits"
             "cat": train_digits(root / "cat", "--latent", "categorical", "--latent-dim", "10"),
             "gauss": train_digits(root / "gauss", "--latent", "gaussian", "--estimator", "reparam")}
 
@@ -118,7 +122,7 @@ def test_npy_and_npz_collections_in_any_layout_give_the_same_codes(runs, images,
              tmp_path / "v2.npz"]
     reference = codes_of(HashIndex(runs["bits"]).fit(as_uint8))
     with open_collection(tmp_path / "flat.npy") as (items, _):
-        assert isinstance(items, np.memmap)  # read a block at a time, never whole
+        assert isinstance(items, _StoredArray)  # read a block at a time, never whole nor memory-mapped
     for spec in specs:  # batches of 100 rows: 18 reads, the last one short
         assert np.array_equal(codes_of(HashIndex(runs["bits"], batch_size=100).fit(spec)), reference), spec
 
@@ -153,18 +157,16 @@ def test_npz_rows_are_read_as_sliced_and_a_damaged_member_is_refused(images, tmp
     slices; rows the archive lacks, or bytes that do not decompress, one ``InputError`` naming the file."""
     rows = np.round(images[:40] * 255).astype(np.uint8)
     np.savez_compressed(tmp_path / "x.npz", x=rows)
-    with _NpzArray(tmp_path / "x.npz", None) as items:
+    with _StoredArray(tmp_path / "x.npz", None) as items:
         for part in (slice(0, 40), slice(5, 5), slice(7, 3), slice(30, 99), slice(-4, None), slice(39, 40)):
             assert np.array_equal(items[part], rows[part]), part
     header = io.BytesIO()
     np.lib.format.write_array_header_1_0(header, np.lib.format.header_data_from_array_1_0(rows))
     with zipfile.ZipFile(tmp_path / "short.npz", "w") as archive:  # the header's 40 rows, 25 of them stored
         archive.writestr("x.npy", header.getvalue() + rows[:25].tobytes())
-    with _NpzArray(tmp_path / "short.npz", None) as items:
-        assert np.array_equal(items[10:20], rows[10:20])
-        with pytest.raises(InputError) as caught:
-            items[20:30]
-    assert str(caught.value) == f"{tmp_path / 'short.npz'}: truncated array (rows 20-30 missing)"
+    with pytest.raises(InputError) as caught:
+        _StoredArray(tmp_path / "short.npz", None)
+    assert str(caught.value) == f"{tmp_path / 'short.npz'}:x: truncated array (holds 25 of its 40 rows)"
     noise = np.random.default_rng(0).integers(0, 256, (2000, 64), dtype=np.uint8)  # 128 kB that do not compress
     np.savez_compressed(tmp_path / "noise.npz", x=noise)
     damaged = bytearray((tmp_path / "noise.npz").read_bytes())
@@ -173,10 +175,28 @@ def test_npz_rows_are_read_as_sliced_and_a_damaged_member_is_refused(images, tmp
     start = info.header_offset + 30 + len(info.filename) + len(info.extra)  # the member's compressed bytes
     damaged[start + 100_000:start + 100_100] = bytes(100)  # past the header and the first rows
     (tmp_path / "bad.npz").write_bytes(bytes(damaged))
-    with _NpzArray(tmp_path / "bad.npz", None) as items, pytest.raises(InputError) as caught:
+    with _StoredArray(tmp_path / "bad.npz", None) as items, pytest.raises(InputError) as caught:
         assert np.array_equal(items[0:100], noise[:100])
         items[100:2000]
-    assert str(caught.value).startswith(f"{tmp_path / 'bad.npz'}: corrupt archive (")
+    assert str(caught.value).startswith(f"{tmp_path / 'bad.npz'}:x: corrupt file (")
+
+
+def test_an_npy_collection_truncated_while_it_is_read_is_an_error_not_a_crash(images, tmp_path):
+    """Never memory-mapped (a mapping of a file that shrinks dies of SIGBUS): a file truncated before it is opened,
+    or while its rows are read, is one ``InputError`` naming it."""
+    rows = np.round(images[:40] * 255).astype(np.uint8)
+    np.save(tmp_path / "x.npy", rows)
+    with _StoredArray(tmp_path / "x.npy") as items:
+        assert np.array_equal(items[0:10], rows[:10])
+        with open(tmp_path / "x.npy", "r+b") as fh:
+            fh.truncate(fh.seek(0, 2) - 64 * 15)  # 15 rows of 64 bytes gone
+        assert np.array_equal(items[10:25], rows[10:25])
+        with pytest.raises(InputError) as caught:
+            items[25:40]
+    assert str(caught.value) == f"{tmp_path / 'x.npy'}: truncated array (rows 25-40 missing)"
+    with pytest.raises(InputError) as caught:
+        _StoredArray(tmp_path / "x.npy")
+    assert str(caught.value) == f"{tmp_path / 'x.npy'}: truncated array (holds 25 of its 40 rows)"
 
 
 def test_a_run_trained_on_dynamic_binarisation_indexes_thresholded_images(images, tmp_path):
@@ -198,8 +218,8 @@ def test_bad_input_gets_one_line_and_exit_status_2(runs, images, tmp_path, capsy
     np.save(tmp_path / "none.npy", images[:0])
     with open(tmp_path / "pickled.npy", "wb") as fh:  # a pickle, not an .npy: never unpickled
         pickle.dump(images[:5], fh)
-    pickled = ("cannot read it as a NumPy .npy file (This file contains pickled (object) data. If you trust the file "
-               "you can load it unsafely using the `allow_pickle=` keyword argument or `pickle.load()`.)")
+    pickled = ("cannot read its .npy header (the magic string is not correct; expected b'\\x93NUMPY', got "
+               f"{(tmp_path / 'pickled.npy').read_bytes()[:6]!r})")
     np.savez(tmp_path / "pair.npz", a=images[:5], b=images[:5])
     np.savez(tmp_path / "empty.npz")
     (tmp_path / "not_zip.npz").write_bytes(b"not a zip archive")
@@ -255,10 +275,9 @@ def test_bad_input_gets_one_line_and_exit_status_2(runs, images, tmp_path, capsy
          f"{tmp_path / 'pickled.npy'}: {pickled}"),
         (["index", bits, "--data", "digits:all", "--out", tmp_path / "x", "--batch-size", "0"],
          "--batch-size must be at least 1"),
-        (["search", index, other_run, "--query", q], f"{index} was built with another run ({bits}), or before "
-         f"{other_run} was trained further; build it again with this run"),
-        (["search", mixed, bits, "--query", q],
-         f"{mixed / 'codes.faiss'} holds codes 128 bits wide; {bits}'s 16-bit codes take 64"),
+        (["search", index, other_run, "--query", q], f"{index} was built with another run ({str(bits)!r}), or "
+         f"before {other_run} was trained further; build it again with this run"),
+        (["search", mixed, bits, "--query", q], f"cannot read {mixed / 'codes.faiss'}: larger than 2409 bytes"),
         (["search", index, bits, "--query", tmp_path / "small.npy"], f"{tmp_path / 'small.npy'}: items of shape "
          f"(1, 7, 7) (49 values); {bits} takes images of shape (1, 8, 8) (64 values)"),
         (["search", index, bits, "--query", tmp_path / "flat60.npy"], f"{tmp_path / 'flat60.npy'}: items of shape "
@@ -286,10 +305,22 @@ def json_error(text: str) -> str:
     return str(caught.value)
 
 
+def resealed(folder, **meta):
+    """Make ``folder``'s ``index.json`` record the SHA-256 of the files there now (and the entries ``meta``), as a
+    hostile author could."""
+    path = folder / "index.json"
+    old = json.loads(path.read_text())
+    digests = {f"{key}_sha256": hashlib.sha256((folder / name).read_bytes()).hexdigest()
+               for key, name in (("codes", "codes.faiss"), ("ids", "ids.npy"))}
+    path.write_text(json.dumps({**old, **digests, **meta}))
+
+
 def test_a_damaged_index_folder_is_refused_in_full(runs, images, tmp_path, capsys):
-    """What ``search`` says of an index folder whose files were changed or lost, each error in full."""
-    built = tmp_path / "built"
+    """What ``search`` says of an index folder whose files were changed, swapped or lost, each error in full:
+    ``index.json`` records the SHA-256 of the other two, and files that match a forged record are checked too."""
+    built, other = tmp_path / "built", tmp_path / "other"
     assert run_cli(capsys, "index", runs["bits"], "--data", "digits:test", "--out", built)[0] == 0
+    assert run_cli(capsys, "index", runs["byte"], "--data", "digits:test", "--out", other)[0] == 0
     np.save(tmp_path / "q.npy", images[:5])
     meta = json.loads((built / "index.json").read_text())
 
@@ -298,25 +329,128 @@ def test_a_damaged_index_folder_is_refused_in_full(runs, images, tmp_path, capsy
         shutil.copytree(built, folder)
         change(folder)
         return folder
-    not_json = damaged("not_json", lambda f: (f / "index.json").write_text("{"))
+
+    def meta_of(name, value):
+        return damaged(name, lambda f: (f / "index.json").write_text(value if isinstance(value, str) else
+                                                                     json.dumps(value)))
+
+    def ids_of(name, array, **entries):
+        return damaged(name, lambda f: (np.save(f / "ids.npy", array), resealed(f, **entries)))
+    not_json = meta_of("not_json", "{")
+    not_ids = "does not hold 297 ids (integers >= 0 on one axis)"
+    codes = ("is not the file index.json records (swapped, from another index, or damaged); build the index again")
+    header = (built / "codes.faiss").read_bytes()[:33]
     cases = [
         (not_json, f"cannot read {not_json / 'index.json'}: {json_error('{')}"),
-        *[(damaged(name, lambda f, m=m: (f / "index.json").write_text(json.dumps(m))),
-           f"{tmp_path / name / 'index.json'} is not the metadata of a discvae index (format 1)")
-          for name, m in (("format2", {**meta, "format": 2}), ("no_count", {k: v for k, v in meta.items()
-                                                                           if k != "count"}), ("a_list", [meta]))],
+        *[(meta_of(name, m), f"{tmp_path / name / 'index.json'} is not the metadata of a discvae index (format 2)")
+          for name, m in (("format3", {**meta, "format": 3}), ("a_list", [meta]), ("no_format", {"x": 1}))],
+        (meta_of("format1", {**meta, "format": 1}),
+         f"{tmp_path / 'format1'} is an index of format 1, which records no digests of its files; build it again"),
+        (meta_of("no_count", {k: v for k, v in meta.items() if k != "count"}),
+         f"{tmp_path / 'no_count' / 'index.json'} is not the metadata of a discvae index (missing or malformed: "
+         "count)"),
+        (meta_of("bad_types", {**meta, "count": True, "bits": 0, "run": None, "codes_sha256": 1}),
+         f"{tmp_path / 'bad_types' / 'index.json'} is not the metadata of a discvae index (missing or malformed: "
+         "run, bits, count, codes_sha256)"),
+        (meta_of("nested", '{"x": ' + "[" * 40 + "]" * 40 + "}"),
+         f"cannot read {tmp_path / 'nested' / 'index.json'}: nested more than 32 levels deep"),
+        (meta_of("deep", "[" * 100000 + "]" * 100000),
+         f"cannot read {tmp_path / 'deep' / 'index.json'}: nested more than 32 levels deep"),
+        (meta_of("huge", json.dumps({**meta, "pad": "x" * (1 << 20)})),
+         f"cannot read {tmp_path / 'huge' / 'index.json'}: larger than 1048576 bytes"),
+        (damaged("a_folder", lambda f: ((f / "index.json").unlink(), (f / "index.json").mkdir())),
+         f"cannot read {tmp_path / 'a_folder' / 'index.json'}: not a regular file"),
+        (meta_of("hostile_run", {**meta, "digest": "0" * 64, "run": "x\ndiscvae search: ok"}),
+         f"{tmp_path / 'hostile_run'} was built with another run ('x\\ndiscvae search: ok'), or before "
+         f"{runs['bits']} was trained further; build it again with this run"),
+        (meta_of("bits", {**meta, "bits": 8}), f"{tmp_path / 'bits' / 'index.json'} records 8-bit codes of 8 bytes; "
+         f"{runs['bits']}'s are 16 bits in 8 bytes; build it again"),
         (damaged("no_ids", lambda f: (f / "ids.npy").unlink()),
-         f"cannot read the index in {tmp_path / 'no_ids'}: [Errno 2] No such file or directory: "
-         f"'{tmp_path / 'no_ids' / 'ids.npy'}'"),
-        (damaged("pickled", lambda f: np.save(f / "ids.npy", np.array([None] * 297, dtype=object))),
-         f"cannot read the index in {tmp_path / 'pickled'}: Object arrays cannot be loaded when allow_pickle=False"),
-        (damaged("short", lambda f: np.save(f / "ids.npy", np.arange(296))),
-         f"{tmp_path / 'short'} is incomplete or mixed (297 codes, 296 ids, 297 in index.json); build it again"),
+         f"cannot read {tmp_path / 'no_ids' / 'ids.npy'}: No such file or directory"),
+        (damaged("swapped", lambda f: shutil.copy(other / "codes.faiss", f / "codes.faiss")),
+         f"{tmp_path / 'swapped' / 'codes.faiss'} {codes}"),
+        (damaged("flipped", lambda f: (f / "codes.faiss").write_bytes(
+            (lambda b: b[:-1] + bytes([b[-1] ^ 1]))((f / "codes.faiss").read_bytes()))),
+         f"{tmp_path / 'flipped' / 'codes.faiss'} {codes}"),
+        (damaged("ids_swapped", lambda f: np.save(f / "ids.npy", np.arange(297)[::-1])),
+         f"{tmp_path / 'ids_swapped' / 'ids.npy'} {codes}"),
+        (damaged("long_codes", lambda f: (f / "codes.faiss").write_bytes(bytes(33 + 297 * 8 + 1))),
+         f"cannot read {tmp_path / 'long_codes' / 'codes.faiss'}: larger than {33 + 297 * 8} bytes"),
+        (damaged("forged_codes", lambda f: ((f / "codes.faiss").write_bytes(header + bytes(296 * 8)), resealed(f))),
+         f"{tmp_path / 'forged_codes' / 'codes.faiss'} is not a faiss IndexBinaryFlat of 297 codes of 64 bits"),
+        (ids_of("pickled", np.array([None] * 297, dtype=object)), f"cannot read {tmp_path / 'pickled' / 'ids.npy'}: "
+         "Object arrays cannot be loaded when allow_pickle=False"),
+        *[(ids_of(name, array), f"{tmp_path / name / 'ids.npy'} {not_ids}") for name, array in (
+            ("short", np.arange(296)), ("floats", np.arange(297.0)), ("negative", np.arange(297) - 1),
+            ("strings", np.array([str(i) for i in range(297)])), ("two_d", np.arange(297)[:, None]),
+            ("too_large", np.full(297, 2**64 - 1, np.uint64)), ("bools", np.ones(297, bool)))],
     ]
     for folder, message in cases:
         code, _, err = run_cli(capsys, "search", folder, runs["bits"], "--query", tmp_path / "q.npy")
         assert_one_line_error(code, err, message)
         assert err.strip() == f"discvae search: error: {message}"
+
+
+def test_the_issue_reproductions_end_in_one_line_errors(runs, images, tmp_path, capsys):
+    """Issue 49: an index holding another index's codes, and outputs that would overwrite an index's files."""
+    idx, idx16 = tmp_path / "idx", tmp_path / "idx16"
+    assert run_cli(capsys, "index", runs["byte"], "--data", "digits:train", "--out", idx)[0] == 0
+    assert run_cli(capsys, "index", runs["bits"], "--data", "digits:train", "--out", idx16)[0] == 0
+    kept = {p.name: p.read_bytes() for p in idx.iterdir()}
+    shutil.copy(idx16 / "codes.faiss", idx / "codes.faiss")
+    assert_one_line_error(*run_cli(capsys, "search", idx, runs["byte"], "--query", "digits:test", "-k", "3")[::2],
+                          f"{idx / 'codes.faiss'} is not the file index.json records")
+    (idx / "codes.faiss").write_bytes(kept["codes.faiss"])
+    for argv in (["search", idx, runs["byte"], "--query", "digits:test", "--out", idx / "codes.faiss"],
+                 ["search", idx, runs["byte"], "--query", "digits:test", "--out", idx / "index.json"],
+                 ["search", idx, runs["byte"], "--query", "digits:test", "--out", idx / "hits.json"],
+                 ["encode", runs["byte"], "--out", idx / "ids.npy"],
+                 ["retrieval", runs["byte"], "--out", idx]):
+        code, _, err = run_cli(capsys, *argv)
+        assert_one_line_error(code, err, f"refusing to write {argv[-1]}: it is in the index {idx}; choose another "
+                              "output")
+    assert {p.name: p.read_bytes() for p in idx.iterdir()} == kept
+    assert run_cli(capsys, "search", idx, runs["byte"], "--query", "digits:test", "-k", "3")[0] == 0
+
+
+def test_index_out_takes_a_new_or_empty_folder_or_an_index_and_nothing_else(runs, tmp_path, capsys):
+    """``index --out`` refuses a run directory (through a symbolic link too), a path inside a run or an index, and a
+    folder holding other files, each leaving it as it was; it fills an empty folder and rebuilds an index in place,
+    leaving nothing beside it but its lock."""
+    run = runs["byte"]
+    (tmp_path / "link").symlink_to(run)
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    (theirs / "index.json").write_text('{"format": 2}')
+    built = tmp_path / "built"
+    assert run_cli(capsys, "index", run, "--data", "digits:test", "--out", built)[0] == 0
+    (tmp_path / "file").write_text("x")
+    before = {p: p.read_bytes() for p in [*theirs.iterdir(), *built.iterdir(), *Path(run).iterdir()] if p.is_file()}
+    others = "holds files that are not a discvae index; give a new or empty folder, or an index to rebuild"
+    for out, why in ((run, "is a run directory"), (tmp_path / "link", "is a run directory"),
+                     (Path(run) / "sub", f"is inside the run {Path(run).resolve()}"),
+                     (built / "sub", f"is inside the index {built.resolve()}"), (theirs, others),
+                     (tmp_path / "file", "exists and is not a directory")):
+        code, _, err = run_cli(capsys, "index", run, "--data", "digits:test", "--out", out)
+        message = f"{out} exists and is not a directory" if why.startswith("exists") else \
+            f"refusing to write an index into {out}: it {why}"
+        assert_one_line_error(code, err, message)
+    assert {p: p.read_bytes() for p in before} == before and not (Path(run) / "sub").exists()
+    (tmp_path / "empty").mkdir()
+    for out in (tmp_path / "empty", built):
+        assert run_cli(capsys, "index", run, "--data", "digits:train", "--out", out)[0] == 0
+        assert json.loads((out / "index.json").read_text())["count"] == 1500
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == [".built.lock", ".empty.lock"]
+
+
+def test_a_second_builder_is_refused_while_one_writes(runs, tmp_path, capsys):
+    from discvae.runs import file_lock
+
+    index = tmp_path / "index"
+    with file_lock(tmp_path / ".index.lock", index):
+        code, _, err = run_cli(capsys, "index", runs["byte"], "--data", "digits:test", "--out", index)
+    assert_one_line_error(code, err, f"{index} is in use by another discvae process (pid {os.getpid()})")
+    assert not index.exists()
 
 
 def test_results_as_text_json_by_default_and_csv_with_unix_lines():

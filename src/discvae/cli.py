@@ -31,7 +31,8 @@ from .training import load_run, train
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message}\n")
+        """Exit with status 2 and the usage error on one line, printed by rank 0 alone under torchrun."""
+        self.exit(2, f"{self.prog}: error: {message}\n" if distributed.rank() == 0 else None)
 
 
 def _add_train(sub):
@@ -253,13 +254,15 @@ def _add_index(sub):
     p = sub.add_parser("index", help="a Bernoulli run's codes of a collection of images -> a faiss binary index",
                        description="Encode a collection of images with a trained Bernoulli run, batch by batch, into "
                        "the folder INDEX: codes.faiss (a faiss IndexBinaryFlat), ids.npy (the row of each code) and "
-                       "index.json (a digest of the run, so that search can check the index is the run's). Under "
-                       "torchrun the ranks share the rows and rank 0 writes.")
+                       "index.json (digests of the run and of both files, so that search can check the index is the "
+                       "run's and whole). INDEX is new, empty or an index to rebuild; it is replaced in one step. "
+                       "Under torchrun the ranks share the rows and rank 0 writes.")
     p.add_argument("run_dir", metavar="RUN_DIR", help="a trained run with a Bernoulli latent")
     p.add_argument("--data", required=True, help="the collection: NAME:SPLIT (mnist, fashion-mnist or digits; "
-                   "train, test or all), FILE.npy (memory-mapped) or FILE.npz[:KEY] (streamed), items of the run's "
+                   "train, test or all), FILE.npy or FILE.npz[:KEY] (both streamed), items of the run's "
                    "image shape or as many values")
-    p.add_argument("--out", required=True, metavar="INDEX", help="folder to write the index into")
+    p.add_argument("--out", required=True, metavar="INDEX", help="folder to write the index into (new, empty, or "
+                   "an index to rebuild)")
     _add_encoding_flags(p)
     p.set_defaults(func=cmd_index)
 
@@ -272,10 +275,9 @@ def _add_encoding_flags(p) -> None:
 def cmd_index(args) -> None:
     from .applications.search import build_index
 
-    out = check_output(args.out)
-    index = build_index(args.run_dir, args.data, out, args.batch_size, args.data_dir)
+    index = build_index(args.run_dir, args.data, args.out, args.batch_size, args.data_dir)
     if distributed.rank() == 0:  # under torchrun, once
-        print(f"{out}: {index.index_.ntotal} codes of {index.bits_} bits")
+        print(f"{args.out}: {index.index_.ntotal} codes of {index.bits_} bits")
 
 
 def _add_search(sub):

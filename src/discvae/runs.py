@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import errno
 import hashlib
 import json
 import math
@@ -22,6 +23,7 @@ import os
 import pickle
 import re
 import secrets
+import stat
 import tempfile
 from pathlib import Path
 
@@ -31,6 +33,8 @@ from .errors import InputError
 
 CONFIG, METRICS, CHECKPOINT, LOCK = "config.json", "metrics.csv", "checkpoint.pt", ".lock"
 RUN_FILES = (CONFIG, METRICS, CHECKPOINT, LOCK)  # what no command but train writes in a run directory
+INDEX_FILES = ("codes.faiss", "ids.npy", "index.json")  # an index folder's files (applications.search), nothing else
+JSON_BYTES, JSON_DEPTH = 1 << 20, 32  # the most bytes and levels of nesting read from a JSON file
 BEST = "best"  # the run of the best epoch by --keep-best, inside the run directory
 
 # what a training checkpoint holds, with the type of each entry
@@ -65,17 +69,69 @@ def atomic_path(path):
     _fsync(path.parent, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
 
 
-def _new_temporary(path: Path) -> Path:
-    """A new empty file ``.NAME.RANDOM.tmp`` beside ``path``, created with mode 0666 less the umask as a plain
-    ``open()`` would (the system applies the umask: it is never read or set, which would race with other threads;
-    ``tempfile.mkstemp`` would make it 0600)."""
+def _new_temporary(path: Path, directory: bool = False) -> Path:
+    """A new empty file (or ``directory``) ``.NAME.RANDOM.tmp`` beside ``path``, created with mode 0666 (0777) less
+    the umask as a plain ``open()`` (``mkdir``) would (the system applies the umask: it is never read or set, which
+    would race with other threads; ``tempfile.mkstemp`` would make it 0600)."""
     while True:
         tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")  # matches TEMPORARY
         try:
-            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            if directory:
+                os.mkdir(tmp, 0o777)
+            else:
+                os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
             return tmp
         except FileExistsError:  # 2^-48 per existing temporary
             continue
+
+
+def staging_directory(path) -> Path:
+    """A new empty directory ``.NAME.RANDOM.tmp`` beside ``path`` (which ``TEMPORARY`` matches), to be filled and
+    moved to ``path`` by ``replace_directory``."""
+    return _new_temporary(Path(path), directory=True)
+
+
+def replace_directory(staged, target) -> Path | None:
+    """Rename the directory ``staged`` (beside ``target``) to ``target`` in one step, durably (both directories and
+    their parent ``fsync``'d): onto a missing or empty ``target``, or swapped with an existing one (``renameat2``'s
+    ``RENAME_EXCHANGE`` on Linux, ``renamex_np``'s ``RENAME_SWAP`` on macOS), so that ``target`` is at every moment
+    the old directory or the new one. Returns where the old one now is (``staged``'s name) for the caller to
+    remove, None if there was none; an ``InputError`` where the file system cannot swap directories."""
+    staged, target = Path(staged), Path(target)
+    flags = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0)
+    _fsync(staged, flags)
+    try:
+        os.rename(staged, target)  # POSIX: onto a missing or an empty directory
+        old = None
+    except OSError as err:
+        if not target.is_dir() or err.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+            raise
+        if not _exchange(staged, target):
+            raise InputError(f"cannot replace {target} in one step on this file system; remove it first or choose "
+                             "another folder") from None
+        old = staged
+    _fsync(target.parent, flags)
+    return old
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap the directories ``a`` and ``b`` atomically; False where neither system call exists or the file system
+    does not support it."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    if hasattr(libc, "renameat2"):
+        done = libc.renameat2(-100, os.fsencode(a), -100, os.fsencode(b), 2)  # AT_FDCWD, RENAME_EXCHANGE
+    elif hasattr(libc, "renamex_np"):
+        done = libc.renamex_np(os.fsencode(a), os.fsencode(b), 2)  # RENAME_SWAP
+    else:
+        return False
+    if done == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP):
+        return False
+    raise OSError(code, os.strerror(code), str(b))
 
 
 def _fsync(path, flags: int) -> None:
@@ -89,6 +145,17 @@ def _fsync(path, flags: int) -> None:
 def is_run(folder) -> bool:
     """Whether ``folder`` is a discvae run directory (it holds a ``config.json`` or a ``checkpoint.pt``)."""
     return any((Path(folder) / name).is_file() for name in (CONFIG, CHECKPOINT))
+
+
+def is_index(folder) -> bool:
+    """Whether ``folder`` looks like a discvae index folder (its ``index.json`` beside its codes or ids)."""
+    folder = Path(folder)
+    return (folder / INDEX_FILES[2]).is_file() and any((folder / name).exists() for name in INDEX_FILES[:2])
+
+
+def enclosing(path, test) -> Path | None:
+    """The nearest folder above ``path`` (its real path, symbolic links resolved) for which ``test`` holds."""
+    return next((folder for folder in Path(path).resolve().parents if test(folder)), None)
 
 
 def remove_stale_temporaries(folder) -> list[Path]:
@@ -107,6 +174,13 @@ def write_text(path, text: str) -> Path:
     """Write ``text`` to ``path`` atomically; returns ``path``."""
     with atomic_path(path) as tmp:
         tmp.write_text(text)
+    return Path(path)
+
+
+def write_bytes(path, data: bytes) -> Path:
+    """Write ``data`` to ``path`` atomically; returns ``path``."""
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
     return Path(path)
 
 
@@ -173,6 +247,29 @@ def load_checkpoint(run_dir, device="cpu") -> dict:
     """The training checkpoint of ``run_dir``, loaded without running code (``weights_only=True``), its digest
     verified (a checkpoint written before digests has none) and checked to hold every entry of ``CHECKPOINT_KEYS``
     with its type and a value in range (``check_entries``); returned without ``DIGEST``."""
+    path = _checkpoint_path(run_dir)
+    return _read_checkpoint(path, path, device)
+
+
+def run_snapshot(run_dir, device="cpu") -> tuple[dict, str]:
+    """``load_checkpoint(run_dir, device)`` and the ``run_digest`` of the very files it was read from: the checkpoint
+    hashed is the one loaded, even while the run trains (a new checkpoint is renamed into place; the file open here
+    stays the old one)."""
+    config, path = _config_path(run_dir), _checkpoint_path(run_dir)
+    digest = hashlib.sha256()
+    try:
+        with open(config, "rb") as fh:
+            _feed(digest, fh)
+        with open(path, "rb") as fh:
+            _feed(digest, fh)
+            fh.seek(0)
+            return _read_checkpoint(fh, path, device), digest.hexdigest()
+    except OSError as err:
+        raise InputError(f"cannot read {err.filename or path}: {_reason(err)}") from None
+
+
+def _checkpoint_path(run_dir) -> Path:
+    """``run_dir``'s checkpoint file; an ``InputError`` saying why there is none."""
     path = Path(run_dir) / CHECKPOINT
     if not Path(run_dir).is_dir():
         raise InputError(f"{run_dir} is not a run directory")
@@ -181,8 +278,14 @@ def load_checkpoint(run_dir, device="cpu") -> dict:
             raise InputError(f"{run_dir} has no checkpoint yet (its training stopped before the first epoch "
                              "ended); start it again without --resume")
         raise InputError(f"{run_dir} is not a run directory (no {CHECKPOINT})")
+    return path
+
+
+def _read_checkpoint(source, path: Path, device) -> dict:
+    """The checkpoint in ``source`` (the file ``path``, or a file object open on it), as ``load_checkpoint``
+    returns it."""
     try:
-        ckpt = torch.load(path, map_location=device, weights_only=True)
+        ckpt = torch.load(source, map_location=device, weights_only=True)
     except pickle.UnpicklingError as err:
         unsafe = re.search(r"GLOBAL (\S+)", str(err))
         if unsafe:
@@ -248,33 +351,92 @@ def run_digest(run_dir) -> str:
     for name in (CONFIG, CHECKPOINT):
         try:
             with open(Path(run_dir) / name, "rb") as fh:
-                while chunk := fh.read(1 << 20):
-                    digest.update(chunk)
+                _feed(digest, fh)
         except OSError as err:
             raise InputError(f"cannot read {Path(run_dir) / name}: {_reason(err)}") from None
     return digest.hexdigest()
 
 
+def _feed(digest, fh) -> None:
+    while chunk := fh.read(1 << 20):
+        digest.update(chunk)
+
+
 def read_config(run_dir) -> dict:
     """``config.json`` of ``run_dir`` as a dict (its field types are checked by ``Config.from_dict``)."""
+    return read_settings(_config_path(run_dir))
+
+
+def _config_path(run_dir) -> Path:
     path = Path(run_dir) / CONFIG
     if not Path(run_dir).is_dir() or not path.exists():
         raise InputError(f"{run_dir} is not a run directory (no {CONFIG})")
-    return read_settings(path)
+    return path
 
 
 def read_settings(path) -> dict:
-    """The JSON object in the file ``path`` (a ``config.json``, or a settings file for ``train --config``)."""
-    path = Path(path)
-    try:
-        saved = json.loads(path.read_bytes().decode("utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise InputError(f"cannot read {path}: {_reason(err)}") from None
-    except RecursionError:
-        raise InputError(f"cannot read {path}: nested too deeply") from None
+    """The JSON object in the file ``path`` (a ``config.json``, or a settings file for ``train --config``), read as
+    ``read_json`` reads it."""
+    saved = read_json(path)
     if not isinstance(saved, dict):
         raise InputError(f"{path} must hold a JSON object of settings, not {type(saved).__name__}")
     return saved
+
+
+def read_json(path, dir_fd: int | None = None, shown=None):
+    """The JSON value in the file ``path`` (relative to the directory ``dir_fd`` if given; called ``shown`` in
+    messages): a regular file or a pipe (``--config <(...)``) of at most ``JSON_BYTES`` bytes, UTF-8, nested at
+    most ``JSON_DEPTH`` levels deep; anything else is a one-line ``InputError``."""
+    shown = shown or path
+    data = read_bounded(path, JSON_BYTES, dir_fd, shown)
+    try:
+        value = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise InputError(f"cannot read {shown}: {_reason(err)}") from None
+    except RecursionError:
+        value = None
+        depth = JSON_DEPTH + 1
+    else:
+        depth = _depth(value)
+    if depth > JSON_DEPTH:
+        raise InputError(f"cannot read {shown}: nested more than {JSON_DEPTH} levels deep")
+    return value
+
+
+def _depth(value) -> int:
+    """The levels of nesting of a JSON value (1 for a number or string), counted up to ``JSON_DEPTH + 1``, without
+    recursion."""
+    deepest, stack = 0, [(value, 1)]
+    while stack and deepest <= JSON_DEPTH:
+        value, depth = stack.pop()
+        deepest = max(deepest, depth)
+        items = value.values() if isinstance(value, dict) else value if isinstance(value, list) else ()
+        stack.extend((item, depth + 1) for item in items)
+    return deepest
+
+
+def read_bounded(path, limit: int, dir_fd: int | None = None, shown=None) -> bytes:
+    """The bytes of the file ``path`` (relative to the directory ``dir_fd`` if given; called ``shown`` in messages):
+    a regular file or a pipe, at most ``limit`` bytes of it; a device, a directory or more bytes is a one-line
+    ``InputError``, and so is an ``OSError``. A pipe is opened without waiting for a writer."""
+    shown = shown or path
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0), dir_fd=dir_fd)
+    except OSError as err:
+        raise InputError(f"cannot read {shown}: {_reason(err)}") from None
+    mode = os.fstat(fd).st_mode
+    if not (stat.S_ISREG(mode) or stat.S_ISFIFO(mode)):
+        os.close(fd)
+        raise InputError(f"cannot read {shown}: not a regular file")
+    with open(fd, "rb") as fh:
+        os.set_blocking(fd, True)
+        try:
+            data = fh.read(limit + 1)
+        except OSError as err:
+            raise InputError(f"cannot read {shown}: {_reason(err)}") from None
+    if len(data) > limit:
+        raise InputError(f"cannot read {shown}: larger than {limit} bytes")
+    return data
 
 
 def _reason(err: BaseException) -> str:
@@ -285,8 +447,9 @@ def _reason(err: BaseException) -> str:
 def check_output(path, kind: str = "directory") -> Path:
     """Fail now, before any work, if ``path`` cannot become (or be written into, for an existing directory) the
     output ``kind`` ("directory" or "file"): a file where a directory is needed or the reverse, a path under a
-    file, no write permission, a read-only file system, one of a run's own files (``RUN_FILES``), a folder that a
-    training process holds. Creates nothing."""
+    file, no write permission, a read-only file system, one of a run's own files (``RUN_FILES``), a path in an
+    index folder (``is_index``: its own files or beside them), a folder that a training process holds. Creates
+    nothing."""
     path = Path(path)
     if kind == "directory" and path.exists() and not path.is_dir():
         raise InputError(f"{path} exists and is not a directory")
@@ -295,6 +458,9 @@ def check_output(path, kind: str = "directory") -> Path:
     folder = path if kind == "directory" else path.parent
     if kind == "file" and path.name in RUN_FILES and is_run(folder):
         raise InputError(f"refusing to write {path}: it is a file of the run in {folder}; choose another output")
+    index = folder if is_index(folder) else enclosing(folder, is_index)
+    if index:
+        raise InputError(f"refusing to write {path}: it is in the index {index}; choose another output")
     existing = folder
     while not existing.exists():
         existing = existing.parent
@@ -331,13 +497,39 @@ def _refuse_busy(folder, fd: int):
     raise InputError(f"{folder} is in use by another discvae process (pid {holder})") from None
 
 
+def _hold(fd: int, folder) -> None:
+    """Take the exclusive ``flock`` of the open lock file ``fd`` and write this process's pid into it; an
+    ``InputError`` naming ``folder`` and the holder's pid if another process holds it."""
+    import fcntl  # POSIX
+
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        _refuse_busy(folder, fd)
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+
+
+@contextlib.contextmanager
+def file_lock(path, folder):
+    """Hold an exclusive lock (``flock`` on the file ``path``, created if needed and left in place) for the
+    ``with`` block; while another process holds it, an ``InputError`` naming ``folder`` and that process's pid."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError as err:
+        raise InputError(f"cannot create {path}: {_reason(err)}") from None
+    try:
+        _hold(fd, folder)
+        yield
+    finally:
+        os.close(fd)
+
+
 @contextlib.contextmanager
 def run_lock(run_dir):
     """Hold an exclusive lock on ``run_dir`` (created if needed) for the ``with`` block; a second holder gets an
     ``InputError`` naming the first one's pid. If the block fails, a lock file this call created is removed again,
     and so is a directory it created if nothing else was written into it."""
-    import fcntl  # POSIX
-
     run_dir = Path(run_dir)
     created = not run_dir.exists()
     fresh = created or not (run_dir / LOCK).exists()
@@ -347,12 +539,7 @@ def run_lock(run_dir):
     except OSError as err:
         raise InputError(f"cannot create {run_dir}: {_reason(err)}") from None
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            _refuse_busy(run_dir, fd)
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        _hold(fd, run_dir)
         try:
             yield run_dir
         except BaseException:

@@ -40,10 +40,10 @@ def labels_of(data: Dataset, split: str, what: str) -> np.ndarray:
     return labels
 
 
-def load_coded_run(run_dir, family: type | None = None):
-    """``training.load_run(run_dir)`` -> (config, model, data); ``family``: the family the run's code must have
-    (its one discrete block, or its only block), e.g. ``Bernoulli`` for hashing."""
-    cfg, model, data = load_run(run_dir)
+def load_coded_run(run_dir, family: type | None = None, ckpt: dict | None = None):
+    """``training.load_run(run_dir, ckpt=ckpt)`` -> (config, model, data); ``family``: the family the run's code
+    must have (its one discrete block, or its only block), e.g. ``Bernoulli`` for hashing."""
+    cfg, model, data = load_run(run_dir, ckpt=ckpt)
     block = code_block(model)
     if family and block.family is not family:
         raise InputError(f"{run_dir} has a {model.space} latent; this needs one {family.name} block "

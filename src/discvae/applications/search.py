@@ -5,10 +5,10 @@ A collection (and the queries) is one of:
 
 * ``NAME:SPLIT``: a split (``train``, ``test``, or ``all``, train then test, the default) of ``mnist``,
   ``fashion-mnist`` or ``digits``;
-* ``FILE.npy``: an array of images, memory-mapped (``np.load(mmap_mode="r")``);
-* ``FILE.npz`` or ``FILE.npz:KEY``: the archive's only array, or its array KEY. A member of a zip archive cannot be
-  memory-mapped and ``np.load`` would read it whole, so it is streamed through ``zipfile`` a batch of rows at a time
-  (archives of ``np.savez`` and of ``np.savez_compressed`` alike);
+* ``FILE.npy``: an array of images, read a batch of rows at a time (never memory-mapped: a file truncated while it
+  is read is a one-line error, where a mapping would die of SIGBUS);
+* ``FILE.npz`` or ``FILE.npz:KEY``: the archive's only array, or its array KEY, streamed through ``zipfile`` a batch
+  of rows at a time (archives of ``np.savez`` and of ``np.savez_compressed`` alike);
 * in Python also an array or tensor ``[N, ...]``.
 
 Each item has the run's image shape or as many values (taken in row-major order), uint8 (0-255) or float in [0, 1] as
@@ -17,20 +17,34 @@ codes (8 bytes per item up to 64 bits) are held. Under torchrun each rank encode
 They are fed as the run was evaluated, except that a run trained with dynamic binarisation sees them thresholded at
 1/2 (the most probable binarisation), so that an image's code depends on no random draw, batch or rank.
 
-An index is a folder: ``codes.faiss`` (``faiss.write_index_binary`` of the ``IndexBinaryFlat`` of the codes, as
-``retrieval.pack`` lays them out), ``ids.npy`` (the collection row of each code) and ``index.json`` (the digest of
-the run, ``runs.run_digest``; its latent, the code length, the number of codes, the collection), each written
-atomically, ``index.json`` last. Loading it with a run checks that digest: an index built with another run, or before
-the run was trained further, is refused.
+An index is a folder holding three files and nothing else: ``codes.faiss`` (``faiss.write_index_binary`` of the
+``IndexBinaryFlat`` of the codes, as ``retrieval.pack`` lays them out), ``ids.npy`` (the collection row of each code)
+and ``index.json`` (format 2: the digest of the run, ``runs.run_digest``, of the very checkpoint the codes were
+computed with; its latent, the code length in bits and bytes, the number of codes, the collection, and the SHA-256 of
+``codes.faiss`` and of ``ids.npy``). It is an artifact with integrity, like a checkpoint:
+
+* ``load`` reads the three files from one folder (opened once: a rebuild meanwhile does not mix them), refuses an
+  index built with another run or before the run was trained further, and a ``codes.faiss`` or ``ids.npy`` that is
+  not the file ``index.json`` records (swapped, from another index, damaged); it parses the codes itself (faiss never
+  reads untrusted bytes) and checks the ids (integers >= 0, one axis, ``count`` of them). Files are read with a
+  bound on their size (``runs.read_bounded``, ``runs.read_json``).
+* ``save`` writes into a new folder beside the target and puts it in the target's place in one step
+  (``runs.replace_directory``), under a lock (``flock`` on ``.NAME.lock`` beside it): a build killed at any moment
+  leaves the old index or the new one, never a mix. It writes only a new or empty folder or over an index
+  (``check_folder``): never into a run directory, nor inside a run or an index, nor into a folder holding anything
+  else.
 """
 from __future__ import annotations
 
 import contextlib
 import csv
+import hashlib
 import io
 import json
 import math
 import os
+import re
+import struct
 import zipfile
 import zlib
 from pathlib import Path
@@ -44,13 +58,33 @@ from ..distributed import split_rows
 from ..distributions import Bernoulli
 from ..errors import InputError
 from ..likelihoods import binarize
-from ..runs import atomic_path, run_digest, write_json
+from ..runs import (
+    INDEX_FILES,
+    TEMPORARY,
+    check_output,
+    enclosing,
+    file_lock,
+    is_index,
+    is_run,
+    read_bounded,
+    read_json,
+    replace_directory,
+    run_snapshot,
+    staging_directory,
+    write_bytes,
+    write_json,
+)
 from .codes import SPLITS, code_block, load_coded_run, split_images
 from .retrieval import pack
 
-INDEX, IDS, META = "codes.faiss", "ids.npy", "index.json"
-FORMAT = 1
+INDEX, IDS, META = INDEX_FILES
+FORMAT = 2
 FORMATS = ("json", "csv")
+# what index.json holds, with the type of each entry (the ints >= 1)
+META_KEYS = {"format": int, "run": str, "digest": str, "latent": str, "bits": int, "code_size": int, "count": int,
+             "data": str, "codes_sha256": str, "ids_sha256": str}
+# faiss's IndexBinaryFlat file: fourcc, d, code_size, ntotal, is_trained, metric_type, bytes of codes; then the codes
+CODES_HEADER = struct.Struct("<4siiqBiQ")
 
 
 class HashIndex:
@@ -93,47 +127,73 @@ class HashIndex:
         return distances, self.ids_[rows]
 
     def save(self, folder) -> Path:
-        """Write the index into ``folder`` (created if needed): ``ids.npy``, ``codes.faiss``, then ``index.json``."""
-        folder = Path(folder)
-        with atomic_path(folder / IDS) as tmp, open(tmp, "wb") as fh:
-            np.save(fh, self.ids_)
-        with atomic_path(folder / INDEX) as tmp:
-            faiss.write_index_binary(self.index_, str(tmp))
+        """Write the index into the folder ``folder``, whole or not at all (module docstring): a new folder beside
+        it, holding ``ids.npy``, ``codes.faiss`` and ``index.json``, takes its place in one step, under its lock;
+        refused (``check_folder``) unless ``folder`` is new, empty or an index. Returns ``folder``."""
+        target = check_folder(folder)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with file_lock(target.with_name(f".{target.name}.lock"), target):
+            check_folder(folder)  # again, now that no other builder can change it
+            for stale in target.parent.iterdir():  # left by builds killed before they removed their folder
+                if re.fullmatch(rf"\.{re.escape(target.name)}\.[0-9a-f]{{12}}\.tmp", stale.name):
+                    _remove_index_folder(stale)
+            staged = staging_directory(target)
+            try:
+                self._write(staged)
+                old = replace_directory(staged, target)
+            except BaseException:
+                _remove_index_folder(staged)
+                raise
+            if old:
+                _remove_index_folder(old)
+        return Path(folder)
+
+    def _write(self, folder: Path) -> None:
+        """The index's three files in ``folder``, ``index.json`` recording the SHA-256 of the other two."""
+        ids = io.BytesIO()
+        np.save(ids, self.ids_)
+        files = {IDS: ids.getvalue(), INDEX: faiss.serialize_index_binary(self.index_).tobytes()}
+        for name, data in files.items():
+            write_bytes(folder / name, data)
         write_json(folder / META, {"format": FORMAT, "run": str(Path(self.run_dir).resolve()), "digest": self.digest_,
-                                   "latent": str(self.model_.space), "bits": self.bits_, "count": self.index_.ntotal,
-                                   "data": self.data_})
-        return folder
+                                   "latent": str(self.model_.space), "bits": self.bits_, "code_size": self._width(),
+                                   "count": self.index_.ntotal, "data": self.data_,
+                                   "codes_sha256": _sha256(files[INDEX]), "ids_sha256": _sha256(files[IDS])})
 
     @classmethod
     def load(cls, folder, run_dir, batch_size: int = 1024, data_dir=None) -> HashIndex:
-        """The index saved in ``folder``, for searching with ``run_dir``: refused unless it was built with that run
-        as it is now."""
+        """The index saved in ``folder``, for searching with ``run_dir``: an ``InputError`` unless it was built with
+        that run as it is now and its files are the ones its ``index.json`` records, each what it should hold
+        (module docstring)."""
         self = cls(run_dir, batch_size, data_dir)
         folder = Path(folder)
-        meta = _read_meta(folder)
-        self._load_run()
-        if meta["digest"] != self.digest_:
-            raise InputError(f"{folder} was built with another run ({meta['run']}), or before {run_dir} was trained "
-                             "further; build it again with this run")
-        try:
-            self.index_ = faiss.read_index_binary(str(folder / INDEX))
-            self.ids_ = np.load(folder / IDS, allow_pickle=False)
-        except (RuntimeError, OSError, ValueError, EOFError) as err:
-            raise InputError(f"cannot read the index in {folder}: {str(err).strip().splitlines()[0]}") from None
-        if self.index_.code_size != self._width():
-            raise InputError(f"{folder / INDEX} holds codes {self.index_.code_size * 8} bits wide; {run_dir}'s "
-                             f"{self.bits_}-bit codes take {self._width() * 8}")
-        if not self.index_.ntotal == len(self.ids_) == meta["count"]:
-            raise InputError(f"{folder} is incomplete or mixed ({self.index_.ntotal} codes, {len(self.ids_)} ids, "
-                             f"{meta['count']} in {META}); build it again")
+        with _opened(folder) as fd:
+            meta = _read_meta(folder, fd)
+            self._load_run()
+            if meta["digest"] != self.digest_:
+                raise InputError(f"{folder} was built with another run ({meta['run']!r}), or before {run_dir} was "
+                                 "trained further; build it again with this run")
+            count, width = meta["count"], self._width()
+            if (meta["bits"], meta["code_size"]) != (self.bits_, width):
+                raise InputError(f"{folder / META} records {meta['bits']}-bit codes of {meta['code_size']} bytes; "
+                                 f"{run_dir}'s are {self.bits_} bits in {width} bytes; build it again")
+            files = {name: read_bounded(name, limit, fd, folder / name)
+                     for name, limit in ((INDEX, CODES_HEADER.size + count * width), (IDS, 8 * count + 4096))}
+        for name, key in ((INDEX, "codes_sha256"), (IDS, "ids_sha256")):
+            if _sha256(files[name]) != meta[key]:
+                raise InputError(f"{folder / name} is not the file {META} records (swapped, from another index, or "
+                                 "damaged); build the index again")
+        self.index_ = _codes_index(files[INDEX], count, width, folder / INDEX)
+        self.ids_ = _ids(files[IDS], count, folder / IDS)
         self.data_ = meta["data"]
         return self
 
     def _load_run(self) -> None:
+        """The run, from one reading of its checkpoint: the codes and the digest come from the same one."""
         if self.batch_size < 1:
             raise InputError("batch_size must be at least 1", "batch_size")
-        self.cfg_, self.model_, data = load_coded_run(self.run_dir, Bernoulli)
-        self.digest_ = run_digest(self.run_dir)
+        ckpt, self.digest_ = run_snapshot(self.run_dir)
+        self.cfg_, self.model_, data = load_coded_run(self.run_dir, Bernoulli, ckpt)
         self.input_shape_, self.bits_ = tuple(data.x_train.shape[1:]), code_block(self.model_).size
 
     def _data_dir(self):
@@ -165,8 +225,9 @@ class HashIndex:
 
 
 def build_index(run_dir, data, out, batch_size: int = 1024, data_dir=None) -> HashIndex:
-    """``HashIndex(run_dir, batch_size, data_dir).fit(data)`` saved into the folder ``out``; under torchrun the ranks
-    share the encoding and rank 0 writes."""
+    """``HashIndex(run_dir, batch_size, data_dir).fit(data)`` saved into the folder ``out`` (checked first:
+    ``check_folder``); under torchrun the ranks share the encoding and rank 0 writes."""
+    check_folder(out)
     index = HashIndex(run_dir, batch_size, data_dir).fit(data)
     if distributed.rank() == 0:
         index.save(out)
@@ -187,6 +248,49 @@ def format_results(distances: np.ndarray, ids: np.ndarray, fmt: str = "json") ->
     return text.getvalue()
 
 
+def check_folder(out) -> Path:
+    """The real path (symbolic links resolved) of ``out`` if an index may be written there: a new or empty folder,
+    or an index to rebuild; an ``InputError`` for a run directory, a path inside a run or an index, a folder holding
+    anything else, and what ``runs.check_output`` refuses for its parent. Creates nothing."""
+    path = Path(out)
+    real = path.resolve()
+    if real.exists() and not real.is_dir():
+        raise InputError(f"{path} exists and is not a directory")
+    around = enclosing(real, lambda folder: is_run(folder) or is_index(folder))
+    if is_run(real) or around:
+        where = "a run directory" if is_run(real) else f"inside the {'run' if is_run(around) else 'index'} {around}"
+        raise InputError(f"refusing to write an index into {path}: it is {where}; choose another folder")
+    if real.is_dir() and any(real.iterdir()) and not _rebuildable(real):
+        raise InputError(f"refusing to write an index into {path}: it holds files that are not a discvae index; "
+                         "give a new or empty folder, or an index to rebuild")
+    check_output(real.parent)
+    return real
+
+
+def _rebuildable(folder: Path) -> bool:
+    """Whether ``folder`` holds a discvae index (of any format) and nothing else but temporaries of its writes."""
+    names = {p.name for p in folder.iterdir()}
+    if not is_index(folder) or not all(name in INDEX_FILES or TEMPORARY.fullmatch(name) for name in names):
+        return False
+    try:
+        meta = read_json(folder / META)
+    except InputError:
+        return False
+    return isinstance(meta, dict) and meta.get("format") in (1, FORMAT) and "digest" in meta
+
+
+def _remove_index_folder(folder: Path) -> None:
+    """Delete the index files in ``folder`` and the temporaries of their writes, then ``folder`` if that emptied
+    it; nothing else."""
+    if folder.is_symlink() or not folder.is_dir():
+        return
+    for p in folder.iterdir():
+        if (p.name in INDEX_FILES or TEMPORARY.fullmatch(p.name)) and (p.is_file() or p.is_symlink()):
+            p.unlink(missing_ok=True)
+    with contextlib.suppress(OSError):
+        folder.rmdir()
+
+
 def check_format(fmt: str) -> str:
     """``fmt`` if it is one of ``FORMATS``, else an ``InputError``."""
     if fmt not in FORMATS:
@@ -204,11 +308,11 @@ def open_collection(data, data_dir=None):
         return
     spec = str(data)
     base, _, key = spec.rpartition(":")
-    if base.lower().endswith(".npz") or spec.lower().endswith(".npz"):
-        with _NpzArray(*((base, key) if base.lower().endswith(".npz") else (spec, None))) as items:
+    if base.lower().endswith(".npz") or spec.lower().endswith((".npz", ".npy")):
+        where = (base, key) if base.lower().endswith(".npz") else (spec, None) if spec.lower().endswith(".npz") \
+            else (spec,)
+        with _StoredArray(*where) as items:
             yield items, spec
-    elif spec.lower().endswith(".npy"):
-        yield _memory_mapped(Path(spec).expanduser()), spec
     else:
         name, _, split = spec.partition(":")
         if name not in DATASETS:
@@ -217,42 +321,49 @@ def open_collection(data, data_dir=None):
         yield split_images(load_dataset(name, data_dir), split or "all")[0].numpy(), spec
 
 
-def _memory_mapped(path: Path) -> np.ndarray:
-    if not path.is_file():
-        raise InputError(f"{path}: no such file")
-    try:
-        return np.load(path, mmap_mode="r", allow_pickle=False)
-    except (OSError, ValueError, EOFError) as err:
-        raise InputError(f"{path}: cannot read it as a NumPy .npy file ({err})") from None
+class _StoredArray:
+    """An array in NumPy's ``.npy`` format -- the file ``path``, or with ``key`` given the member ``KEY.npy`` of the
+    ``.npz`` archive ``path`` (``key`` None: its only array) -- read a block of rows at a time (a context manager).
+    Never memory-mapped: rows missing, from the start or because the file shrank while it is read, are an
+    ``InputError``. Rows read in order are decompressed once; a file or a stored (``np.savez``) member is seeked
+    into."""
 
-
-class _NpzArray:
-    """One array of an ``.npz`` archive, read a block of rows at a time through ``zipfile`` (a context manager).
-    Rows read in order are decompressed once; a stored (``np.savez``) member is seeked into."""
-
-    def __init__(self, path, key: str | None):
+    def __init__(self, path, *key: str | None):
         self.path = Path(path).expanduser()
         if not self.path.is_file():
             raise InputError(f"{self.path}: no such file")
+        self._closing = contextlib.ExitStack()
         try:
-            self._zip = zipfile.ZipFile(self.path)
-        except (OSError, zipfile.BadZipFile) as err:
-            raise InputError(f"{self.path}: cannot read it as a NumPy .npz file ({err})") from None
-        try:
-            self._open(key)
+            if key:
+                self._fh, self.name, size = self._member(*key)
+            else:
+                self._fh = self._closing.enter_context(open(self.path, "rb", buffering=0))  # reads what is there now
+                self.name, size = str(self.path), os.fstat(self._fh.fileno()).st_size
+            self._header(size)
         except BaseException:
-            self._zip.close()
+            self._closing.close()
             raise
 
-    def _open(self, key: str | None) -> None:
-        names = [n.removesuffix(".npy") for n in self._zip.namelist() if n.endswith(".npy")]
+    def _member(self, key: str | None):
+        """The open member of the archive, its name in messages, its size."""
+        try:
+            archive = self._closing.enter_context(zipfile.ZipFile(self.path))
+        except (OSError, zipfile.BadZipFile) as err:
+            raise InputError(f"{self.path}: cannot read it as a NumPy .npz file ({err})") from None
+        names = [n.removesuffix(".npy") for n in archive.namelist() if n.endswith(".npy")]
         if key is None and len(names) != 1:
             raise InputError(f"{self.path} holds the arrays {', '.join(names) or 'none'}: name one as "
                              f"{self.path}:KEY")
         key = names[0] if key is None else key
         if key not in names:
             raise InputError(f"{self.path} has no array {key!r}; it holds {', '.join(names) or 'none'}")
-        self._fh = self._zip.open(f"{key}.npy")
+        try:
+            fh = self._closing.enter_context(archive.open(f"{key}.npy"))
+        except (OSError, zipfile.BadZipFile, NotImplementedError) as err:
+            raise InputError(f"{self.path}: cannot read it as a NumPy .npz file ({err})") from None
+        return fh, f"{self.path}:{key}", archive.getinfo(f"{key}.npy").file_size
+
+    def _header(self, size: int) -> None:
         try:
             version = np.lib.format.read_magic(self._fh)
             header = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
@@ -260,10 +371,13 @@ class _NpzArray:
                 raise ValueError(f"unsupported .npy format version {version}")
             self.shape, fortran, self.dtype = header[version](self._fh)
         except (OSError, ValueError, EOFError, zlib.error, zipfile.BadZipFile) as err:
-            raise InputError(f"{self.path}:{key}: cannot read its .npy header ({err})") from None
+            raise InputError(f"{self.name}: cannot read its .npy header ({str(err).splitlines()[0]})") from None
         if fortran or self.dtype.hasobject or not self.shape:
-            raise InputError(f"{self.path}:{key}: expected a C-ordered array of numbers [N, ...]")
+            raise InputError(f"{self.name}: expected a C-ordered array of numbers [N, ...]")
         self._start, self._row = self._fh.tell(), self.dtype.itemsize * math.prod(self.shape[1:])
+        if self._row and size < self._start + len(self) * self._row:
+            raise InputError(f"{self.name}: truncated array (holds {(size - self._start) // self._row} of its "
+                             f"{len(self)} rows)")
 
     def __len__(self) -> int:
         return self.shape[0]
@@ -275,27 +389,77 @@ class _NpzArray:
             self._fh.seek(self._start + start * self._row)
             raw = self._fh.read(n * self._row)
         except (OSError, EOFError, zlib.error, zipfile.BadZipFile) as err:
-            raise InputError(f"{self.path}: corrupt archive ({err})") from None
+            raise InputError(f"{self.name}: corrupt file ({err})") from None
         if len(raw) != n * self._row:
-            raise InputError(f"{self.path}: truncated array (rows {start}-{stop} missing)")
+            raise InputError(f"{self.name}: truncated array (rows {start}-{stop} missing)")
         return np.frombuffer(raw, self.dtype).reshape(n, *self.shape[1:])
 
-    def __enter__(self) -> _NpzArray:
+    def __enter__(self) -> _StoredArray:
         return self
 
     def __exit__(self, *exc) -> None:
-        self._fh.close()
-        self._zip.close()
+        self._closing.close()
 
 
-def _read_meta(folder: Path) -> dict:
-    path = folder / META
-    if not path.is_file():
-        raise InputError(f"{folder} is not a discvae index (no {META})")
+@contextlib.contextmanager
+def _opened(folder: Path):
+    """A descriptor of the directory ``folder`` for the ``with`` block, to read its files from the folder that was
+    there when it was opened even if a rebuild puts another one in its place meanwhile."""
     try:
-        meta = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise InputError(f"cannot read {path}: {err}") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT or not {"digest", "count", "run"} <= set(meta):
+        fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except (FileNotFoundError, NotADirectoryError):
+        raise InputError(f"{folder} is not a discvae index (no {META})") from None
+    except OSError as err:
+        raise InputError(f"cannot read {folder}: {err.strerror}") from None
+    try:
+        yield fd
+    finally:
+        os.close(fd)
+
+
+def _read_meta(folder: Path, fd: int) -> dict:
+    """``index.json`` of the folder open as ``fd``, checked to hold every entry of ``META_KEYS`` with its type."""
+    path = folder / META
+    try:
+        os.stat(META, dir_fd=fd)
+    except FileNotFoundError:
+        raise InputError(f"{folder} is not a discvae index (no {META})") from None
+    meta = read_json(META, fd, path)
+    if not isinstance(meta, dict) or meta.get("format") not in (1, FORMAT):
         raise InputError(f"{path} is not the metadata of a discvae index (format {FORMAT})")
+    if meta["format"] == 1:
+        raise InputError(f"{folder} is an index of format 1, which records no digests of its files; build it again")
+    bad = [key for key, kind in META_KEYS.items() if not isinstance(meta.get(key), kind)
+           or isinstance(meta.get(key), bool) or (kind is int and meta[key] < 1)]
+    if bad:
+        raise InputError(f"{path} is not the metadata of a discvae index (missing or malformed: {', '.join(bad)})")
     return meta
+
+
+def _codes_index(data: bytes, count: int, width: int, path: Path) -> faiss.IndexBinaryFlat:
+    """The ``IndexBinaryFlat`` of ``count`` codes of ``width`` bytes that the file ``path`` holds as ``data``,
+    parsed here (faiss's reader never sees untrusted bytes)."""
+    fields = list(CODES_HEADER.unpack(faiss.serialize_index_binary(faiss.IndexBinaryFlat(width * 8)).tobytes()))
+    fields[3], fields[-1] = count, count * width  # faiss's own header of an empty index, with the counts
+    header = CODES_HEADER.pack(*fields)
+    if not data.startswith(header) or len(data) != len(header) + count * width:
+        raise InputError(f"{path} is not a faiss IndexBinaryFlat of {count} codes of {width * 8} bits")
+    index = faiss.IndexBinaryFlat(width * 8)
+    index.add(np.frombuffer(data, np.uint8, offset=len(header)).reshape(count, width))
+    return index
+
+
+def _ids(data: bytes, count: int, path: Path) -> np.ndarray:
+    """The ids that the file ``path`` holds as ``data``: ``count`` integers >= 0 on one axis, as int64."""
+    try:
+        ids = np.load(io.BytesIO(data), allow_pickle=False)
+    except (OSError, ValueError, EOFError) as err:
+        raise InputError(f"cannot read {path}: {str(err).splitlines()[0]}") from None
+    if not (isinstance(ids, np.ndarray) and ids.shape == (count,) and ids.dtype.kind in "iu"
+            and 0 <= ids.min() and ids.max() <= np.iinfo(np.int64).max):
+        raise InputError(f"{path} does not hold {count} ids (integers >= 0 on one axis)")
+    return ids.astype(np.int64)
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
