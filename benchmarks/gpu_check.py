@@ -13,6 +13,9 @@ latent) trained with the deterministic ``exact`` estimator on grey data, so the 
    tests/test_speed.py and the README), and the networks' hidden layers run in bf16.
 4. nccl: ``torchrun --nproc-per-node 2`` on 2 devices against one process on DEVICE (skipped with one device).
 5. evaluate: ``evaluate`` of the trained model on DEVICE against the CPU: ln p(x) by enumeration, relative.
+6. learning estimator: ``rodeo`` (lazy control network, coefficients, their own Adam) trains 1 epoch on DEVICE and,
+   resumed to 2, equals 2 straight bit for bit; then the step time of ``disarm`` and ``rodeo`` on the 200-bit
+   ``nonlinear`` model at batch 100 (the RODEO table's protocol), to size its 10^6-step runs on this device.
 
 The tolerances are those of the CPU tests (tests/test_distributed.py, tests/test_speed.py) widened 10x for another
 device's kernels; they have not yet been measured on a GPU (the first run on one should record its figures here).
@@ -26,6 +29,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -134,6 +138,41 @@ def check_evaluate(run: Path, device: str) -> None:
     check("evaluate: exact ln p(x) vs CPU", rel < EVAL_RTOL, f"relative diff {rel:.2e} (tolerance {EVAL_RTOL:g})")
 
 
+def check_learning_estimator(tmp: Path, device: str) -> None:
+    flags = ["--latent", "bernoulli", "--latent-dim", "8", "--estimator", "rodeo", "--num-samples", "2"]
+    straight = train(tmp / "rodeo", device, "--epochs", "2", *flags)
+    parts = train(tmp / "rodeo-parts", device, "--epochs", "1", *flags)
+    assert cli(["train", "--resume", "--out", str(parts), "--epochs", "2", "--quiet"]) == 0
+    states = [torch.load(run / "checkpoint.pt", weights_only=True, map_location="cpu")["estimator"]["state"]
+              for run in (straight, parts)]
+    same = torch.equal(params(parts), params(straight)) and all(torch.equal(states[0][k], states[1][k])
+                                                                for k in states[0])
+    check("rodeo: resume bit for bit, estimator state too", same, f"alpha {states[0]['alpha'].item():.3g}")
+    from discvae import make_estimator
+    model = build_model("nonlinear", (784,), "bernoulli", 200, slope=0.3).to(device)
+    x = (torch.rand(100, 784, device=device) < 0.3).float()
+    for name in ("disarm", "rodeo"):
+        est = make_estimator(name, num_samples=2).to(device)
+        model(x[:2], est)
+        opt = torch.optim.Adam([*model.parameters(), *est.parameters()], lr=1e-3)
+
+        def step(opt=opt, est=est):
+            opt.zero_grad(set_to_none=True)
+            model(x, est).loss.backward()
+            opt.step()
+        for _ in range(20):
+            step()
+        if device != "cpu":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(200):
+            step()
+        if device != "cpu":
+            torch.cuda.synchronize()
+        print(f"TIME  {name}: {(time.perf_counter() - start) / 200 * 1e3:.2f} ms a step (nonlinear, 200 bits, "
+              "batch 100, M = 2)", flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda", help="cuda (default), cuda:N, or cpu for a dry run")
@@ -148,6 +187,7 @@ def main(argv: list[str] | None = None) -> int:
         check_bf16(device)
         check_two_ranks(Path(tmp), device, run)
         check_evaluate(run, device)
+        check_learning_estimator(Path(tmp), device)
     print(f"{len(failures)} failed: {', '.join(failures)}" if failures else "all checks passed")
     return 1 if failures else 0
 
