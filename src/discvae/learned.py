@@ -110,9 +110,9 @@ def _mlp(hidden: int, out: int = 1) -> nn.Sequential:
 class NVIL(LearnedEstimator):
     """NVIL (Mnih & Gregor 2014): the score function with a learned, input-dependent baseline and variance
     normalisation. z_k ~ q, learning signal l_k = f(z_k) - c - b_psi(eta) with b_psi a one-hidden-layer tanh network
-    of the logits eta (a function of x, so it stays a valid baseline; detached), c a running mean of f - b_psi;
-    encoder gradient (1/K) sum_k l_k / max(1, sqrt(v)) (z_k - sigma(eta)), v a running variance of l. b_psi is fitted
-    by regression, min (f - c - b_psi)^2; c and v are moving averages with ``decay`` (0.8), updated after each
+    of the logits eta (a function of x, so it stays a valid baseline; detached), c a running mean of f; encoder
+    gradient (1/K) sum_k l_k / max(1, sqrt(v)) (z_k - sigma(eta)), v a running variance of l. b_psi is fitted by
+    regression, min (f - c - b_psi)^2; c and v are moving averages with ``decay`` (0.8), updated after each
     training call. The estimate is unbiased for grad E_q[f] / max(1, sqrt(v)), a positive rescaling (a step size),
     exactly so with ``normalise=False``."""
 
