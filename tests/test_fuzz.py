@@ -8,19 +8,23 @@ The commands run in-process (``discvae.cli.main``), their figures unrendered, on
 crash native code, run in one subprocess with a timeout.
 """
 import copy
+import hashlib
 import json
 import math
 import os
+import pickle
 import random
 import shutil
 import subprocess
 import sys
 import textwrap
 
+import numpy as np
 import pytest
 import torch
 
 from discvae import runs
+from discvae.applications.search import _meta_digest
 from discvae.cli import main
 
 SAMPLE = 16  # mutations run in-process (of about 350)
@@ -245,3 +249,171 @@ def test_flipped_bytes_and_a_crafted_adam_state_never_crash(pristine, tmp_path):
         assert ("is corrupt" in r["stderr"] or "cannot read checkpoint" in r["stderr"]
                 if "flipped" in r["case"] else "exp_avg of parameter 0 does not match" in r["stderr"]), r
     assert {name: data for name, data in files(run).items() if name != runs.CHECKPOINT} == before
+
+
+# An index folder (issue 49): its files mutated, swapped, forged, and rebuilds killed at every step.
+
+@pytest.fixture(scope="module")
+def indexes(pristine, tmp_path_factory):
+    """Index folders of the pristine run (the digits' test split, which is searched, and their train split) and of
+    another run (the test split), and the search results of the first."""
+    root = tmp_path_factory.mktemp("indexes")
+    another = root / "another"
+    assert main(["train", "--dataset", "digits", "--latent-dim", "8", "--hidden", "16", "--epochs", "1",
+                 "--batch-size", "256", "--grad-var-every", "0", "--seed", "1", "--out", str(another),
+                 "--quiet"]) == 0
+    for run, split, name in ((pristine, "test", "test"), (pristine, "train", "train"), (another, "test", "other")):
+        assert main(["index", str(run), "--data", f"digits:{split}", "--out", str(root / name)]) == 0
+    return root
+
+
+def search(index, run, capsys) -> tuple[int, str, str]:
+    capsys.readouterr()
+    code = main(["search", str(index), str(run), "--query", "digits:test", "-k", "3"])
+    return code, *capsys.readouterr()
+
+
+def reseal(folder, **entries) -> None:
+    """Make ``index.json`` record the files there now (and ``entries``), as a forger would."""
+    meta = json.loads((folder / "index.json").read_text())
+    meta.update({f"{key}_sha256": hashlib.sha256((folder / name).read_bytes()).hexdigest()
+                 for key, name in (("codes", "codes.faiss"), ("ids", "ids.npy"))}, **entries)
+    (folder / "index.json").write_text(json.dumps({**meta, "sha256": _meta_digest(meta)}))
+
+
+def index_mutations(indexes) -> dict:
+    """Name -> a function changing an index folder (a copy of ``indexes / "test"``) in place."""
+    def flip(name, at):
+        def change(f):
+            data = bytearray((f / name).read_bytes())
+            data[int(at * (len(data) - 1))] ^= 0x5A
+            (f / name).write_bytes(bytes(data))
+        return change
+
+    def cut(name, keep):
+        return lambda f: (f / name).write_bytes((f / name).read_bytes()[:int(keep * (f / name).stat().st_size)])
+
+    def ids(array):
+        return lambda f: (np.save(f / "ids.npy", array), reseal(f))
+
+    def meta(**entries):
+        return lambda f: (f / "index.json").write_text(json.dumps(
+            {k: v for k, v in {**json.loads((f / "index.json").read_text()), **entries}.items() if v is not REMOVE}))
+
+    out = {}
+    for name in runs.INDEX_FILES:
+        out.update({f"{name} flipped at {at:.0%}": flip(name, at) for at in (0.0, 0.1, 0.5, 0.9, 1.0)})
+        out.update({f"{name} cut to {keep:.0%}": cut(name, keep) for keep in (0.0, 0.5, 0.99)})
+        out[f"{name} with a byte more"] = lambda f, n=name: (f / n).write_bytes((f / n).read_bytes() + b"\0")
+        out[f"{name} removed"] = lambda f, n=name: (f / n).unlink()
+        for source in ("train", "other"):
+            out[f"{name} of the {source} index"] = lambda f, n=name, s=source: shutil.copy(indexes / s / n, f / n)
+    for key, value in json.loads((indexes / "test" / "index.json").read_text()).items():
+        out.update({f"index.json {key} {v!r}": meta(**{key: v})
+                    for v in (REMOVE, None, "x", True, 0, -1, 2**64, 10**30, [], {}, [value])})
+    out["index.json run with a line of its own"] = meta(run="r\ndiscvae search: done", digest="0" * 64)
+    out["index.json count one less, resealed"] = lambda f: reseal(f, count=296)
+    out["index.json nested deeply"] = lambda f: (f / "index.json").write_text("[" * 50000 + "]" * 50000)
+    out["index.json a directory"] = lambda f: ((f / "index.json").unlink(), (f / "index.json").mkdir())
+    out["index.json not UTF-8"] = lambda f: (f / "index.json").write_bytes(b'{"format": "\xff"}')
+    out["codes.faiss of the train index, resealed"] = lambda f: (
+        shutil.copy(indexes / "train" / "codes.faiss", f / "codes.faiss"), reseal(f))
+    out["codes.faiss of the other run, resealed"] = lambda f: (
+        shutil.copy(indexes / "other" / "codes.faiss", f / "codes.faiss"), reseal(f))
+    out["codes.faiss header flipped, resealed"] = lambda f: (flip("codes.faiss", 0.0)(f), reseal(f))
+    out["codes.faiss cut, resealed"] = lambda f: (cut("codes.faiss", 0.5)(f), reseal(f))
+    for name, array in {"floats": np.arange(297.0), "negative": np.arange(297) - 1, "strings": np.arange(297).astype(
+            str), "2-D": np.arange(297)[:, None], "objects": np.array([None] * 297), "too many": np.arange(298),
+            "too few": np.arange(296), "uint64 beyond int64": np.full(297, 2**63, np.uint64),
+            "bools": np.ones(297, bool), "a scalar": np.int64(3), "shuffled": np.arange(297)[::-1]}.items():
+        out[f"ids.npy {name}, resealed"] = ids(array)
+    out["ids.npy a pickle, resealed"] = lambda f: ((f / "ids.npy").write_bytes(pickle.dumps(list(range(297)))),
+                                                   reseal(f))
+    return out
+
+
+# index.json resealed over files that make a valid index: the digests find damage and mix-ups, not forgeries
+FORGERIES = {"ids.npy shuffled, resealed", "codes.faiss of the other run, resealed"}
+
+
+def test_search_survives_mutated_index_files(pristine, indexes, tmp_path, capsys):
+    """Every mutation of an index folder ends in one line and exit status 2, or in exit status 0 with the pristine
+    results (a mutation that changes nothing, e.g. the other index's identical ids) -- never wrong neighbours, a
+    traceback or a crash -- except the forgeries (``FORGERIES``), searched as what they hold; search writes
+    nothing."""
+    code, expected, _ = search(indexes / "test", pristine, capsys)
+    assert code == 0
+    failures = []
+    for name, mutate in index_mutations(indexes).items():
+        folder = tmp_path / "index"
+        shutil.rmtree(folder, ignore_errors=True)
+        shutil.copytree(indexes / "test", folder)
+        mutate(folder)
+        before = {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
+        try:
+            code, out, err = search(folder, pristine, capsys)
+        except BaseException as err:  # noqa: BLE001 - a traceback is what this test looks for
+            failures.append(f"{name}: raised {type(err).__name__}: {err}")
+            continue
+        if name in FORGERIES:  # valid indexes: search answers for the codes and ids they hold
+            if code != 0 or "Traceback" in err:
+                failures.append(f"{name}: exit {code}, stderr {err!r}")
+        elif (code, out) != (0, expected) and (code != 2 or len(err.strip().splitlines()) != 1 or "Traceback" in err):
+            failures.append(f"{name}: exit {code}, stderr {err!r}" + (" (wrong results)" if code == 0 else ""))
+        if {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()} != before:
+            failures.append(f"{name}: search changed the folder")
+    assert not failures, "\n".join(failures)
+
+
+class Killed(BaseException):
+    """A kill: nothing after it runs (the build's own clean-up is switched off too)."""
+
+
+@pytest.mark.parametrize("step,when,call", [
+    ("staging_directory", "after", 1), ("write_bytes", "after", 1), ("write_bytes", "after", 2),
+    ("write_json", "before", 1), ("write_json", "after", 1), ("replace_directory", "before", 1),
+    ("replace_directory", "after", 1)])
+def test_a_rebuild_killed_at_any_step_leaves_the_old_index_or_the_new_one(pristine, indexes, tmp_path, capsys,
+                                                                          monkeypatch, step, when, call):
+    """A rebuild of an index (the test split's, rebuilt with the train split) killed before or after each step
+    of its write leaves a searchable index, the old one up to the swap and the new one from it; the next build
+    removes what the killed one left and succeeds."""
+    import discvae.applications.search as search_module
+
+    index = tmp_path / "index"
+    shutil.copytree(indexes / "test", index)
+    results = {which: search(indexes / which, pristine, capsys)[1] for which in ("test", "train")}
+    original, calls = getattr(search_module, step), []
+
+    def killed(*args, **kwargs):
+        calls.append(step)
+        if len(calls) == call and when == "before":
+            raise Killed
+        value = original(*args, **kwargs)
+        if len(calls) == call:
+            raise Killed
+        return value
+    with monkeypatch.context() as patch:
+        patch.setattr(search_module, step, killed)
+        patch.setattr(search_module, "_remove_index_folder", lambda folder: None)
+        with pytest.raises(Killed):
+            main(["index", str(pristine), "--data", "digits:train", "--out", str(index)])
+    code, out, err = search(index, pristine, capsys)
+    swapped = step == "replace_directory" and when == "after"
+    assert code == 0 and out == results["train" if swapped else "test"], err
+    assert main(["index", str(pristine), "--data", "digits:train", "--out", str(index)]) == 0
+    assert search(index, pristine, capsys)[:2] == (0, results["train"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".index.lock", "index"]
+
+
+def test_a_file_system_that_cannot_swap_folders_keeps_the_old_index(pristine, indexes, tmp_path, capsys,
+                                                                    monkeypatch):
+    index = tmp_path / "index"
+    shutil.copytree(indexes / "test", index)
+    monkeypatch.setattr(runs, "_exchange", lambda a, b: False)
+    capsys.readouterr()
+    assert main(["index", str(pristine), "--data", "digits:train", "--out", str(index)]) == 2
+    assert capsys.readouterr().err == (f"discvae index: error: cannot replace {index} in one step on this file "
+                                       "system; remove it first or choose another folder\n")
+    assert search(index, pristine, capsys)[:2] == (0, search(indexes / "test", pristine, capsys)[1])
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".index.lock", "index"]

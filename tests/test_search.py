@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from discvae import load_dataset, load_run
-from discvae.applications.search import HashIndex, _StoredArray, format_results, open_collection
+from discvae.applications.search import HashIndex, _meta_digest, _StoredArray, format_results, open_collection
 from discvae.errors import InputError
 from helpers import assert_one_line_error, run_cli, train_digits, write_idx_folder
 
@@ -309,10 +309,10 @@ def resealed(folder, **meta):
     """Make ``folder``'s ``index.json`` record the SHA-256 of the files there now (and the entries ``meta``), as a
     hostile author could."""
     path = folder / "index.json"
-    old = json.loads(path.read_text())
-    digests = {f"{key}_sha256": hashlib.sha256((folder / name).read_bytes()).hexdigest()
-               for key, name in (("codes", "codes.faiss"), ("ids", "ids.npy"))}
-    path.write_text(json.dumps({**old, **digests, **meta}))
+    new = {**json.loads(path.read_text()), **meta, **{
+        f"{key}_sha256": hashlib.sha256((folder / name).read_bytes()).hexdigest()
+        for key, name in (("codes", "codes.faiss"), ("ids", "ids.npy"))}}
+    path.write_text(json.dumps({**new, "sha256": _meta_digest(new)}))
 
 
 def test_a_damaged_index_folder_is_refused_in_full(runs, images, tmp_path, capsys):
@@ -360,11 +360,16 @@ def test_a_damaged_index_folder_is_refused_in_full(runs, images, tmp_path, capsy
          f"cannot read {tmp_path / 'huge' / 'index.json'}: larger than 1048576 bytes"),
         (damaged("a_folder", lambda f: ((f / "index.json").unlink(), (f / "index.json").mkdir())),
          f"cannot read {tmp_path / 'a_folder' / 'index.json'}: not a regular file"),
-        (meta_of("hostile_run", {**meta, "digest": "0" * 64, "run": "x\ndiscvae search: ok"}),
+        (meta_of("edited", {**meta, "data": "digits:train"}), f"{tmp_path / 'edited' / 'index.json'} is corrupt: "
+         "its entries do not match their digest (damaged or edited); build the index again"),
+        (meta_of("no_digest", {k: v for k, v in meta.items() if k != "sha256"}),
+         f"{tmp_path / 'no_digest' / 'index.json'} is not the metadata of a discvae index (missing or malformed: "
+         "sha256)"),
+        (damaged("hostile_run", lambda f: resealed(f, digest="0" * 64, run="x\ndiscvae search: ok")),
          f"{tmp_path / 'hostile_run'} was built with another run ('x\\ndiscvae search: ok'), or before "
          f"{runs['bits']} was trained further; build it again with this run"),
-        (meta_of("bits", {**meta, "bits": 8}), f"{tmp_path / 'bits' / 'index.json'} records 8-bit codes of 8 bytes; "
-         f"{runs['bits']}'s are 16 bits in 8 bytes; build it again"),
+        (damaged("bits", lambda f: resealed(f, bits=8)), f"{tmp_path / 'bits' / 'index.json'} records 8-bit codes "
+         f"of 8 bytes; {runs['bits']}'s are 16 bits in 8 bytes; build it again"),
         (damaged("no_ids", lambda f: (f / "ids.npy").unlink()),
          f"cannot read {tmp_path / 'no_ids' / 'ids.npy'}: No such file or directory"),
         (damaged("swapped", lambda f: shutil.copy(other / "codes.faiss", f / "codes.faiss")),

@@ -424,19 +424,22 @@ def read_bounded(path, limit: int, dir_fd: int | None = None, shown=None) -> byt
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0), dir_fd=dir_fd)
     except OSError as err:
         raise InputError(f"cannot read {shown}: {_reason(err)}") from None
-    mode = os.fstat(fd).st_mode
-    if not (stat.S_ISREG(mode) or stat.S_ISFIFO(mode)):
+    info = os.fstat(fd)
+    if not (stat.S_ISREG(info.st_mode) or stat.S_ISFIFO(info.st_mode)):
         os.close(fd)
         raise InputError(f"cannot read {shown}: not a regular file")
-    with open(fd, "rb") as fh:
+    with open(fd, "rb", buffering=0) as fh:
         os.set_blocking(fd, True)
+        chunks, size = [], 0
         try:
-            data = fh.read(limit + 1)
+            while size <= limit and info.st_size <= limit and (chunk := fh.read(min(1 << 20, limit + 1 - size))):
+                chunks.append(chunk)
+                size += len(chunk)
         except OSError as err:
             raise InputError(f"cannot read {shown}: {_reason(err)}") from None
-    if len(data) > limit:
+    if size > limit or info.st_size > limit:
         raise InputError(f"cannot read {shown}: larger than {limit} bytes")
-    return data
+    return b"".join(chunks)
 
 
 def _reason(err: BaseException) -> str:

@@ -20,8 +20,10 @@ They are fed as the run was evaluated, except that a run trained with dynamic bi
 An index is a folder holding three files and nothing else: ``codes.faiss`` (``faiss.write_index_binary`` of the
 ``IndexBinaryFlat`` of the codes, as ``retrieval.pack`` lays them out), ``ids.npy`` (the collection row of each code)
 and ``index.json`` (format 2: the digest of the run, ``runs.run_digest``, of the very checkpoint the codes were
-computed with; its latent, the code length in bits and bytes, the number of codes, the collection, and the SHA-256 of
-``codes.faiss`` and of ``ids.npy``). It is an artifact with integrity, like a checkpoint:
+computed with; its latent, the code length in bits and bytes, the number of codes, the collection, the SHA-256 of
+``codes.faiss`` and of ``ids.npy``, and of its own other entries). It is an artifact with integrity, like a
+checkpoint (the digests find damage and mix-ups; they are no signature: whoever rewrites ``index.json`` can forge
+an index):
 
 * ``load`` reads the three files from one folder (opened once: a rebuild meanwhile does not mix them), refuses an
   index built with another run or before the run was trained further, and a ``codes.faiss`` or ``ids.npy`` that is
@@ -80,9 +82,9 @@ from .retrieval import pack
 INDEX, IDS, META = INDEX_FILES
 FORMAT = 2
 FORMATS = ("json", "csv")
-# what index.json holds, with the type of each entry (the ints >= 1)
+# what index.json holds, with the type of each entry (the ints in [1, 2^62)); sha256: the digest of the others
 META_KEYS = {"format": int, "run": str, "digest": str, "latent": str, "bits": int, "code_size": int, "count": int,
-             "data": str, "codes_sha256": str, "ids_sha256": str}
+             "data": str, "codes_sha256": str, "ids_sha256": str, "sha256": str}
 # faiss's IndexBinaryFlat file: fourcc, d, code_size, ntotal, is_trained, metric_type, bytes of codes; then the codes
 CODES_HEADER = struct.Struct("<4siiqBiQ")
 
@@ -149,16 +151,18 @@ class HashIndex:
         return Path(folder)
 
     def _write(self, folder: Path) -> None:
-        """The index's three files in ``folder``, ``index.json`` recording the SHA-256 of the other two."""
+        """The index's three files in ``folder``, ``index.json`` recording the SHA-256 of the other two and of its
+        own other entries."""
         ids = io.BytesIO()
         np.save(ids, self.ids_)
         files = {IDS: ids.getvalue(), INDEX: faiss.serialize_index_binary(self.index_).tobytes()}
         for name, data in files.items():
             write_bytes(folder / name, data)
-        write_json(folder / META, {"format": FORMAT, "run": str(Path(self.run_dir).resolve()), "digest": self.digest_,
-                                   "latent": str(self.model_.space), "bits": self.bits_, "code_size": self._width(),
-                                   "count": self.index_.ntotal, "data": self.data_,
-                                   "codes_sha256": _sha256(files[INDEX]), "ids_sha256": _sha256(files[IDS])})
+        meta = {"format": FORMAT, "run": str(Path(self.run_dir).resolve()), "digest": self.digest_,
+                "latent": str(self.model_.space), "bits": self.bits_, "code_size": self._width(),
+                "count": self.index_.ntotal, "data": self.data_, "codes_sha256": _sha256(files[INDEX]),
+                "ids_sha256": _sha256(files[IDS])}
+        write_json(folder / META, {**meta, "sha256": _meta_digest(meta)})
 
     @classmethod
     def load(cls, folder, run_dir, batch_size: int = 1024, data_dir=None) -> HashIndex:
@@ -418,7 +422,8 @@ def _opened(folder: Path):
 
 
 def _read_meta(folder: Path, fd: int) -> dict:
-    """``index.json`` of the folder open as ``fd``, checked to hold every entry of ``META_KEYS`` with its type."""
+    """``index.json`` of the folder open as ``fd``, checked to hold every entry of ``META_KEYS`` with its type and
+    to match its own digest."""
     path = folder / META
     try:
         os.stat(META, dir_fd=fd)
@@ -430,10 +435,18 @@ def _read_meta(folder: Path, fd: int) -> dict:
     if meta["format"] == 1:
         raise InputError(f"{folder} is an index of format 1, which records no digests of its files; build it again")
     bad = [key for key, kind in META_KEYS.items() if not isinstance(meta.get(key), kind)
-           or isinstance(meta.get(key), bool) or (kind is int and meta[key] < 1)]
+           or isinstance(meta.get(key), bool) or (kind is int and not 1 <= meta[key] < 2**62)]
     if bad:
         raise InputError(f"{path} is not the metadata of a discvae index (missing or malformed: {', '.join(bad)})")
+    if meta["sha256"] != _meta_digest(meta):
+        raise InputError(f"{path} is corrupt: its entries do not match their digest (damaged or edited); build the "
+                         "index again")
     return meta
+
+
+def _meta_digest(meta: dict) -> str:
+    """SHA-256 of the entries of ``index.json`` but its own digest ``sha256``."""
+    return _sha256(json.dumps({k: v for k, v in meta.items() if k != "sha256"}, sort_keys=True).encode())
 
 
 def _codes_index(data: bytes, count: int, width: int, path: Path) -> faiss.IndexBinaryFlat:
