@@ -260,3 +260,15 @@ def test_the_baselines_are_the_means_of_the_other_samples():
     assert torch.equal(sample_baseline(fz, "mean"), (fz.sum() - fz) / 5)
     assert sample_baseline(fz, "none") == 0.0 and sample_baseline(fz[:1, :1], "mean") == 0.0
     assert torch.equal(sample_baseline(fz[:1], "mean"), torch.tensor([[0.0, 1.0]]))  # two lone samples: each the other
+
+
+@pytest.mark.parametrize("name", sorted(set(ESTIMATORS) - {"reparam", "exact"}))
+def test_every_bit_estimator_stays_finite_on_saturated_logits(name):
+    """Logits far past float32's saturation (sigma(eta) rounds to 0 or 1) give a finite surrogate and gradient: a
+    trained model's bits are there (an earlier arms divided 0 by 0)."""
+    eta = torch.tensor([[-120.0, -30.0, -17.0, 0.0, 17.0, 30.0, 120.0]] * 3, requires_grad=True)
+    f = lambda z: -(z - 0.3).pow(2).sum(-1)  # noqa: E731 (differentiable in z, for the control variates)
+    torch.manual_seed(0)
+    value = make_estimator(name, num_samples=2)(Bernoulli(eta), f)
+    value.sum().backward()
+    assert torch.isfinite(value).all() and torch.isfinite(eta.grad).all(), name

@@ -183,13 +183,16 @@ def arm(q, f, num_samples: int = 2) -> torch.Tensor:
     return (0.5 * (fb + fa) + (fb - fa).detach() * direction).mean(0)
 
 
-def dirichlet_copula_joint(p: torch.Tensor, n: int) -> torch.Tensor:
-    """P(b_i = 1, b_j = 1) for two of the n Bernoulli(p) draws of ``arms``: the Dirichlet copula
-    C(p, p) = max(2 p^(1/(n-1)) - 1, 0)^(n-1) for p < 1/2, and 2p - 1 + C(1-p, 1-p) for p >= 1/2 (the draws
-    flipped to 1 - u)."""
-    def copula(a):
-        return (2 * a.pow(1 / (n - 1)) - 1).clamp_min(0).pow(n - 1)
-    return torch.where(p < 0.5, copula(p), 2 * p - 1 + copula(1 - p))
+def dirichlet_copula_debias(eta: torch.Tensor, n: int) -> torch.Tensor:
+    """1 / (1 - rho) for two of the n Bernoulli(sigma(eta)) draws of ``arms``, rho their correlation:
+    p (1 - p) / (p - P(b_i = b_j = 1)) = (1 - a) / (1 - C(a, a) / a) with a = min(p, 1 - p) = sigma(-|eta|) and the
+    Dirichlet copula C(a, a) = max(2 a^(1/(n-1)) - 1, 0)^(n-1) (for p >= 1/2 the draws are flipped to 1 - u, and
+    P(b_i = b_j = 1) = 2p - 1 + C(1-p, 1-p)). Written so that a saturated bit (p = 0 or 1 in floating point) gives
+    its limit 1, not 0/0."""
+    a = torch.sigmoid(-eta.abs())
+    joint = (2 * a.pow(1 / (n - 1)) - 1).clamp_min(0).pow(n - 1)
+    ratio = torch.where(joint > 0, joint / a.clamp_min(torch.finfo(a.dtype).tiny), torch.zeros_like(a))
+    return (1 - a) / (1 - ratio)
 
 
 @_posterior_as_family
@@ -198,7 +201,7 @@ def arms(q, f, num_samples: int = 2) -> torch.Tensor:
     Dirichlet copula, u_i = (1 - d_i)^(n-1) with d ~ Dirichlet(1, ..., 1) (each u_i exactly uniform; 1 - u_i where
     p >= 1/2), b_i = [u_i < p]. Encoder gradient per bit
     1/(n-1) sum_i (f(b_i) - fbar) (b_i - p) p (1 - p) / (p - P(b_i = b_j = 1)), fbar = mean_j f(b_j): RLOO divided
-    by 1 - rho, rho the draws' correlation (``dirichlet_copula_joint``), which makes it unbiased. n = 2 is DisARM.
+    by 1 - rho, rho the draws' correlation (``dirichlet_copula_debias``), which makes it unbiased. n = 2 is DisARM.
     Value and decoder gradient (1/n) sum_i f(b_i). M >= 2."""
     need_bits("arms", q)
     need_samples("arms", num_samples)
@@ -210,7 +213,7 @@ def arms(q, f, num_samples: int = 2) -> torch.Tensor:
         u = (1 - e / e.sum(0, keepdim=True)).pow(n - 1)
         u = torch.where(p < 0.5, u, 1 - u)
         b = (u < p).to(p.dtype)
-        scale = p * (1 - p) / (p - dirichlet_copula_joint(p, n)) * n / (n - 1)
+        scale = dirichlet_copula_debias(q.logits.detach(), n) * n / (n - 1)
     fb = f(b)
     fd = fb.detach()
     eta = q.logits
