@@ -13,7 +13,7 @@ out = sys.argv[1] if len(sys.argv) > 1 else "runs/quickstart"
 epochs = 2 if os.environ.get("DISCVAE_EXAMPLES_TINY") else 150
 
 data = load_dataset("digits")  # or load_dataset("mnist", "DATA")
-cfg = Config(dataset="digits", latent_dim=16, epochs=epochs, batch_size=64,
+cfg = Config(dataset="digits", binarize="threshold", latent_dim=16, lr=3e-3, epochs=epochs, batch_size=64,
              estimator_options={"num_samples": 4, "baseline": "loo"}, out=out)
 state = train(cfg, data=data, progress=False)
 print(f"test -ELBO after {state.epoch} epochs: {state.history[-1]['test_neg_elbo']:.2f} nats")
