@@ -145,6 +145,13 @@ class NVIL(LearnedEstimator):
         return (fz + signal * (log_q - log_q.detach())).mean(0) - self.descend(fit)
 
 
+def open_uniform(shape, like: torch.Tensor) -> torch.Tensor:
+    """U(0, 1) draws whose logarithms ln u and ln(1 - u) are finite: ``torch.rand`` gives multiples of 2^-24 (float32;
+    2^-53 in float64) in [0, 1), and its draw of exactly 0 (probability 2^-24), whose logarithm is -inf and made
+    REBAR's and RELAX's gradients NaN, is taken as the midpoint of its cell, half a step."""
+    return torch.rand(shape, dtype=like.dtype, device=like.device).clamp_min_(torch.finfo(like.dtype).eps / 4)
+
+
 def _logistic(eta: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """z = eta + ln u - ln(1 - u): H(z) = [z > 0] ~ Bernoulli(sigma(eta))."""
     return eta + torch.log(u) - torch.log1p(-u)
@@ -184,8 +191,7 @@ class REBAR(LearnedEstimator):
     def estimate(self, q, f, num_samples):
         eta = q.logits.detach().requires_grad_()  # the relaxed terms' own leaf: their graph stops here
         with torch.no_grad(), sampling():
-            u = torch.rand((num_samples, *eta.shape), dtype=eta.dtype, device=eta.device)
-            v = torch.rand_like(u)
+            u, v = (open_uniform((num_samples, *eta.shape), eta) for _ in range(2))
         with torch.enable_grad():
             z = _logistic(eta, u)
             b = (z > 0).to(eta.dtype).detach()
