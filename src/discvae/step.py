@@ -69,8 +69,9 @@ def train_step(optimizer, forward: Callable, x: torch.Tensor, options: dict,
     loss.backward()
     if sync is not None:
         sync()
-    params = [p for opt in optimizers for group in opt.param_groups for p in group["params"]]  # cheaper than
-    health = torch.stack([loss.detach(), *(p.grad.sum() for p in params if p.grad is not None)]).sum()  # the model
+    # the optimizers' parameters: cheaper than walking the model
+    params = [p for opt in optimizers for group in opt.param_groups for p in group["params"]]
+    health = torch.stack([loss.detach(), *(p.grad.sum() for p in params if p.grad is not None)]).sum()
     for opt in optimizers:
         opt.step()
     return terms, health
