@@ -1,8 +1,8 @@
 """The results pages' main tables come from data: every number of a table marked ``<!-- data: results/NAME.csv -->`` in
-docs/RESULTS.md and docs/APPLICATIONS.md (every cell of numbers alone) is a value of that file, so that a table
-cannot drift from its runs; the data files have the columns run, seed, metric, value, command, and their commands
-name no machine's paths. The mutation page's per-module summary agrees with the per-mutant verdicts in
-tools/mutation_verdicts.json; the pages stay short enough to read as references."""
+docs/RESULTS.md, docs/APPLICATIONS.md and docs/ESTIMATORS.md (every cell of numbers alone) is a value of that file,
+so that a table cannot drift from its runs; the data files have the columns run, seed, metric, value, command, and
+their commands name no machine's paths. The mutation page's per-module summary agrees with the per-mutant verdicts
+in tools/mutation_verdicts.json; the pages stay short enough to read as references."""
 from __future__ import annotations
 
 import csv
@@ -59,7 +59,7 @@ def read_data(name: str) -> list[dict[str, str]]:
         return list(reader)
 
 
-@pytest.mark.parametrize("page", ["RESULTS.md", "APPLICATIONS.md"])
+@pytest.mark.parametrize("page", ["RESULTS.md", "APPLICATIONS.md", "ESTIMATORS.md"])
 def test_every_number_of_the_main_tables_is_in_the_data(page):
     tables = marked_tables(DOCS / page)
     assert tables, f"{page} marks no table with its data"
