@@ -137,8 +137,7 @@ def rws(q, f, num_samples: int = 2) -> torch.Tensor:
     bound = torch.logsumexp(log_w, 0) - math.log(num_samples)
     weights = torch.softmax(log_w.detach(), 0)
     wake_phi = (weights * (log_q - log_q.detach())).sum(0)
-    kl = q.kl_to_prior()
-    return bound + wake_phi + kl - kl.detach() + kl.detach()
+    return bound + wake_phi + q.kl_to_prior()
 
 
 @_posterior_as_family
