@@ -159,12 +159,6 @@ def disarm(q, f, num_samples: int = 2) -> torch.Tensor:
     return (0.5 * (fb + fa) + 0.5 * (fb - fa).detach() * direction).mean(0)
 
 
-def _uniform(p: torch.Tensor, pairs: int) -> torch.Tensor:
-    """u ~ U(0, 1) of shape ``[pairs, *p.shape]``, drawn where a latent draws (``sampling``)."""
-    with sampling():
-        return torch.rand((pairs, *p.shape), dtype=p.dtype, device=p.device)
-
-
 @_posterior_as_family
 def arm(q, f, num_samples: int = 2) -> torch.Tensor:
     """ARM (Yin & Zhou 2019) for Bernoulli latents: M / 2 antithetic pairs b = [u > sigma(-eta)], b' = [u <
@@ -173,8 +167,9 @@ def arm(q, f, num_samples: int = 2) -> torch.Tensor:
     need_bits("arm", q)
     need_samples("arm", num_samples, pairs=True)
     with torch.no_grad():
-        p = q.probs.detach()
-        u = _uniform(p, num_samples // 2)
+        p = q.probs.expand(num_samples // 2, *q.logits.shape)
+        with sampling():
+            u = torch.rand_like(p)
         b, b_anti = (u > 1 - p).to(p.dtype), (u < p).to(p.dtype)
     fb, fa = f(torch.cat([b, b_anti])).chunk(2)
     eta = q.logits

@@ -21,6 +21,7 @@ grad_eta ln q(z) = z - sigma(eta).
 """
 from __future__ import annotations
 
+import abc
 import math
 
 import torch
@@ -31,7 +32,7 @@ from .errors import InputError
 from .surrogates import logit_surrogate, loo_score, need_bits, need_samples, sample_baseline, taylor_samples
 
 
-class LearnedEstimator(nn.Module):
+class LearnedEstimator(nn.Module, abc.ABC):
     """The base of estimators with learned state (module docstring): ``forward(q, f, **options)`` converts ``q``
     (``as_family``), checks it and ``num_samples``, and returns ``estimate(q, f, num_samples)``. A subclass sets
     ``name`` (its registered name), ``min_samples`` and implements :meth:`estimate`; constructor arguments are its
@@ -71,8 +72,9 @@ class LearnedEstimator(nn.Module):
             raise InputError(f"{self.name} needs num_samples of at least 1, got {num_samples}", "num_samples")
         return self.estimate(q, f, num_samples)
 
+    @abc.abstractmethod
     def estimate(self, q, f, num_samples: int) -> torch.Tensor:
-        raise NotImplementedError
+        """The surrogate [B] of E_q[f] from ``num_samples`` samples, ``q`` a checked Bernoulli family."""
 
     @property
     def learning(self) -> bool:

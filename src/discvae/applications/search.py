@@ -45,7 +45,6 @@ import io
 import json
 import math
 import os
-import re
 import struct
 import zipfile
 import zlib
@@ -137,7 +136,8 @@ class HashIndex:
         with file_lock(target.with_name(f".{target.name}.lock"), target):
             check_folder(folder)  # again, now that no other builder can change it
             for stale in target.parent.iterdir():  # left by builds killed before they removed their folder
-                if re.fullmatch(rf"\.{re.escape(target.name)}\.[0-9a-f]{{12}}\.tmp", stale.name):
+                temporary = TEMPORARY.fullmatch(stale.name)
+                if temporary and temporary.group(1) == target.name:
                     _remove_index_folder(stale)
             staged = staging_directory(target)
             try:
