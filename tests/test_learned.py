@@ -9,6 +9,7 @@ import pytest
 import torch
 from test_distributed import torchrun
 from test_stacked import digits
+from test_train import params
 from test_unbiasedness import moved
 
 from discvae import ESTIMATORS, Config, InputError, LearnedEstimator, load_dataset, make_estimator, train
@@ -284,6 +285,22 @@ def test_a_learning_estimator_trains_in_bf16_and_keeps_its_best_epoch(tmp_path, 
     assert best["estimator"]["state"].keys() == state.estimator.state_dict().keys()
     moved_from_start = {"rebar": ("scale", 1.0), "rodeo": ("alpha", 0.0)}[name]
     assert load_checkpoint(tmp_path / name)["estimator"]["state"][moved_from_start[0]].item() != moved_from_start[1]
+
+
+def test_compile_runs_a_learning_estimator_uncompiled_with_one_line(tmp_path, capsys):
+    """A learning estimator takes the gradient of its own objective inside the step (``descend``), which a compiled
+    step cannot share (torch raised deep inside autograd for nvil, double-cv and rodeo): ``--compile`` says so in
+    one line and the run is the run without it, weights and estimator state alike."""
+    data = digits()
+    for name in LEARNED:
+        eager = train(learned_run(tmp_path / "eager", name, 1), progress=False, data=data)
+        capsys.readouterr()
+        fallen = train(learned_run(tmp_path / "compiled", name, 1, compile=True), progress=False, data=data)
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and f"--compile: {name} trains its own parameters" in err[0], err
+        assert torch.equal(params(eager.model), params(fallen.model)), name
+        for key, value in eager.estimator.state_dict().items():
+            assert torch.equal(value, fallen.estimator.state_dict()[key]), (name, key)
 
 
 @pytest.mark.parametrize("name", ["rebar", "relax"])

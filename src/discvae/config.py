@@ -176,7 +176,7 @@ class Config:
                                           "optimizer state and log-space sums in fp32; needs a GPU with bf16 or a "
                                           "CPU with AVX512-BF16 or AMX", choices=PRECISIONS), section="runtime")
     compile: bool = setting(False, Flag("torch.compile the training step (falls back to eager, with one line, "
-                                        "where no compiler works)"), section="runtime")
+                                        "where no compiler works or the estimator learns)"), section="runtime")
     threads: int | None = setting(None, Flag(
         "CPU threads for the networks' matrix products (default: chosen for the model's size -- one for a step too "
         "small to share, else torch's choice; never more than the cores this process may use); a runtime setting, "

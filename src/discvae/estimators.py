@@ -374,6 +374,7 @@ class Estimator:
         return f"{self.name}({', '.join(f'{k}={v!r}' for k, v in self.options.items())})"
 
     evaluations_per_sample = 1  # evaluations of f per sample of z (compare's equal-budget column)
+    compilable = True  # whether the training step may run under torch.compile (``Config.compile``)
 
     @property
     def stackable(self) -> bool:

@@ -41,6 +41,7 @@ class LearnedEstimator(nn.Module, abc.ABC):
     min_samples = 1
     evaluations_per_sample = 1  # evaluations of f per sample of z (compare's equal-budget column)
     stackable = False  # its parameters are one per run: compare --stacked refuses it
+    compilable = False  # descend takes torch.autograd.grad inside the step, which a compiled step cannot share
 
     def __init__(self, num_samples: int = 2, **options):
         super().__init__()

@@ -5,6 +5,7 @@ at every step.
 """
 from __future__ import annotations
 
+import sys
 import typing
 from typing import Callable
 
@@ -43,13 +44,17 @@ def scaled(loss: torch.Tensor, share: float) -> torch.Tensor:
 
 def forward_fn(model: VAE, estimator: Estimator, cfg: Config):
     """``forward(x, options, view=None)``: the model's ``Terms`` on the batch ``x`` (and its ``view``) with
-    ``estimator(**options)``, the networks in ``cfg.precision``; compiled with ``cfg.compile``."""
+    ``estimator(**options)``, the networks in ``cfg.precision``; compiled with ``cfg.compile`` where the estimator
+    is ``compilable`` (else one line on stderr, and the step runs uncompiled)."""
     device = next(model.parameters()).device
+    if cfg.compile and not estimator.compilable:
+        print(f"discvae: warning: --compile: {estimator.name} trains its own parameters inside the step, which "
+              "torch.compile does not support; running without it", file=sys.stderr)
 
     def forward(x: torch.Tensor, options: dict, view: torch.Tensor | None = None):
         with autocast(cfg.precision, device):
             return model(x, estimator, view, **options)
-    return compiled(forward) if cfg.compile else forward
+    return compiled(forward) if cfg.compile and estimator.compilable else forward
 
 
 def train_step(optimizer, forward: Callable, x: torch.Tensor, options: dict,
