@@ -106,6 +106,17 @@ class LearnedEstimator(nn.Module, abc.ABC):
         return ", ".join(f"{k}={v!r}" for k, v in self.options.items())
 
 
+def _need(ok: bool, estimator: str, option: str, what: str, value) -> None:
+    """A one-line ``InputError`` unless ``ok``: "``estimator`` needs ``option`` ``what``, got ``value``"."""
+    if not ok:
+        raise InputError(f"{estimator} needs {option} {what}, got {value!r}", option)
+
+
+def _width(hidden) -> bool:
+    """Whether ``hidden`` is a network width: an int of at least 1."""
+    return isinstance(hidden, int) and not isinstance(hidden, bool) and hidden >= 1
+
+
 def _mlp(hidden: int, out: int = 1) -> nn.Sequential:
     return nn.Sequential(nn.LazyLinear(hidden), nn.Tanh(), nn.Linear(hidden, out))
 
@@ -123,8 +134,8 @@ class NVIL(LearnedEstimator):
 
     def __init__(self, num_samples: int = 1, hidden: int = 100, decay: float = 0.8, normalise: bool = True):
         super().__init__(num_samples, hidden=hidden, decay=decay, normalise=normalise)
-        if not (isinstance(hidden, int) and hidden >= 1 and 0 <= decay < 1):
-            raise InputError(f"nvil needs hidden >= 1 and 0 <= decay < 1, got {hidden}, {decay}", "hidden", "decay")
+        _need(_width(hidden), "nvil", "hidden", "of at least 1", hidden)
+        _need(0 <= decay < 1, "nvil", "decay", "in [0, 1)", decay)
         self.baseline = _mlp(hidden)
         self.register_buffer("mean", torch.zeros(()))
         self.register_buffer("var", torch.ones(()))
@@ -182,8 +193,8 @@ class REBAR(LearnedEstimator):
 
     def __init__(self, num_samples: int = 1, temperature: float = 0.5, scale: float = 1.0):
         super().__init__(num_samples, temperature=temperature, scale=scale)
-        if not temperature > 0:
-            raise InputError(f"the temperature must be positive, got {temperature}", "temperature")
+        _need(0 < temperature < math.inf, self.name, "temperature", "positive and finite", temperature)
+        _need(math.isfinite(scale), self.name, "scale", "finite", scale)
         self.log_temperature = nn.Parameter(torch.tensor(math.log(temperature)))
         self.scale = nn.Parameter(torch.tensor(float(scale)))
 
@@ -217,6 +228,7 @@ class RELAX(REBAR):
 
     def __init__(self, num_samples: int = 1, temperature: float = 0.5, scale: float = 1.0, hidden: int = 200):
         super().__init__(num_samples, temperature, scale)
+        _need(_width(hidden), self.name, "hidden", "of at least 1", hidden)
         self.options["hidden"] = hidden
         self.network = nn.Sequential(nn.LazyLinear(hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(),
                                      nn.Linear(hidden, 1))
@@ -282,6 +294,7 @@ class RODEO(LearnedEstimator):
 
     def __init__(self, num_samples: int = 2, hidden: int = 100):
         super().__init__(num_samples, hidden=hidden)
+        _need(_width(hidden), self.name, "hidden", "of at least 1", hidden)
         self.alpha, self.beta = nn.Parameter(torch.zeros(())), nn.Parameter(torch.zeros(()))
         self.network = SteinControl(hidden)
 
