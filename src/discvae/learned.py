@@ -286,8 +286,9 @@ class RODEO(LearnedEstimator):
     network H = :class:`SteinControl` makes h0_k(y) = H_0(t_k(y), m_k) and h1_k(y) = H_1(t_k(y), m_k) (y - sigma(eta)).
     Encoder gradient (1/K) sum_k ([f_k - mean_{j != k} (f_j + alpha (A h0_j)(z_j))] s_k + beta (A h1_k)(z_k)):
     h_j is free of z_j, so each Stein term has mean 0 and the estimate is unbiased for any alpha, beta and network.
-    alpha, beta (from 0) and the network are learned by Adam on the estimate's squared norm. K evaluations of f, one
-    backward pass, the network at the K (D + 1) points z_k and their D neighbours."""
+    alpha, beta (from 0) and the network are learned by Adam on the estimate's squared norm (the authors' code also
+    declares a third coefficient, gamma, that no term uses: left out). K evaluations of f, one backward pass, the
+    network at the K (D + 1) points z_k and their D neighbours."""
 
     name = "rodeo"
     min_samples = 2
