@@ -5,7 +5,7 @@ from dataclasses import MISSING, dataclass
 
 import pytest
 
-from discvae import Config, cli, flags
+from discvae import Config, InputError, cli, flags
 from discvae.flags import Flag, add_flags, build, flag, given, setting
 
 
@@ -24,6 +24,7 @@ class Settings:
     capacity: dict = setting(MISSING, Flag("capacity of a block, BLOCK=NATS[,...]", type=pairs), factory=dict)
     options: dict = setting(MISSING, Flag("samples", type=int, key="num_samples"),
                             Flag("temperature", type=float, key="tau", name="temperature"),
+                            Flag("any other option", type=pairs, name="option"),
                             factory=lambda: {"num_samples": 1})
     hidden: int = 3  # no flag
 
@@ -43,6 +44,16 @@ def test_every_kind_of_field_becomes_a_flag():
     settings = build(Settings, values)
     assert settings.options == {"num_samples": 1, "tau": 0.3} and settings.hidden == 3  # keys merged into the default
     assert given(parser().parse_args(["--out", "o"]), Settings) == {"out": "o"}  # what is not given is absent
+
+
+def test_a_dict_field_takes_its_keys_flags_and_entries_together_and_refuses_a_key_twice():
+    args = parser().parse_args(["--out", "o", "--temperature", "0.3", "--option", "width=8", "--option", "depth=2"])
+    assert given(args, Settings)["options"] == {"tau": 0.3, "width": 8.0, "depth": 2.0}
+    assert build(Settings, given(args, Settings)).options == {"num_samples": 1, "tau": 0.3, "width": 8.0,
+                                                              "depth": 2.0}
+    args = parser().parse_args(["--out", "o", "--temperature", "0.3", "--option", "tau=0.5"])
+    with pytest.raises(InputError, match="^tau is given twice"):
+        given(args, Settings)
 
 
 def test_help_defaults_required_flags_and_skip(capsys):

@@ -4,6 +4,8 @@ their state and resume bit for bit (also on 2 ranks), compare, and one-line erro
 and moved state is in ``test_unbiasedness.py``."""
 import dataclasses
 import itertools
+import json
+import math
 
 import pytest
 import torch
@@ -273,6 +275,32 @@ def test_a_learning_estimator_refuses_what_it_cannot_estimate(tmp_path):
         make_estimator("nvil", width=3)
 
 
+def test_train_sets_a_learning_estimators_own_options(tmp_path, capsys):
+    """``--estimator-option KEY=VALUE`` sets what compare's ``NAME:KEY=VALUE`` sets (relax's network width, its
+    temperature), saved in the run's configuration and kept on resume; a bad one or a key given twice is one line,
+    the estimator's own option named as it spells it."""
+    out = tmp_path / "relax"
+    argv = ["train", "--dataset", "digits", "--latent-dim", "6", "--epochs", "1", "--estimator", "relax", "--quiet"]
+    code, _, err = run_cli(capsys, *argv, "--estimator-option", "hidden=16", "--estimator-option", "temperature=0.3",
+                           "--out", out)
+    assert code == 0, err
+    assert json.loads((out / "config.json").read_text())["estimator_options"] == {
+        "num_samples": 1, "hidden": 16, "temperature": 0.3}
+    state = load_checkpoint(out)["estimator"]["state"]
+    assert state["network.0.weight"].shape[0] == 16 and state["log_temperature"].item() != math.log(0.5)
+    for more, message in [(["--estimator-option", "hidden=0"], "relax needs hidden of at least 1, got 0"),
+                          (["--estimator-option", "width=3"], "estimator relax takes no option 'width' (it takes "
+                                                              "--num-samples, temperature, scale, hidden)"),
+                          (["--num-samples", "2", "--estimator-option", "num_samples=2"],
+                           "num_samples is given twice")]:
+        code, _, err = run_cli(capsys, *argv, *more, "--out", tmp_path / "bad")
+        assert_one_line_error(code, err, message)
+    with pytest.raises(SystemExit) as stop:  # argparse's own one line
+        run_cli(capsys, *argv, "--estimator-option", "hidden", "--out", tmp_path / "bad")
+    assert_one_line_error(stop.value.code, capsys.readouterr().err, "'hidden' is not KEY=VALUE")
+    assert not (tmp_path / "bad").exists()
+
+
 @pytest.mark.parametrize("name,option,value,message", [
     ("nvil", "hidden", 0, "nvil needs hidden of at least 1, got 0"),
     ("nvil", "decay", 1.0, "nvil needs decay in [0, 1), got 1.0"),
@@ -289,7 +317,7 @@ def test_a_learning_estimator_refuses_bad_options_in_one_line(name, option, valu
     silently, and torch warned from inside its initialisation); the CLI prints it as one line with the flag's name."""
     with pytest.raises(InputError) as err:
         make_estimator(name, **{option: value})
-    assert str(err.value) == message and err.value.params == (option,)
+    assert str(err.value) == message and err.value.params == ()  # an estimator's option, not a flag
     code, _, err_text = run_cli(capsys, "compare", f"{name}:{option}={value}", "--dataset", "digits", "--epochs", 1,
                                 "--out", tmp_path / "cmp")
     assert_one_line_error(code, err_text, name)

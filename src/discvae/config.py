@@ -44,6 +44,24 @@ def capacity_flag(text: str) -> dict:
         raise argparse.ArgumentTypeError(f"{text!r} is not BLOCK=CMAX:STEPS, e.g. categorical=2.3:25000") from None
 
 
+def option_value(text: str):
+    """An estimator option's value read from text: an int, else a float, else the text itself."""
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def estimator_option(text: str) -> dict:
+    """The value of ``--estimator-option KEY=VALUE``: ``{KEY: VALUE}`` (``-`` in KEY read as ``_``)."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"{text!r} is not KEY=VALUE, e.g. hidden=50")
+    return {key.replace("-", "_"): option_value(value)}
+
+
 @documented
 @dataclass
 class Config:
@@ -102,6 +120,9 @@ class Config:
         Flag("control variate of the importance estimator: none (default, the paper), mean (over the rest of the "
              "batch) or loo (over the other M-1 samples)", choices=BASELINES, key="baseline"),
         Flag("temperature of gumbel / st-gumbel (default 1)", type=float, key="tau"),
+        Flag("any other option of the estimator, KEY=VALUE, once per option (e.g. hidden=50: the width of relax's "
+             "or rodeo's network; temperature=0.3: rebar's initial temperature); what compare's NAME:KEY=VALUE sets",
+             type=estimator_option, metavar="KEY=VALUE", name="estimator_option"),
         factory=lambda: {"num_samples": 1}, section="objective")
     estimator_schedule: dict = setting(
         MISSING,

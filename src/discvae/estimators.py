@@ -409,6 +409,11 @@ def estimator_name(function: Callable) -> str:
     return registered[0] if registered else f"{named.__module__}.{named.__qualname__}"
 
 
+OPTION_FLAGS = ("num_samples", "proposal", "baseline", "tau")
+"""The estimator options with a flag of their own (``Config.estimator_options``); any other is an option its
+estimator spells (``--estimator-option hidden=50``, ``compare rodeo:hidden=50``)."""
+
+
 def make_estimator(estimator, **options):
     """An estimator resolved once, its options bound after checking them against the function's signature.
 
@@ -465,7 +470,8 @@ def check_options(name: str, function: Callable, options: dict, positional: int 
         takes = [p.name for p in list(signature.parameters.values())[positional:]
                  if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
         unknown = [k for k in options if k not in takes]
-        if unknown:
+        if unknown:  # the options with a flag of their own are named so that a front end can show its names
             raise InputError(f"estimator {name} takes no option {unknown[0]!r} (it takes "
-                             f"{', '.join(takes) or 'none'})", unknown[0], *takes) from None
+                             f"{', '.join(takes) or 'none'})",
+                             *[n for n in (unknown[0], *takes) if n in OPTION_FLAGS]) from None
         raise InputError(f"estimator {name}: {err}") from None

@@ -9,8 +9,9 @@ to get a flag with its help, in every subcommand that takes the dataclass.
   annotation (``int``, ``float``, ``str``, ``str | None``; ``bool`` is a switch; ``list[int]`` one or more ints)
   unless the flag gives its own ``type``, a function of the text.
 * A dict field has one flag per key (``Flag(..., key="num_samples")``: ``--num-samples 2`` sets
-  ``estimator_options["num_samples"]``), the keys given merged into the field's default; or one flag whose
-  ``type`` reads a dict of entries, given once per entry (``--capacity categorical=2:100 --capacity ...``).
+  ``estimator_options["num_samples"]``), the keys given merged into the field's default; and/or one flag whose
+  ``type`` reads a dict of entries, given once per entry (``--capacity categorical=2:100 --capacity ...``); a key
+  set by two flags is refused.
 
 :func:`add_flags` adds the flags to an ``argparse`` parser; a flag not given is absent from the parsed namespace
 (so that a caller can tell what was given), unless a default for it is passed. :func:`given` reads the settings
@@ -170,11 +171,15 @@ def given(args: argparse.Namespace, cls) -> dict:
     """The settings of ``cls`` in the parsed ``args`` (the flags given and those with a default): field name ->
     value, a dict field's flags giving the dict of their keys."""
     values = {}
-    for f, spec, _, value in _given(args, cls):
-        if spec.key:
-            values.setdefault(f.name, {})[spec.key] = value
-        else:
+    for f, spec, name, value in _given(args, cls):
+        entries = {spec.key: value} if spec.key else value if _per_entry(f, spec) else None
+        if entries is None:
             values[f.name] = value
+            continue
+        twice = sorted(set(values.get(f.name, {})) & set(entries))
+        if twice:
+            raise InputError(f"{', '.join(twice)} is given twice (by {flag(name)} and another flag)")
+        values[f.name] = {**values.get(f.name, {}), **entries}
     return values
 
 

@@ -109,7 +109,7 @@ class LearnedEstimator(nn.Module, abc.ABC):
 def _need(ok: bool, estimator: str, option: str, what: str, value) -> None:
     """A one-line ``InputError`` unless ``ok``: "``estimator`` needs ``option`` ``what``, got ``value``"."""
     if not ok:
-        raise InputError(f"{estimator} needs {option} {what}, got {value!r}", option)
+        raise InputError(f"{estimator} needs {option} {what}, got {value!r}")  # an option, not a flag: not renamed
 
 
 def _width(hidden) -> bool:

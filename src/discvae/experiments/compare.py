@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..config import Config
+from ..config import Config, option_value
 from ..data import Dataset, load_dataset
 from ..errors import InputError
 from ..estimators import EXACT_MAX_STATES, Estimator, exact, make_estimator
@@ -52,7 +52,7 @@ IWAE_CSV = "iwae.csv"
 BASE_DEFAULTS = {"dataset": "digits", "num_samples": 2, "epochs": 10, "grad_var_every": 5}
 # settings of the base configuration that are no flags of compare: each spec names its estimator and options
 # (num_samples, their default, is the budget M), and the runs live in the comparison's directory
-NOT_FLAGS = ("estimator", "proposal", "baseline", "tau", "estimator_schedule", "out")
+NOT_FLAGS = ("estimator", "proposal", "baseline", "tau", "estimator_option", "estimator_schedule", "out")
 # the measured columns: with several seeds, their mean and standard deviation
 BIAS_MEASURES = ("encoder_bias", "encoder_noise_floor", "decoder_bias", "decoder_noise_floor", "encoder_var",
                  "encoder_var_per_eval", "truth_encoder_norm")
@@ -103,15 +103,6 @@ class Comparison:
         return self
 
 
-def _value(text: str):
-    for kind in (int, float):
-        try:
-            return kind(text)
-        except ValueError:
-            pass
-    return text
-
-
 def parse_spec(text: str, num_samples: int) -> Spec:
     """``NAME[:key=value[:key=value...]]``; ``num_samples`` defaults to the comparison's budget. The name and the
     options are checked here (``make_estimator``), before any work."""
@@ -121,7 +112,7 @@ def parse_spec(text: str, num_samples: int) -> Spec:
         key, sep, value = pair.partition("=")
         if not sep or not key:
             raise InputError(f"estimator spec {text!r}: options are key=value, separated by ':'")
-        options[key.replace("-", "_")] = _value(value)
+        options[key.replace("-", "_")] = option_value(value)
     return Spec(text, make_estimator(name, **options))
 
 
