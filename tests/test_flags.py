@@ -6,6 +6,7 @@ from dataclasses import MISSING, dataclass
 import pytest
 
 from discvae import Config, InputError, cli, flags
+from discvae.estimators import OPTION_FLAGS
 from discvae.flags import Flag, add_flags, build, flag, given, setting
 
 
@@ -95,3 +96,10 @@ def test_the_docstring_of_a_settings_dataclass_lists_its_flags_help():
         ("rate", float, setting(0.5, Flag("a rate"))), ("hidden", int, dataclasses.field(default=3))]))
     assert documented.__doc__.endswith("\n\nAttributes:\n    rate: a rate (default 0.5)")
     assert "    latent_dim: bits, classes per group, or Gaussian dims (default 50)\n" in Config.__doc__
+
+
+def test_the_estimator_options_named_as_flags_in_errors_are_those_with_a_flag():
+    """``OPTION_FLAGS``: an estimator's error names these as parameters, which the CLI shows as flags; any other
+    option is set by ``--estimator-option`` and keeps its own name."""
+    field = next(f for f in dataclasses.fields(Config) if f.name == "estimator_options")
+    assert {spec.key for spec in field.metadata["flags"] if spec.key} == set(OPTION_FLAGS)

@@ -311,6 +311,9 @@ def test_train_sets_a_learning_estimators_own_options(tmp_path, capsys):
     ("relax", "hidden", 0, "relax needs hidden of at least 1, got 0"),
     ("rodeo", "hidden", 0, "rodeo needs hidden of at least 1, got 0"),
     ("rodeo", "hidden", 2.5, "rodeo needs hidden of at least 1, got 2.5"),
+    ("rebar", "temperature", "hot", "rebar needs temperature positive and finite, got 'hot'"),
+    ("relax", "scale", "big", "relax needs scale finite, got 'big'"),
+    ("nvil", "decay", "slow", "nvil needs decay in [0, 1), got 'slow'"),
 ])
 def test_a_learning_estimator_refuses_bad_options_in_one_line(name, option, value, message, capsys, tmp_path):
     """A bad option stops when the estimator is built, naming the option (a zero-width rodeo network trained

@@ -117,6 +117,11 @@ def _width(hidden) -> bool:
     return isinstance(hidden, int) and not isinstance(hidden, bool) and hidden >= 1
 
 
+def _real(value) -> bool:
+    """Whether ``value`` is a real number (not a bool, not text)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def _mlp(hidden: int, out: int = 1) -> nn.Sequential:
     return nn.Sequential(nn.LazyLinear(hidden), nn.Tanh(), nn.Linear(hidden, out))
 
@@ -135,7 +140,7 @@ class NVIL(LearnedEstimator):
     def __init__(self, num_samples: int = 1, hidden: int = 100, decay: float = 0.8, normalise: bool = True):
         super().__init__(num_samples, hidden=hidden, decay=decay, normalise=normalise)
         _need(_width(hidden), "nvil", "hidden", "of at least 1", hidden)
-        _need(0 <= decay < 1, "nvil", "decay", "in [0, 1)", decay)
+        _need(_real(decay) and 0 <= decay < 1, "nvil", "decay", "in [0, 1)", decay)
         self.baseline = _mlp(hidden)
         self.register_buffer("mean", torch.zeros(()))
         self.register_buffer("var", torch.ones(()))
@@ -193,8 +198,9 @@ class REBAR(LearnedEstimator):
 
     def __init__(self, num_samples: int = 1, temperature: float = 0.5, scale: float = 1.0):
         super().__init__(num_samples, temperature=temperature, scale=scale)
-        _need(0 < temperature < math.inf, self.name, "temperature", "positive and finite", temperature)
-        _need(math.isfinite(scale), self.name, "scale", "finite", scale)
+        _need(_real(temperature) and 0 < temperature < math.inf, self.name, "temperature", "positive and finite",
+              temperature)
+        _need(_real(scale) and math.isfinite(scale), self.name, "scale", "finite", scale)
         self.log_temperature = nn.Parameter(torch.tensor(math.log(temperature)))
         self.scale = nn.Parameter(torch.tensor(float(scale)))
 
