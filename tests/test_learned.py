@@ -288,6 +288,10 @@ def test_train_sets_a_learning_estimators_own_options(tmp_path, capsys):
         "num_samples": 1, "hidden": 16, "temperature": 0.3}
     state = load_checkpoint(out)["estimator"]["state"]
     assert state["network.0.weight"].shape[0] == 16 and state["log_temperature"].item() != math.log(0.5)
+    resume = [*argv[:6], "2", *argv[7:], "--resume", "--out", out]  # two epochs, the saved options
+    assert run_cli(capsys, *resume)[0] == 0 and load_checkpoint(out)["epoch"] == 2
+    code, _, err = run_cli(capsys, *resume, "--estimator-option", "hidden=17")
+    assert_one_line_error(code, err, "cannot change --estimator-option")
     for more, message in [(["--estimator-option", "hidden=0"], "relax needs hidden of at least 1, got 0"),
                           (["--estimator-option", "width=3"], "estimator relax takes no option 'width' (it takes "
                                                               "--num-samples, temperature, scale, hidden)"),
@@ -317,7 +321,8 @@ def test_train_sets_a_learning_estimators_own_options(tmp_path, capsys):
 ])
 def test_a_learning_estimator_refuses_bad_options_in_one_line(name, option, value, message, capsys, tmp_path):
     """A bad option stops when the estimator is built, naming the option (a zero-width rodeo network trained
-    silently, and torch warned from inside its initialisation); the CLI prints it as one line with the flag's name."""
+    silently, and torch warned from inside its initialisation); the CLI prints it as one line, the option named as
+    the estimator spells it."""
     with pytest.raises(InputError) as err:
         make_estimator(name, **{option: value})
     assert str(err.value) == message and err.value.params == ()  # an estimator's option, not a flag
