@@ -16,7 +16,7 @@ import torch
 from .augmentation import AUGMENT
 from .criteria import CRITERIA
 from .data import DATASETS
-from .errors import InputError
+from .errors import InputError, non_negative_finite, positive_finite, positive_int
 from .estimators import ESTIMATORS
 from .flags import Flag, documented, setting
 from .latents import DEFAULT_SIZE, FAMILIES, PRIORS, LatentSpace
@@ -44,22 +44,18 @@ def capacity_flag(text: str) -> dict:
         raise argparse.ArgumentTypeError(f"{text!r} is not BLOCK=CMAX:STEPS, e.g. categorical=2.3:25000") from None
 
 
-def option_value(text: str):
-    """An estimator option's value read from text: an int, else a float, else the text itself."""
-    for kind in (int, float):
-        try:
-            return kind(text)
-        except ValueError:
-            pass
-    return text
-
-
 def estimator_option(text: str) -> dict:
-    """The value of ``--estimator-option KEY=VALUE``: ``{KEY: VALUE}`` (``-`` in KEY read as ``_``)."""
-    key, sep, value = text.partition("=")
+    """The value of ``--estimator-option KEY=VALUE`` (and of each option of compare's ``NAME:KEY=VALUE``):
+    ``{KEY: VALUE}``, ``-`` in KEY read as ``_``, VALUE an int, else a float, else the text itself."""
+    key, sep, text_value = text.partition("=")
     if not sep or not key:
         raise argparse.ArgumentTypeError(f"{text!r} is not KEY=VALUE, e.g. hidden=50")
-    return {key.replace("-", "_"): option_value(value)}
+    for kind in (int, float):
+        try:
+            return {key.replace("-", "_"): kind(text_value)}
+        except ValueError:
+            pass
+    return {key.replace("-", "_"): text_value}
 
 
 @documented
@@ -242,7 +238,7 @@ class Config:
                 raise InputError(f"capacity of {name!r}: the latent {self.space} has the blocks {', '.join(names)}",
                                  "capacity")
             if not (isinstance(value, list) and len(value) == 2 and non_negative_finite(value[0])
-                    and isinstance(value[1], int) and not isinstance(value[1], bool) and value[1] >= 1):
+                    and positive_int(value[1])):
                 raise InputError(f"the capacity of {name} must be [C_max >= 0 nats, steps >= 1], got {value!r}",
                                  "capacity")
         for name, discrete in (("consistency", True), ("balance", True), ("contrastive", True),
@@ -272,7 +268,7 @@ class Config:
             raise InputError("grad_var_every must be >= 0 (0: never) and grad_var_repeats >= 2", "grad_var_every",
                              "grad_var_repeats")
         num_samples = self.estimator_options.get("num_samples", 1)
-        if not isinstance(num_samples, int) or isinstance(num_samples, bool) or num_samples < 1:
+        if not positive_int(num_samples):
             raise InputError(f"num_samples must be an integer of at least 1, got {num_samples!r}", "num_samples")
         if "tau" in self.estimator_options and not positive_finite(self.estimator_options["tau"]):
             raise InputError(f"tau must be a positive finite number, got {self.estimator_options['tau']!r}", "tau")
@@ -320,14 +316,6 @@ def check_seed(seed: int, largest: int = MAX_SEED) -> None:
     scikit-learn takes it too."""
     if not 0 <= seed <= largest:
         raise InputError(f"seed must be between 0 and 2^{largest.bit_length()} - 1 = {largest}, got {seed}", "seed")
-
-
-def positive_finite(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < math.inf
-
-
-def non_negative_finite(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v < math.inf
 
 
 def _typed(name: str, value, hint):

@@ -1,4 +1,6 @@
-"""Exceptions for bad user input: the CLI prints their message on one line and exits with status 2."""
+"""Exceptions for bad user input (the CLI prints their message on one line and exits with status 2), and the
+predicates that tell a number of the kind a setting needs: a real number is an int or float, never a bool or text."""
+import math
 import re
 
 
@@ -23,3 +25,19 @@ class InputError(ValueError):
 
 class Diverged(InputError):
     """Training met a non-finite loss or gradient (too large a learning rate, too small a temperature)."""
+
+
+def positive_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 1
+
+
+def finite(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def positive_finite(v) -> bool:
+    return finite(v) and v > 0
+
+
+def non_negative_finite(v) -> bool:
+    return finite(v) and v >= 0

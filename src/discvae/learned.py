@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from .distributions import as_family, sampling
-from .errors import InputError
+from .errors import InputError, finite, non_negative_finite, positive_finite, positive_int
 from .surrogates import logit_surrogate, loo_score, need_bits, need_samples, sample_baseline, taylor_samples
 
 
@@ -112,16 +112,6 @@ def _need(ok: bool, estimator: str, option: str, what: str, value) -> None:
         raise InputError(f"{estimator} needs {option} {what}, got {value!r}")  # an option, not a flag: not renamed
 
 
-def _width(hidden) -> bool:
-    """Whether ``hidden`` is a network width: an int of at least 1."""
-    return isinstance(hidden, int) and not isinstance(hidden, bool) and hidden >= 1
-
-
-def _real(value) -> bool:
-    """Whether ``value`` is a real number (not a bool, not text)."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
 def _mlp(hidden: int, out: int = 1) -> nn.Sequential:
     return nn.Sequential(nn.LazyLinear(hidden), nn.Tanh(), nn.Linear(hidden, out))
 
@@ -139,8 +129,8 @@ class NVIL(LearnedEstimator):
 
     def __init__(self, num_samples: int = 1, hidden: int = 100, decay: float = 0.8, normalise: bool = True):
         super().__init__(num_samples, hidden=hidden, decay=decay, normalise=normalise)
-        _need(_width(hidden), "nvil", "hidden", "of at least 1", hidden)
-        _need(_real(decay) and 0 <= decay < 1, "nvil", "decay", "in [0, 1)", decay)
+        _need(positive_int(hidden), "nvil", "hidden", "of at least 1", hidden)
+        _need(non_negative_finite(decay) and decay < 1, "nvil", "decay", "in [0, 1)", decay)
         self.baseline = _mlp(hidden)
         self.register_buffer("mean", torch.zeros(()))
         self.register_buffer("var", torch.ones(()))
@@ -198,9 +188,8 @@ class REBAR(LearnedEstimator):
 
     def __init__(self, num_samples: int = 1, temperature: float = 0.5, scale: float = 1.0):
         super().__init__(num_samples, temperature=temperature, scale=scale)
-        _need(_real(temperature) and 0 < temperature < math.inf, self.name, "temperature", "positive and finite",
-              temperature)
-        _need(_real(scale) and math.isfinite(scale), self.name, "scale", "finite", scale)
+        _need(positive_finite(temperature), self.name, "temperature", "positive and finite", temperature)
+        _need(finite(scale), self.name, "scale", "finite", scale)
         self.log_temperature = nn.Parameter(torch.tensor(math.log(temperature)))
         self.scale = nn.Parameter(torch.tensor(float(scale)))
 
@@ -234,7 +223,7 @@ class RELAX(REBAR):
 
     def __init__(self, num_samples: int = 1, temperature: float = 0.5, scale: float = 1.0, hidden: int = 200):
         super().__init__(num_samples, temperature, scale)
-        _need(_width(hidden), self.name, "hidden", "of at least 1", hidden)
+        _need(positive_int(hidden), self.name, "hidden", "of at least 1", hidden)
         self.options["hidden"] = hidden
         self.network = nn.Sequential(nn.LazyLinear(hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(),
                                      nn.Linear(hidden, 1))
@@ -301,7 +290,7 @@ class RODEO(LearnedEstimator):
 
     def __init__(self, num_samples: int = 2, hidden: int = 100):
         super().__init__(num_samples, hidden=hidden)
-        _need(_width(hidden), self.name, "hidden", "of at least 1", hidden)
+        _need(positive_int(hidden), self.name, "hidden", "of at least 1", hidden)
         self.alpha, self.beta = nn.Parameter(torch.zeros(())), nn.Parameter(torch.zeros(()))
         self.network = SteinControl(hidden)
 

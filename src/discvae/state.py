@@ -11,8 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .config import non_negative_finite
-from .errors import InputError
+from .errors import InputError, non_negative_finite
 from .speed import adam
 
 if typing.TYPE_CHECKING:

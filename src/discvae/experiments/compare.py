@@ -28,6 +28,7 @@ its own directory; its time per step is then the stack's.
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import math
 from dataclasses import MISSING
@@ -36,7 +37,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..config import Config, option_value
+from ..config import Config, estimator_option
 from ..data import Dataset, load_dataset
 from ..errors import InputError
 from ..estimators import EXACT_MAX_STATES, Estimator, exact, make_estimator
@@ -109,10 +110,10 @@ def parse_spec(text: str, num_samples: int) -> Spec:
     name, *pairs = text.split(":")
     options = {"num_samples": num_samples}
     for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise InputError(f"estimator spec {text!r}: options are key=value, separated by ':'")
-        options[key.replace("-", "_")] = option_value(value)
+        try:
+            options.update(estimator_option(pair))
+        except argparse.ArgumentTypeError:
+            raise InputError(f"estimator spec {text!r}: options are key=value, separated by ':'") from None
     return Spec(text, make_estimator(name, **options))
 
 
